@@ -1,0 +1,338 @@
+"""The prlnbd command line: serve, info, demo; logging, signals, socket activation, uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from prlnbd import __version__
+from prlnbd.disk.chain import Disk, open_disk
+from prlnbd.errors import PrlNbdError
+from prlnbd.export import Export
+from prlnbd.server import DEFAULT_HANDSHAKE_TIMEOUT, NbdServer
+
+log = logging.getLogger("prlnbd")
+
+DEFAULT_PORT = 10809
+DEFAULT_BIND = "127.0.0.1"
+SD_LISTEN_FDS_START = 3
+
+
+def parse_size(text: str) -> int:
+    """A size like 64M, 1G, 512, 252K or 1GiB (binary units) in bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*", text.upper())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    return int(m.group(1)) << (10 * " KMGTP".index(m.group(2) or " "))
+
+
+def split_disk_arg(arg: str) -> tuple[str, Path]:
+    """Split DISK as [NAME=]PATH; NAME defaults to the base name of the bundle or file."""
+    name, sep, path = arg.partition("=")
+    if not sep or "/" in name:
+        path = arg
+        p = Path(path)
+        base = p.parent if p.name == "DiskDescriptor.xml" else p
+        name = base.resolve().name if str(base) in (".", "") else base.name
+    return name, Path(path)
+
+
+def _add_listen_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", metavar="PATH", help="listen on a Unix socket")
+    p.add_argument("--bind", metavar="ADDR", default=None, help=f"TCP address (default {DEFAULT_BIND})")
+    p.add_argument("--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=float(os.environ.get("PRLNBD_HANDSHAKE_TIMEOUT", DEFAULT_HANDSHAKE_TIMEOUT)),
+        help="seconds a client may take to finish the handshake (default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="prlnbd", description="NBD server for Parallels disks")
+    parser.add_argument("--version", action="version", version=f"prlnbd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve disks over NBD")
+    _add_listen_options(serve)
+    serve.add_argument("--read-only", action="store_true", help="refuse writes")
+    serve.add_argument("disks", nargs="+", metavar="DISK", help="[NAME=]PATH: bundle dir, DiskDescriptor.xml or .hds")
+
+    info = sub.add_parser("info", help="describe a disk: geometry, chain, allocation, bitmaps")
+    info.add_argument("path", metavar="PATH")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = sub.add_parser("demo", help="build a demo disk with a 3-layer snapshot chain and serve it")
+    demo.add_argument("--dir", default="prlnbd-demo", help="where to build the demo bundle")
+    _add_listen_options(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": cmd_serve,
+        "info": cmd_info,
+        "demo": cmd_demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except PrlNbdError as e:
+        print(f"prlnbd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- serve
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+def _open_exports(specs: Sequence[str], *, read_only: bool) -> dict[str, Export]:
+    exports: dict[str, Export] = {}
+    try:
+        for spec in specs:
+            name, path = split_disk_arg(spec)
+            if name in exports:
+                raise PrlNbdError(f"two disks share the export name {name!r}; name them NAME=PATH")
+            # Until the write path lands every disk opens read-only, so no file can change.
+            disk = open_disk(path, writable=False)
+            for warning in disk.warnings:
+                log.warning("%s: %s", disk.path, warning)
+            exports[name] = Export(name, disk, read_only=read_only)
+    except BaseException:
+        for export in exports.values():
+            export.close()
+        raise
+    return exports
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    if os.environ.get("PRLNBD_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+        except ImportError:
+            pass
+    return asyncio.new_event_loop()
+
+
+async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable[[], None] | None = None) -> None:
+    inherited = inherited_sockets()
+    if inherited:
+        for sock in inherited:
+            await server.listen_socket(sock)
+    elif args.socket:
+        await server.listen_unix(args.socket)
+    else:
+        await server.listen_tcp(args.bind or DEFAULT_BIND, args.port or DEFAULT_PORT)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "serving %s on %s (%s loop)",
+        ", ".join(repr(n) for n in server.exports),
+        ", ".join(server.addresses()),
+        type(loop).__module__.split(".")[0],
+    )
+    if announce is not None:
+        announce()
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    await server.stop()
+    log.info("stopped cleanly")
+
+
+def run_server(exports: dict[str, Export], args: argparse.Namespace, announce: Callable[[], None] | None = None) -> int:
+    """Serve EXPORTS until SIGTERM or SIGINT."""
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        server = runner.run(_make_server(exports, args.handshake_timeout))
+        try:
+            runner.run(_serve(server, args, announce))
+        except BaseException:
+            for export in exports.values():
+                export.close()
+            raise
+    return 0
+
+
+async def _make_server(exports: dict[str, Export], timeout: float) -> NbdServer:
+    return NbdServer(exports, handshake_timeout=timeout)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """prlnbd serve: export disks over NBD."""
+    exports = _open_exports(args.disks, read_only=args.read_only)
+    return run_server(exports, args)
+
+
+# ---- info
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:g} {unit}"
+        n_next = n / 1024
+        if n % 1024:
+            return f"{n_next:.3g} {_next_unit(unit)}"
+        n = int(n_next)
+    return str(n)
+
+
+def _next_unit(unit: str) -> str:
+    order = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    return order[order.index(unit) + 1]
+
+
+def describe(disk: Disk) -> dict[str, object]:
+    """What `prlnbd info --json` prints about DISK."""
+    from prlnbd.image.parallels import ParallelsImage
+
+    layers = []
+    for depth, (layer, guid) in enumerate(zip(disk.layers, disk.guids, strict=True), start=1):
+        entry: dict[str, object] = {
+            "depth": depth,
+            "guid": guid or None,
+            "file": str(layer.path),
+            "size": layer.size,
+            "problems": [p.message for p in layer.problems],
+        }
+        if isinstance(layer, ParallelsImage):
+            entry.update(
+                {
+                    "type": "Compressed",
+                    "format": layer.format_name,
+                    "version": layer.version,
+                    "cluster-size": layer.cluster_size,
+                    "allocated-clusters": len(layer.allocated),
+                    "allocated-bytes": layer.allocated_bytes(),
+                    "data-offset": layer.data_off,
+                    "in-use": layer.in_use,
+                    "ext-offset": layer.header.ext_off * 512,
+                }
+            )
+        else:
+            entry.update({"type": "Plain", "format": "raw"})
+        layers.append(entry)
+    bitmaps = [
+        {"name": b.name, "granularity": b.granularity, "dirty-bytes": b.dirty_bytes()} for b in disk.bitmaps()
+    ]
+    return {
+        "path": str(disk.path),
+        "format": "parallels-bundle" if disk.descriptor is not None else "parallels",
+        "virtual-size": disk.size,
+        "top-guid": disk.guids[0] or None,
+        "layers": layers,
+        "bitmaps": bitmaps,
+        "warnings": disk.warnings,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """prlnbd info: print what a disk is made of."""
+    disk = open_disk(args.path, writable=False)
+    try:
+        d = describe(disk)
+    finally:
+        disk.close()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    size = int(str(d["virtual-size"]))
+    print(f"image: {d['path']}")
+    print(f"file format: {d['format']}")
+    print(f"virtual size: {_human(size)} ({size} bytes)")
+    layers = d["layers"]
+    assert isinstance(layers, list)
+    print(f"snapshot chain ({len(layers)} layer{'s' if len(layers) != 1 else ''}, top first):")
+    for layer in layers:
+        head = f"  [{layer['depth']}] {layer['file']}"
+        if layer["guid"]:
+            head += f" {layer['guid']}"
+        print(head)
+        if layer["type"] == "Compressed":
+            print(
+                f"      {layer['format']} (v{layer['version']}), cluster size {_human(layer['cluster-size'])},"
+                f" {layer['allocated-clusters']} clusters allocated ({_human(layer['allocated-bytes'])}),"
+                f" in use: {'yes' if layer['in-use'] else 'no'}"
+            )
+        else:
+            print("      plain (raw) image")
+        for problem in layer["problems"]:
+            print(f"      problem: {problem}")
+    bitmaps = d["bitmaps"]
+    assert isinstance(bitmaps, list)
+    if bitmaps:
+        print("dirty bitmaps:")
+        for b in bitmaps:
+            print(f"  {b['name']}: granularity {_human(b['granularity'])}, {_human(b['dirty-bytes'])} dirty")
+    for w in d["warnings"]:  # type: ignore[attr-defined]
+        print(f"warning: {w}")
+    return 0
+
+
+# ---- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """prlnbd demo: build a 3-layer demo bundle (unless it exists) and serve it."""
+    from prlnbd.demo import build_demo
+
+    bundle = Path(args.dir)
+    if not (bundle / "DiskDescriptor.xml").exists():
+        build_demo(bundle)
+        print(f"built demo disk {bundle} (3-layer snapshot chain)", flush=True)
+    name = "demo"
+    exports = _open_exports([f"{name}={bundle}"], read_only=False)
+    if args.socket:
+        uri = f"nbd+unix:///{name}?socket={Path(args.socket).resolve()}"
+    else:
+        uri = f"nbd://{args.bind or DEFAULT_BIND}:{args.port or DEFAULT_PORT}/{name}"
+
+    def announce() -> None:
+        print(f"serving {uri}", flush=True)
+        print("try, in another terminal:", flush=True)
+        print(f"  nbdinfo --map '{uri}'", flush=True)
+        print(f"  qemu-img convert -p -O raw '{uri}' demo.raw", flush=True)
+        print(f"  nbdcopy '{uri}' demo-copy.raw", flush=True)
+        print("stop with Ctrl-C", flush=True)
+
+    return run_server(exports, args, announce)

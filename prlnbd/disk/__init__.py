@@ -1,0 +1,1 @@
+"""Parallels disks: DiskDescriptor.xml and the snapshot chain. Knows nothing of NBD."""

@@ -1,0 +1,198 @@
+"""A Parallels disk: its snapshot chain of layers, resolved into runs for reads and allocation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from prlnbd.disk.descriptor import Descriptor, descriptor_path, parse_descriptor
+from prlnbd.errors import DescriptorError, ImageError
+from prlnbd.image import format as fmt
+from prlnbd.image.extension import DirtyBitmap
+from prlnbd.image.parallels import ParallelsImage, Problem, Segment
+from prlnbd.image.raw import RawImage
+
+
+class Layer(Protocol):
+    """What the chain needs of one image, expandable or plain."""
+
+    path: Path
+    fd: int
+    writable: bool
+    problems: list[Problem]
+
+    @property
+    def size(self) -> int: ...
+
+    def segments(self, offset: int, length: int) -> Iterator[Segment]: ...
+
+    def close(self) -> None: ...
+
+
+class Run:
+    """A stretch of the disk resolved through the chain.
+
+    depth is 1 for the top layer, 2 for its parent, ..., 0 where no layer
+    holds the bytes; zero means the bytes read as zeros without any I/O.
+    """
+
+    __slots__ = ("depth", "host", "layer", "length", "offset", "zero")
+
+    def __init__(self, offset: int, length: int, depth: int, layer: Layer | None, host: int, zero: bool) -> None:
+        self.offset = offset
+        self.length = length
+        self.depth = depth
+        self.layer = layer
+        self.host = host
+        self.zero = zero
+
+    def __repr__(self) -> str:
+        return f"Run({self.offset}, {self.length}, depth={self.depth}, host={self.host}, zero={self.zero})"
+
+
+@dataclass
+class Disk:
+    """An open disk: layers top first, its size and where it came from."""
+
+    path: Path
+    layers: list[Layer]
+    guids: list[str]
+    size: int
+    descriptor: Descriptor | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def top(self) -> Layer:
+        """The layer writes go to."""
+        return self.layers[0]
+
+    @property
+    def writable(self) -> bool:
+        """Whether the top layer is open for writing."""
+        return self.layers[0].writable
+
+    def bitmaps(self) -> list[DirtyBitmap]:
+        """The dirty bitmaps stored in the top image."""
+        top = self.layers[0]
+        ext = top.extension if isinstance(top, ParallelsImage) else None
+        return list(ext.bitmaps) if ext is not None else []
+
+    def close(self) -> None:
+        """Close every layer."""
+        for layer in self.layers:
+            layer.close()
+
+    def map(self, offset: int, length: int) -> Iterator[Run]:
+        """Resolve [offset, offset+length) into merged runs, walking the chain once.
+
+        Adjacent pieces merge when they come from the same layer at contiguous
+        host offsets or are zeros at the same depth, so one run is one I/O.
+        """
+        pending: Run | None = None
+        for run in self._resolve(0, offset, length):
+            if pending is None:
+                pending = run
+            elif (
+                run.depth == pending.depth
+                and run.zero == pending.zero
+                and (run.zero or (run.layer is pending.layer and run.host == pending.host + pending.length))
+            ):
+                pending.length += run.length
+            else:
+                yield pending
+                pending = run
+        if pending is not None:
+            yield pending
+
+    def _resolve(self, index: int, offset: int, length: int) -> Iterator[Run]:
+        if index == len(self.layers):
+            yield Run(offset, length, 0, None, 0, True)
+            return
+        layer = self.layers[index]
+        for seg in layer.segments(offset, length):
+            if seg.host is None:
+                yield from self._resolve(index + 1, seg.offset, seg.length)
+            else:
+                yield Run(seg.offset, seg.length, index + 1, layer, seg.host, seg.zero)
+
+    def read(self, offset: int, length: int) -> tuple[bytearray, list[Run]]:
+        """Read guest bytes into a new buffer; also return the runs, for sparse replies."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        runs = list(self.map(offset, length))
+        for run in runs:
+            if run.zero or run.layer is None:
+                continue
+            start = run.offset - offset
+            _pread_into(run.layer.fd, view[start : start + run.length], run.host)
+        return buf, runs
+
+
+def _pread_into(fd: int, view: memoryview, host: int) -> None:
+    """Fill VIEW from FD at HOST; bytes past the end of the file stay zero."""
+    done = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], host + done)
+        if n <= 0:
+            return
+        done += n
+
+
+def _open_layer(path: Path, kind: str, writable: bool) -> Layer:
+    if kind == "Plain":
+        return RawImage.open(path, writable=writable)
+    return ParallelsImage.open(path, writable=writable)
+
+
+def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot: str | None = None) -> Disk:
+    """Open a disk: a bundle directory, a DiskDescriptor.xml, or a single expandable image.
+
+    Only the top image is ever opened for writing; every parent is read-only.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"{p}: no such file or directory")
+    if p.is_dir() or p.name.lower().endswith(".xml"):
+        dpath = descriptor_path(p)
+        if not dpath.exists():
+            raise DescriptorError(f"{p}: directory has no {dpath.name}")
+        return _open_bundle(parse_descriptor(dpath), writable=writable, snapshot=snapshot)
+    if snapshot is not None:
+        raise DescriptorError(f"{p}: a single image has no snapshots to choose from")
+    image = ParallelsImage.open(p, writable=writable)
+    return Disk(path=p, layers=[image], guids=[""], size=image.size)
+
+
+def _open_bundle(desc: Descriptor, *, writable: bool, snapshot: str | None) -> Disk:
+    entries = desc.chain(snapshot)
+    layers: list[Layer] = []
+    try:
+        for i, entry in enumerate(entries):
+            layer = _open_layer(entry.file, entry.type, writable and i == 0)
+            layers.append(layer)
+            if layer.size != desc.size:
+                raise DescriptorError(
+                    f"{desc.path}: image {entry.file} ({entry.guid}) is {layer.size} bytes,"
+                    f" Disk_size says {desc.size} ({desc.disk_size} sectors)"
+                )
+            if isinstance(layer, ParallelsImage) and layer.cluster_size != desc.blocksize * fmt.SECTOR:
+                desc.warnings.append(
+                    f"image {entry.file} has {layer.cluster_size}-byte clusters, Blocksize says"
+                    f" {desc.blocksize * fmt.SECTOR}"
+                )
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+    return Disk(
+        path=desc.path,
+        layers=layers,
+        guids=[e.guid for e in entries],
+        size=desc.size,
+        descriptor=desc,
+        warnings=list(desc.warnings),
+    )

@@ -1,0 +1,316 @@
+"""DiskDescriptor.xml: disk parameters, storage images and the snapshot tree (specs/prl-xml.txt)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+from prlnbd.errors import DescriptorError, SnapshotChainError
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_NAME = "DiskDescriptor.xml"
+ROOT_TAGS = ("Parallels_disk_image", "Virtuozzo_disk_image")
+ZERO_GUID = "{00000000-0000-0000-0000-000000000000}"
+DEFAULT_TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
+IMAGE_TYPES = ("Plain", "Compressed")
+# A descriptor is a few KiB; refuse anything absurd before parsing it.
+MAX_DESCRIPTOR_SIZE = 16 * 1024 * 1024
+
+
+def _parser() -> etree.XMLParser:
+    """An lxml parser that never resolves entities, loads a DTD or touches the network."""
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=False,
+    )
+
+
+def normalize_guid(text: str) -> str:
+    """A GUID in the braced lowercase form used for comparisons."""
+    g = text.strip().lower()
+    if not g.startswith("{"):
+        g = "{" + g
+    if not g.endswith("}"):
+        g = g + "}"
+    return g
+
+
+@dataclass
+class ImageEntry:
+    """One Image element of the Storage: a layer's GUID, type and file."""
+
+    guid: str
+    type: str
+    file: Path
+
+
+@dataclass
+class Descriptor:
+    """A parsed DiskDescriptor.xml."""
+
+    path: Path
+    tree: etree._ElementTree
+    disk_size: int  # sectors
+    cylinders: int
+    heads: int
+    sectors: int
+    blocksize: int  # sectors per cluster for Compressed images
+    images: dict[str, ImageEntry]
+    parents: dict[str, str]  # snapshot GUID -> parent GUID
+    top_guid: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """The disk size in bytes."""
+        return self.disk_size * 512
+
+    def chain(self, top: str | None = None) -> list[ImageEntry]:
+        """The images from TOP (default: the top snapshot) down to the root."""
+        guid = normalize_guid(top) if top else self.top_guid
+        if guid not in self.parents:
+            raise SnapshotChainError(f"{self.path}: snapshot {guid} is not in Snapshots")
+        seen: list[str] = []
+        while guid != ZERO_GUID:
+            if guid in seen:
+                loop = " -> ".join([*seen[seen.index(guid) :], guid])
+                raise SnapshotChainError(f"{self.path}: snapshot chain has a cycle: {loop}")
+            seen.append(guid)
+            parent = self.parents.get(guid)
+            if parent is None:
+                raise SnapshotChainError(
+                    f"{self.path}: snapshot {seen[-2] if len(seen) > 1 else guid} has ParentGUID {guid},"
+                    " which is not a Shot"
+                )
+            guid = parent
+        chain = []
+        for g in seen:
+            if g not in self.images:
+                raise SnapshotChainError(f"{self.path}: snapshot {g} has no Image in StorageData")
+            chain.append(self.images[g])
+        for entry in chain[:-1]:
+            if entry.type != "Compressed":
+                raise DescriptorError(
+                    f"{self.path}: image {entry.guid} is {entry.type}, but overlays must be Compressed"
+                )
+        return chain
+
+
+def _text(path: Path, parent: etree._Element, tag: str, where: str) -> str:
+    el = parent.find(tag)
+    if el is None or el.text is None or not el.text.strip():
+        raise DescriptorError(f"{path}: {where}/{tag} is missing or empty")
+    return el.text.strip()
+
+
+def _int(path: Path, parent: etree._Element, tag: str, where: str, *, optional: int | None = None) -> int:
+    el = parent.find(tag)
+    if el is None and optional is not None:
+        return optional
+    text = _text(path, parent, tag, where)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise DescriptorError(f"{path}: {where}/{tag} is {text!r}, not a whole number") from None
+    if value < 0:
+        raise DescriptorError(f"{path}: {where}/{tag} is {value}, must not be negative")
+    return value
+
+
+def descriptor_path(path: Path) -> Path:
+    """The DiskDescriptor.xml for PATH, a bundle directory or the file itself."""
+    return path / DESCRIPTOR_NAME if path.is_dir() else path
+
+
+def parse_descriptor(path: str | Path) -> Descriptor:
+    """Parse and validate DiskDescriptor.xml at PATH (or in the bundle directory PATH)."""
+    p = descriptor_path(Path(path))
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_DESCRIPTOR_SIZE + 1)
+    except OSError as e:
+        raise DescriptorError(f"{p}: cannot read descriptor: {e.strerror}") from e
+    if len(data) > MAX_DESCRIPTOR_SIZE:
+        raise DescriptorError(f"{p}: descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
+    try:
+        root = etree.fromstring(data, _parser())
+    except etree.XMLSyntaxError as e:
+        raise DescriptorError(f"{p}: malformed XML: {e}") from None
+    tree = root.getroottree()
+    if tree.docinfo.internalDTD is not None or tree.docinfo.doctype:
+        raise DescriptorError(f"{p}: a DOCTYPE/DTD is not allowed in a disk descriptor")
+    for _ in root.iter(etree.Entity):
+        raise DescriptorError(f"{p}: entity references are not allowed in a disk descriptor")
+    if root.tag not in ROOT_TAGS:
+        raise DescriptorError(f"{p}: root element is <{root.tag}>, expected one of {', '.join(ROOT_TAGS)}")
+
+    params = root.find("Disk_Parameters")
+    if params is None:
+        raise DescriptorError(f"{p}: Disk_Parameters is missing")
+    w = "Disk_Parameters"
+    disk_size = _int(p, params, "Disk_size", w)
+    if disk_size == 0:
+        raise DescriptorError(f"{p}: Disk_Parameters/Disk_size is 0")
+    cylinders = _int(p, params, "Cylinders", w, optional=0)
+    heads = _int(p, params, "Heads", w, optional=0)
+    sectors = _int(p, params, "Sectors", w, optional=0)
+    padding = _int(p, params, "Padding", w, optional=0)
+    if padding != 0:
+        raise DescriptorError(f"{p}: Disk_Parameters/Padding is {padding}; only 0 is supported")
+    warnings = []
+    if cylinders * heads * sectors != disk_size:
+        warnings.append(
+            f"Cylinders*Heads*Sectors = {cylinders * heads * sectors} differs from Disk_size {disk_size}"
+        )
+
+    storage_data = root.find("StorageData")
+    if storage_data is None:
+        raise DescriptorError(f"{p}: StorageData is missing")
+    storages = storage_data.findall("Storage")
+    if len(storages) != 1:
+        raise DescriptorError(
+            f"{p}: StorageData has {len(storages)} Storage elements; exactly one is supported"
+            " (split images are not)"
+        )
+    st = storages[0]
+    w = "StorageData/Storage"
+    start = _int(p, st, "Start", w, optional=0)
+    end = _int(p, st, "End", w, optional=disk_size)
+    if start != 0 or end != disk_size:
+        raise DescriptorError(
+            f"{p}: Storage covers sectors {start}..{end}, not the whole disk 0..{disk_size} (split storage)"
+        )
+    blocksize = _int(p, st, "Blocksize", w, optional=2048)
+    if blocksize == 0:
+        raise DescriptorError(f"{p}: {w}/Blocksize is 0")
+
+    images: dict[str, ImageEntry] = {}
+    for el in st.findall("Image"):
+        w = "StorageData/Storage/Image"
+        guid = normalize_guid(_text(p, el, "GUID", w))
+        itype = _text(p, el, "Type", w)
+        if itype not in IMAGE_TYPES:
+            raise DescriptorError(f"{p}: image {guid} has Type {itype!r}; expected Plain or Compressed")
+        file = Path(_text(p, el, "File", w))
+        if not file.is_absolute():
+            file = p.parent / file
+        if guid in images:
+            raise DescriptorError(f"{p}: image GUID {guid} appears twice")
+        images[guid] = ImageEntry(guid, itype, file)
+    if not images:
+        raise DescriptorError(f"{p}: Storage has no Image")
+
+    parents: dict[str, str] = {}
+    top_guid: str | None = None
+    snaps = root.find("Snapshots")
+    if snaps is not None:
+        top_el = snaps.find("TopGUID")
+        if top_el is not None and top_el.text and top_el.text.strip():
+            top_guid = normalize_guid(top_el.text)
+        for shot in snaps.findall("Shot"):
+            w = "Snapshots/Shot"
+            guid = normalize_guid(_text(p, shot, "GUID", w))
+            parent = normalize_guid(_text(p, shot, "ParentGUID", w))
+            if guid in parents:
+                raise SnapshotChainError(f"{p}: snapshot {guid} appears twice in Snapshots")
+            parents[guid] = parent
+    if not parents:
+        if len(images) != 1:
+            raise SnapshotChainError(f"{p}: no Snapshots, but {len(images)} images: cannot tell the chain")
+        only = next(iter(images))
+        parents[only] = ZERO_GUID
+        top_guid = only
+    roots = [g for g, parent in parents.items() if parent == ZERO_GUID]
+    if len(roots) != 1:
+        raise SnapshotChainError(
+            f"{p}: the snapshot tree has {len(roots)} roots ({', '.join(roots) or 'none'}); exactly one is allowed"
+        )
+    if top_guid is None:
+        top_guid = DEFAULT_TOP_GUID
+    if top_guid not in parents:
+        raise SnapshotChainError(f"{p}: top snapshot {top_guid} is not a Shot in Snapshots")
+    desc = Descriptor(
+        path=p,
+        tree=tree,
+        disk_size=disk_size,
+        cylinders=cylinders,
+        heads=heads,
+        sectors=sectors,
+        blocksize=blocksize,
+        images=images,
+        parents=parents,
+        top_guid=top_guid,
+        warnings=warnings,
+    )
+    desc.chain()  # validate the top chain now, so errors surface at open
+    for msg in warnings:
+        log.warning("%s: %s", p, msg)
+    return desc
+
+
+def new_guid() -> str:
+    """A fresh braced lowercase GUID."""
+    return "{" + str(uuid.uuid4()) + "}"
+
+
+def build_descriptor(size: int, cluster_size: int, chain: list[tuple[str, str, str]]) -> etree._ElementTree:
+    """A new DiskDescriptor.xml tree for CHAIN: (guid, type, file) from top to root."""
+    from prlnbd.image.create import geometry
+
+    sectors = size // 512
+    cyl, heads, spt = geometry(size)
+    root = etree.Element("Parallels_disk_image", Version="1.0")
+    params = etree.SubElement(root, "Disk_Parameters")
+    for tag, value in (
+        ("Disk_size", sectors),
+        ("Cylinders", cyl),
+        ("Heads", heads),
+        ("Sectors", spt),
+        ("Padding", 0),
+    ):
+        etree.SubElement(params, tag).text = str(value)
+    storage = etree.SubElement(etree.SubElement(root, "StorageData"), "Storage")
+    etree.SubElement(storage, "Start").text = "0"
+    etree.SubElement(storage, "End").text = str(sectors)
+    etree.SubElement(storage, "Blocksize").text = str(cluster_size // 512)
+    for guid, itype, file in reversed(chain):
+        image = etree.SubElement(storage, "Image")
+        etree.SubElement(image, "GUID").text = guid
+        etree.SubElement(image, "Type").text = itype
+        etree.SubElement(image, "File").text = file
+    snaps = etree.SubElement(root, "Snapshots")
+    etree.SubElement(snaps, "TopGUID").text = chain[0][0]
+    parents = [g for g, _, _ in chain[1:]] + [ZERO_GUID]
+    for (guid, _, _), parent in reversed(list(zip(chain, parents, strict=True))):
+        shot = etree.SubElement(snaps, "Shot")
+        etree.SubElement(shot, "GUID").text = guid
+        etree.SubElement(shot, "ParentGUID").text = parent
+    return etree.ElementTree(root)
+
+
+def save_descriptor(tree: etree._ElementTree, path: Path) -> None:
+    """Write TREE to PATH atomically: temporary file, fsync, rename, fsync of the directory."""
+    data = etree.tostring(tree, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

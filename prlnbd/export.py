@@ -1,0 +1,111 @@
+"""An Export: one open disk as NBD sees it: its contexts, reads and block status.
+
+This module binds the disk layer to NBD meanings (status flags, context
+names) without doing any network I/O itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+from prlnbd.disk.chain import Disk
+from prlnbd.errors import RequestError
+from prlnbd.image.extension import DirtyBitmap
+from prlnbd.nbd.connection import ExportInfo
+from prlnbd.nbd.constants import (
+    ALLOCATION_DEPTH,
+    BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
+    STATE_DIRTY,
+    STATE_HOLE,
+    STATE_ZERO,
+    Errno,
+)
+
+# How many extents one BLOCK_STATUS chunk may carry; clients loop for the rest.
+MAX_EXTENTS = 64 * 1024
+
+
+def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
+    """Merge adjacent (length, flags) items with equal flags, stopping once LIMIT extents are complete.
+
+    The source is consumed lazily, so the work done follows the number of
+    extents returned, not the size of the range asked about.
+    """
+    out: list[tuple[int, int]] = []
+    cur_len = 0
+    cur_flags = -1
+    for length, flags in items:
+        if flags == cur_flags:
+            cur_len += length
+            continue
+        if cur_len:
+            out.append((cur_len, cur_flags))
+            if len(out) >= limit:
+                return out
+        cur_len, cur_flags = length, flags
+    if cur_len:
+        out.append((cur_len, cur_flags))
+    return out
+
+
+class Export:
+    """A named disk served over NBD."""
+
+    def __init__(self, name: str, disk: Disk, *, read_only: bool) -> None:
+        self.name = name
+        self.disk = disk
+        self.read_only = read_only or not disk.writable
+        self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
+        contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps]
+        layers = len(disk.layers)
+        self.info = ExportInfo(
+            name=name,
+            size=disk.size,
+            read_only=self.read_only,
+            description=f"Parallels disk {disk.path} ({layers} layer{'s' if layers != 1 else ''})",
+            contexts=contexts,
+        )
+
+    def read(self, offset: int, length: int) -> tuple[bytearray, list[tuple[int, int]]]:
+        """Read guest bytes; also return the (offset, length) stretches that are holes."""
+        try:
+            buf, runs = self.disk.read(offset, length)
+        except OSError as e:
+            raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
+        return buf, [(r.offset, r.length) for r in runs if r.zero]
+
+    def cache(self, offset: int, length: int) -> None:
+        """Ask the kernel to prefetch the host ranges behind [offset, offset+length)."""
+        for run in self.disk.map(offset, length):
+            if not run.zero and run.layer is not None:
+                os.posix_fadvise(run.layer.fd, run.host, run.length, os.POSIX_FADV_WILLNEED)
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable (nothing to do while read-only)."""
+        if not self.read_only:
+            os.fsync(self.disk.top.fd)
+
+    def extents(self, context: str, offset: int, length: int, *, req_one: bool = False) -> list[tuple[int, int]]:
+        """Block status of CONTEXT over the range as merged (length, flags) extents."""
+        limit = 1 if req_one else MAX_EXTENTS
+        return merge_extents(self._status(context, offset, length), limit=limit)
+
+    def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        if context == BASE_ALLOCATION:
+            for run in self.disk.map(offset, length):
+                yield run.length, (STATE_HOLE | STATE_ZERO) if run.zero else 0
+        elif context == ALLOCATION_DEPTH:
+            for run in self.disk.map(offset, length):
+                yield run.length, run.depth
+        else:
+            bitmap = self.bitmaps.get(context)
+            if bitmap is None:  # pragma: no cover - the protocol only selects offered contexts
+                raise RequestError(Errno.EINVAL, f"no metadata context {context}")
+            for run_len, dirty in bitmap.extents(offset, length):
+                yield run_len, STATE_DIRTY if dirty else 0
+
+    def close(self) -> None:
+        """Close the disk."""
+        self.disk.close()

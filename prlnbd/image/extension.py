@@ -1,0 +1,250 @@
+"""The format extension cluster of an image and the dirty bitmaps stored in it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prlnbd.errors import ExtensionError
+from prlnbd.image import format as fmt
+
+_NONZERO = re.compile(rb"[^\x00]")
+_NOT_ALL_SET = re.compile(rb"[^\xff]")
+
+
+@dataclass
+class Feature:
+    """A feature the extension holds that prlnbd does not interpret, kept as it is."""
+
+    magic: int
+    flags: int
+    data: bytes
+
+    @property
+    def necessary(self) -> bool:
+        """Whether the file must not be changed because this feature is unknown."""
+        return bool(self.flags & fmt.FEATURE_NECESSARY)
+
+    @property
+    def transit(self) -> bool:
+        """Whether the feature must be kept byte for byte when the extension is rewritten."""
+        return bool(self.flags & fmt.FEATURE_TRANSIT)
+
+
+@dataclass
+class DirtyBitmap:
+    """One dirty bitmap: bit i set means guest bytes [i*g, (i+1)*g) changed (g = granularity)."""
+
+    id: bytes
+    granularity: int  # bytes per bit
+    disk_size: int  # bytes
+    bits: bytearray  # bit i is bit (i % 8) of byte (i // 8)
+    flags: int = 0
+    l1: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The name QEMU and backup tools use: the id as a lowercase UUID."""
+        return str(uuid.UUID(bytes=bytes(self.id)))
+
+    @property
+    def nbits(self) -> int:
+        """How many bits cover the disk."""
+        return -(-self.disk_size // self.granularity)
+
+    def is_set(self, bit: int) -> bool:
+        """Whether BIT is set."""
+        return bool(self.bits[bit >> 3] & (1 << (bit & 7)))
+
+    def set_range(self, offset: int, length: int) -> None:
+        """Mark every granule touched by guest bytes [offset, offset+length) dirty."""
+        if length <= 0:
+            return
+        first = offset // self.granularity
+        last = min(self.nbits, -(-(offset + length) // self.granularity))
+        _set_bits(self.bits, first, last)
+
+    def clear(self) -> None:
+        """Mark the whole disk clean."""
+        self.bits[:] = bytes(len(self.bits))
+
+    def _next_bit(self, bit: int, want: bool) -> int:
+        """The first bit at or after BIT whose value is WANT, or nbits."""
+        n = self.nbits
+        while bit < n and bit & 7:
+            if self.is_set(bit) == want:
+                return bit
+            bit += 1
+        if bit >= n:
+            return n
+        pattern = _NONZERO if want else _NOT_ALL_SET
+        m = pattern.search(self.bits, bit >> 3)
+        if m is None:
+            return n
+        bit = m.start() << 3
+        while bit < n and self.is_set(bit) != want:
+            bit += 1
+        return min(bit, n)
+
+    def extents(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
+        """Split [offset, offset+length) into (length, dirty) runs, aligned to the granularity.
+
+        The scan runs at C speed over the bitmap bytes and yields one item per
+        run, so a sparse bitmap costs little however large the disk.
+        """
+        g = self.granularity
+        end = min(offset + length, self.disk_size)
+        pos = offset
+        while pos < end:
+            bit = pos // g
+            dirty = self.is_set(bit)
+            nxt = self._next_bit(bit + 1, not dirty)
+            stop = min(end, nxt * g)
+            yield stop - pos, dirty
+            pos = stop
+
+    def dirty_bytes(self) -> int:
+        """How many guest bytes the set bits cover (the last granule clipped to the disk)."""
+        total = 0
+        for run, dirty in self.extents(0, self.disk_size):
+            if dirty:
+                total += run
+        return total
+
+
+def _set_bits(bits: bytearray, first: int, last: int) -> None:
+    """Set bits [first, last) in BITS."""
+    while first < last and first & 7:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+    whole_end = last & ~7
+    if first < whole_end:
+        bits[first >> 3 : whole_end >> 3] = b"\xff" * ((whole_end - first) >> 3)
+        first = whole_end
+    while first < last:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
+def bitmap_l1_size(disk_size: int, granularity: int, cluster_size: int) -> int:
+    """How many L1 entries a bitmap of GRANULARITY over DISK_SIZE bytes needs."""
+    nbits = -(-disk_size // granularity)
+    nbytes = -(-nbits // 8)
+    return -(-nbytes // cluster_size)
+
+
+@dataclass
+class Extension:
+    """The decoded format extension cluster."""
+
+    offset: int  # byte offset of the extension cluster in the file
+    bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    features: list[Feature] = field(default_factory=list)  # unknown ones, in order
+
+    @property
+    def necessary_unknown(self) -> bool:
+        """Whether an unknown NECESSARY feature forbids changing the file."""
+        return any(f.necessary for f in self.features)
+
+    def clusters(self) -> list[int]:
+        """Host byte offsets of every cluster the extension owns (itself and bitmap data)."""
+        out = [self.offset]
+        for bm in self.bitmaps:
+            out.extend(e * fmt.SECTOR for e in bm.l1 if e > fmt.L1_ALL_SET)
+        return out
+
+
+def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_size: int) -> Extension:
+    """Read and validate the format extension cluster at byte OFFSET of the image."""
+    data = os.pread(fd, cluster_size, offset)
+    if len(data) < cluster_size:
+        raise ExtensionError(f"{path}: format extension at byte {offset} is truncated")
+    magic, checksum = fmt.EXT_HEADER.unpack_from(data, 0)
+    if magic != fmt.EXT_MAGIC:
+        raise ExtensionError(
+            f"{path}: format extension at byte {offset}: bad magic {magic:#x}, expected {fmt.EXT_MAGIC:#x}"
+        )
+    actual = hashlib.md5(memoryview(data)[fmt.EXT_CHECKSUM_START :]).digest()
+    if actual != checksum:
+        raise ExtensionError(
+            f"{path}: format extension at byte {offset}: m_CheckSum is {checksum.hex()},"
+            f" the MD5 of the cluster is {actual.hex()}"
+        )
+    ext = Extension(offset=offset)
+    pos = fmt.EXT_HEADER.size
+    while True:
+        if pos + fmt.FEATURE_HEADER.size > cluster_size:
+            raise ExtensionError(f"{path}: format extension has no end-of-features marker")
+        fmagic, flags, size, _unused = fmt.FEATURE_HEADER.unpack_from(data, pos)
+        pos += fmt.FEATURE_HEADER.size
+        if fmagic == fmt.FEATURE_END:
+            return ext
+        padded = fmt.round_up(size, 8)
+        if pos + padded > cluster_size:
+            raise ExtensionError(
+                f"{path}: feature {fmagic:#x} data_size {size} runs past the extension cluster"
+            )
+        body = data[pos : pos + size]
+        pos += padded
+        if fmagic == fmt.FEATURE_DIRTY_BITMAP:
+            ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size))
+        else:
+            ext.features.append(Feature(fmagic, flags, bytes(body)))
+
+
+def _read_bitmap(path: Path, fd: int, body: bytes, flags: int, cluster_size: int, disk_size: int) -> DirtyBitmap:
+    """Decode one dirty bitmap feature and load its bits."""
+    if len(body) < fmt.BITMAP_HEADER.size:
+        raise ExtensionError(
+            f"{path}: dirty bitmap feature data_size {len(body)} is smaller than {fmt.BITMAP_HEADER.size}"
+        )
+    size, ident, granularity, l1_size = fmt.BITMAP_HEADER.unpack_from(body, 0)
+    name = str(uuid.UUID(bytes=ident))
+    where = f"{path}: dirty bitmap {name}"
+    sectors = disk_size // fmt.SECTOR
+    if size != sectors:
+        raise ExtensionError(f"{where}: size {size} sectors differs from the disk's {sectors}")
+    if granularity == 0 or granularity & (granularity - 1) or granularity * fmt.SECTOR > 0xFFFFFFFF:
+        raise ExtensionError(f"{where}: granularity {granularity} sectors is not a power of two below 4 GiB")
+    gbytes = granularity * fmt.SECTOR
+    expect = bitmap_l1_size(disk_size, gbytes, cluster_size)
+    if l1_size != expect:
+        raise ExtensionError(
+            f"{where}: l1_size {l1_size} does not match size and granularity (expected {expect})"
+        )
+    if fmt.BITMAP_HEADER.size + l1_size * fmt.L1_ENTRY.size > len(body):
+        raise ExtensionError(f"{where}: L1 table of {l1_size} entries exceeds the feature's data_size")
+    file_size = os.fstat(fd).st_size
+    nbits = -(-disk_size // gbytes)
+    nbytes = -(-nbits // 8)
+    bits = bytearray(nbytes)
+    l1: list[int] = []
+    for i in range(l1_size):
+        (entry,) = fmt.L1_ENTRY.unpack_from(body, fmt.BITMAP_HEADER.size + i * fmt.L1_ENTRY.size)
+        l1.append(entry)
+        start = i * cluster_size
+        count = min(cluster_size, nbytes - start)
+        if entry == fmt.L1_ALL_CLEAR:
+            continue
+        if entry == fmt.L1_ALL_SET:
+            bits[start : start + count] = b"\xff" * count
+            continue
+        host = entry * fmt.SECTOR
+        if host + cluster_size > file_size:
+            raise ExtensionError(
+                f"{where}: L1 entry {i} points at byte {host}, past the end of the {file_size}-byte file"
+            )
+        chunk = os.pread(fd, count, host)
+        if len(chunk) < count:
+            raise ExtensionError(f"{where}: bitmap cluster at byte {host} is truncated")
+        bits[start : start + count] = chunk
+    # Bits past the disk end carry no meaning; keep them clear so scans stop at the end.
+    tail = nbits & 7
+    if tail:
+        bits[-1] &= (1 << tail) - 1
+    return DirtyBitmap(id=bytes(ident), granularity=gbytes, disk_size=disk_size, bits=bits, flags=flags, l1=l1)

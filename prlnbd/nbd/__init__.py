@@ -1,0 +1,1 @@
+"""The NBD wire protocol, sans-I/O: bytes in, events out, buffers to send."""

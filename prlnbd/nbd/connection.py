@@ -1,0 +1,587 @@
+"""The server side of one NBD connection as a sans-I/O state machine.
+
+Bytes go in with receive_data(), which returns events; replies are built
+with the send_*() methods and collected with data_to_send(). The class
+enforces every rule of the fixed-newstyle handshake and validates each
+transmission request, answering bad ones itself, so the server only ever
+sees requests it can act on.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from prlnbd.errors import ProtocolError
+from prlnbd.nbd import wire
+from prlnbd.nbd.constants import (
+    CHUNK_DONE,
+    DIRTY_BITMAP_PREFIX,
+    IHAVEOPT,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    MIN_BLOCK,
+    NBDMAGIC,
+    OPT_REPLY_MAGIC,
+    PREFERRED_BLOCK,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Chunk,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Reply,
+    TxFlag,
+)
+
+# Limits on what a client can make the server buffer during the handshake.
+MAX_OPTION_LENGTH = 64 * 1024
+MAX_OPTIONS = 1024
+# A WRITE larger than the advertised maximum is discarded up to this size; beyond it, the
+# client is broken or hostile and is disconnected.
+MAX_DISCARD = 4 * MAX_PAYLOAD
+
+# Which flags each command accepts (FUA is valid on every command once SEND_FUA is advertised).
+_ALLOWED_FLAGS: dict[int, int] = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+}
+_WRITE_COMMANDS = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+_RANGE_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
+
+
+@dataclass
+class ExportInfo:
+    """What the protocol needs to know of one export."""
+
+    name: str
+    size: int
+    read_only: bool
+    description: str = ""
+    contexts: Sequence[str] = ()  # metadata contexts this export offers
+    multi_conn: bool = True
+
+    @property
+    def flags(self) -> int:
+        """The transmission flags advertised for this export."""
+        f = (
+            TxFlag.HAS_FLAGS
+            | TxFlag.SEND_FLUSH
+            | TxFlag.SEND_FUA
+            | TxFlag.SEND_DF
+            | TxFlag.SEND_CACHE
+            | TxFlag.SEND_TRIM
+            | TxFlag.SEND_WRITE_ZEROES
+            | TxFlag.SEND_FAST_ZERO
+        )
+        if self.read_only:
+            f |= TxFlag.READ_ONLY
+        if self.multi_conn:
+            f |= TxFlag.CAN_MULTI_CONN
+        return int(f)
+
+
+# Events handed to the server.
+
+
+@dataclass
+class ExportSelected:
+    """The handshake ended: transmission on EXPORT begins."""
+
+    export: ExportInfo
+
+
+@dataclass
+class Request:
+    """A valid transmission request the server must answer (payload only for WRITE)."""
+
+    cmd: Cmd
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    payload: memoryview | None = None
+
+
+@dataclass
+class Disconnect:
+    """The client asked to end the session (NBD_CMD_DISC or NBD_OPT_ABORT)."""
+
+
+Event = ExportSelected | Request | Disconnect
+
+
+class State(Enum):
+    """Where the connection is in the protocol."""
+
+    CLIENT_FLAGS = auto()
+    OPTIONS = auto()
+    TRANSMISSION = auto()
+    CLOSED = auto()
+
+
+@dataclass
+class _Query:
+    """A parsed LIST/SET_META_CONTEXT option."""
+
+    export: str
+    queries: list[str] = field(default_factory=list)
+
+
+class ServerConnection:
+    """One NBD connection's protocol state, from greeting to disconnect."""
+
+    def __init__(self, exports: Mapping[str, ExportInfo], default: str | None = None) -> None:
+        self.exports = exports
+        self.default = default
+        self.state = State.CLIENT_FLAGS
+        self.no_zeroes = False
+        self.structured = False
+        self.export: ExportInfo | None = None
+        self.options_seen = 0
+        # Metadata contexts selected by SET_META_CONTEXT: id -> name, for one export.
+        self.contexts: dict[int, str] = {}
+        self._contexts_export: str | None = None
+        self._context_ids: dict[str, int] = {}
+        self._in = bytearray()
+        self._pos = 0
+        self._discard = 0
+        self._out: list[bytes | bytearray | memoryview] = [
+            wire.GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+        ]
+
+    # ---- output
+
+    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
+        """Take every buffer queued for the peer, in order."""
+        out = self._out
+        self._out = []
+        return out
+
+    # ---- input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; return the events they complete.
+
+        Raises ProtocolError when the peer broke the protocol; the caller then
+        sends what data_to_send() holds and closes the connection.
+        """
+        if self.state is State.CLOSED:
+            return []
+        if self._discard:
+            skip = min(self._discard, len(data))
+            self._discard -= skip
+            data = memoryview(data)[skip:]
+        self._in += data
+        events: list[Event] = []
+        try:
+            while self._running():
+                ev: Event | bool | None
+                if self.state is State.TRANSMISSION:
+                    ev = self._next_request()
+                elif self.state is State.OPTIONS:
+                    ev = self._next_option()
+                else:
+                    ev = self._client_flags()
+                if ev is None:
+                    break
+                if not isinstance(ev, bool):
+                    events.append(ev)
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+        finally:
+            self._compact()
+        return events
+
+    def _running(self) -> bool:
+        return self.state is not State.CLOSED and not self._discard
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._in[: self._pos]
+            self._pos = 0
+        if self._discard and self._in:
+            skip = min(self._discard, len(self._in))
+            del self._in[:skip]
+            self._discard -= skip
+
+    def _available(self) -> int:
+        return len(self._in) - self._pos
+
+    # ---- handshake
+
+    def _client_flags(self) -> bool | None:
+        if self._available() < wire.CLIENT_FLAGS.size:
+            return None
+        (flags,) = wire.CLIENT_FLAGS.unpack_from(self._in, self._pos)
+        self._pos += wire.CLIENT_FLAGS.size
+        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+        if flags & ~known:
+            raise ProtocolError(f"client flags {flags:#x} carry bits the server did not offer")
+        self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self.state = State.OPTIONS
+        return True
+
+    def _next_option(self) -> Event | bool | None:
+        if self._available() < wire.OPTION.size:
+            return None
+        magic, opt, length = wire.OPTION.unpack_from(self._in, self._pos)
+        if magic != IHAVEOPT:
+            raise ProtocolError(f"option magic is {magic:#x}, expected IHAVEOPT")
+        if length > MAX_OPTION_LENGTH:
+            self._error(opt, Reply.ERR_TOO_BIG, f"option data of {length} bytes exceeds {MAX_OPTION_LENGTH}")
+            raise ProtocolError(f"option {opt} carries {length} bytes, more than {MAX_OPTION_LENGTH}")
+        if self._available() < wire.OPTION.size + length:
+            return None
+        start = self._pos + wire.OPTION.size
+        data = bytes(self._in[start : start + length])
+        self._pos = start + length
+        self.options_seen += 1
+        if self.options_seen > MAX_OPTIONS:
+            raise ProtocolError(f"client sent more than {MAX_OPTIONS} options")
+        return self._handle_option(opt, data)
+
+    def _handle_option(self, opt: int, data: bytes) -> Event | bool:
+        if opt == Opt.EXPORT_NAME:
+            return self._opt_export_name(data)
+        if opt == Opt.ABORT:
+            self._option_reply(opt, Reply.ACK)
+            self.state = State.CLOSED
+            return Disconnect()
+        if opt == Opt.LIST:
+            self._opt_list(data)
+        elif opt in (Opt.INFO, Opt.GO):
+            return self._opt_info_go(opt, data)
+        elif opt == Opt.STRUCTURED_REPLY:
+            if data:
+                self._error(opt, Reply.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            else:
+                self.structured = True
+                self._option_reply(opt, Reply.ACK)
+        elif opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            self._opt_meta_context(opt, data)
+        elif opt == Opt.STARTTLS:
+            self._error(opt, Reply.ERR_POLICY, "TLS is not configured on this server")
+        else:
+            self._error(opt, Reply.ERR_UNSUP, f"option {opt} is not supported")
+        return True
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        exp = self.exports.get(name)
+        if exp is None and name == "" and self.default is not None:
+            exp = self.exports.get(self.default)
+        return exp
+
+    def _opt_export_name(self, data: bytes) -> Event:
+        name = data.decode("utf-8", "replace")
+        exp = self._lookup(name)
+        if exp is None:
+            # EXPORT_NAME cannot be answered with an error: the spec says to disconnect.
+            raise ProtocolError(f"unknown export {name!r} requested with EXPORT_NAME")
+        self._out.append(wire.EXPORT_NAME_REPLY.pack(exp.size, exp.flags))
+        if not self.no_zeroes:
+            self._out.append(bytes(124))
+        return self._start_transmission(exp)
+
+    def _start_transmission(self, exp: ExportInfo) -> Event:
+        if self._contexts_export is not None and self._lookup(self._contexts_export) is not exp:
+            # Contexts chosen for another export do not carry over.
+            self.contexts = {}
+        self.export = exp
+        self.state = State.TRANSMISSION
+        return ExportSelected(exp)
+
+    def _opt_list(self, data: bytes) -> None:
+        if data:
+            self._error(Opt.LIST, Reply.ERR_INVALID, "LIST takes no data")
+            return
+        for exp in self.exports.values():
+            name = exp.name.encode()
+            payload = wire.U32.pack(len(name)) + name + exp.description.encode()
+            self._option_reply(Opt.LIST, Reply.SERVER, payload)
+        self._option_reply(Opt.LIST, Reply.ACK)
+
+    def _opt_info_go(self, opt: int, data: bytes) -> Event | bool:
+        try:
+            name, pos = _read_string(data, 0)
+            if len(data) < pos + 2:
+                raise ValueError("no information request count")
+            (n,) = wire.U16.unpack_from(data, pos)
+            pos += 2
+            if len(data) != pos + 2 * n:
+                raise ValueError(f"{n} information requests need {2 * n} bytes, {len(data) - pos} given")
+            requests = set(struct.unpack_from(f">{n}H", data, pos))
+        except ValueError as e:
+            self._error(opt, Reply.ERR_INVALID, f"malformed {Opt(opt).name} option: {e}")
+            return True
+        exp = self._lookup(name)
+        if exp is None:
+            self._error(opt, Reply.ERR_UNKNOWN, f"no export named {name!r}")
+            return True
+        self._option_reply(opt, Reply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, exp.size, exp.flags))
+        if Info.NAME in requests:
+            self._option_reply(opt, Reply.INFO, wire.U16.pack(Info.NAME) + exp.name.encode())
+        if Info.DESCRIPTION in requests and exp.description:
+            self._option_reply(opt, Reply.INFO, wire.U16.pack(Info.DESCRIPTION) + exp.description.encode())
+        # Sent unasked too: with a minimum of 1 it constrains nothing a client might rely on.
+        self._option_reply(
+            opt, Reply.INFO, wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)
+        )
+        self._option_reply(opt, Reply.ACK)
+        if opt == Opt.GO:
+            return self._start_transmission(exp)
+        return True
+
+    def _opt_meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            self._error(opt, Reply.ERR_INVALID, f"{Opt(opt).name} needs STRUCTURED_REPLY first")
+            return
+        try:
+            query = _parse_meta_query(data)
+        except ValueError as e:
+            self._error(opt, Reply.ERR_INVALID, f"malformed {Opt(opt).name} option: {e}")
+            return
+        exp = self._lookup(query.export)
+        if exp is None:
+            self._error(opt, Reply.ERR_UNKNOWN, f"no export named {query.export!r}")
+            return
+        if opt == Opt.LIST_META_CONTEXT:
+            names = _match_list(exp.contexts, query.queries)
+        else:
+            offered = set(exp.contexts)
+            names = list(dict.fromkeys(q for q in query.queries if q in offered))
+            self.contexts = {}
+            self._contexts_export = query.export
+        for name in names:
+            cid = self._context_ids.setdefault(name, len(self._context_ids) + 1)
+            if opt == Opt.SET_META_CONTEXT:
+                self.contexts[cid] = name
+            self._option_reply(opt, Reply.META_CONTEXT, wire.U32.pack(cid) + name.encode())
+        self._option_reply(opt, Reply.ACK)
+
+    def _option_reply(self, opt: int, reply: int, data: bytes = b"") -> None:
+        self._out.append(wire.OPTION_REPLY.pack(OPT_REPLY_MAGIC, opt, reply, len(data)))
+        if data:
+            self._out.append(data)
+
+    def _error(self, opt: int, reply: Reply, message: str) -> None:
+        self._option_reply(opt, reply, message.encode())
+
+    # ---- transmission
+
+    def _next_request(self) -> Event | bool | None:
+        if self._available() < wire.REQUEST.size:
+            return None
+        magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(self._in, self._pos)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"request magic is {magic:#x}, expected {REQUEST_MAGIC:#x}")
+        payload: memoryview | None = None
+        if cmd == Cmd.WRITE:
+            if length > MAX_PAYLOAD:
+                if length > MAX_DISCARD:
+                    raise ProtocolError(f"WRITE of {length} bytes is far beyond the {MAX_PAYLOAD}-byte maximum")
+                self._pos += wire.REQUEST.size
+                self._discard = length
+                self.send_error(cookie, Errno.EINVAL, f"WRITE of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
+                return True
+            if self._available() < wire.REQUEST.size + length:
+                return None
+            start = self._pos + wire.REQUEST.size
+            with memoryview(self._in) as whole:
+                payload = memoryview(bytes(whole[start : start + length]))
+            self._pos = start + length
+        else:
+            self._pos += wire.REQUEST.size
+        if cmd == Cmd.DISC:
+            self.state = State.CLOSED
+            return Disconnect()
+        problem = self._check_request(cmd, flags, offset, length)
+        if problem is not None:
+            errno, message = problem
+            self.send_error(cookie, errno, message)
+            return True
+        return Request(Cmd(cmd), flags, cookie, offset, length, payload)
+
+    def _check_request(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        exp = self.export
+        if exp is None:  # pragma: no cover - TRANSMISSION always has an export
+            raise ProtocolError("request before an export was chosen")
+        allowed = _ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
+            return Errno.EINVAL, f"unknown command {cmd}"
+        name = Cmd(cmd).name
+        if flags & ~allowed:
+            return Errno.EINVAL, f"flags {flags:#x} are not valid for {name}"
+        if flags & CmdFlag.DF and not self.structured:
+            return Errno.EINVAL, "DF needs structured replies"
+        if cmd == Cmd.BLOCK_STATUS:
+            if not self.structured:
+                return Errno.EINVAL, "BLOCK_STATUS needs structured replies"
+            if not self.contexts:
+                return Errno.EINVAL, "BLOCK_STATUS needs a metadata context selected with SET_META_CONTEXT"
+            if length == 0:
+                return Errno.EINVAL, "BLOCK_STATUS of length 0"
+        if cmd in _WRITE_COMMANDS and exp.read_only:
+            return Errno.EPERM, f"{name} on a read-only export"
+        if cmd in _RANGE_COMMANDS:
+            if offset + length > exp.size:
+                errno = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+                return errno, f"{name} of {length} bytes at {offset} ends past the export size {exp.size}"
+            if cmd == Cmd.READ and length > MAX_PAYLOAD:
+                return Errno.EINVAL, f"READ of {length} bytes exceeds the maximum {MAX_PAYLOAD}"
+        elif offset or length:
+            return Errno.EINVAL, f"{name} must have offset and length 0"
+        return None
+
+    # ---- replies
+
+    def send_ok(self, cookie: int) -> None:
+        """Answer a request that succeeded and returns no data."""
+        self._out.append(wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def send_error(self, cookie: int, errno: int, message: str = "") -> None:
+        """Answer a request that failed with ERRNO, with a message when structured."""
+        if self.structured:
+            msg = message.encode()[:MAX_STRING]
+            self._out.append(
+                wire.CHUNK_ERROR.pack(
+                    STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.ERROR, cookie, 6 + len(msg), errno, len(msg)
+                )
+            )
+            if msg:
+                self._out.append(msg)
+        else:
+            self._out.append(wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, cookie))
+
+    def send_read(
+        self,
+        cookie: int,
+        offset: int,
+        data: bytearray | bytes | memoryview,
+        holes: Iterable[tuple[int, int]] = (),
+        *,
+        df: bool = False,
+    ) -> None:
+        """Answer a READ of len(DATA) bytes at OFFSET.
+
+        HOLES lists (offset, length) stretches known to be zeros, sorted and
+        inside the request; with structured replies they go out as
+        OFFSET_HOLE chunks instead of zero bytes (unless DF asks for one chunk).
+        """
+        length = len(data)
+        if not self.structured:
+            self._out.append(wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(data)
+            return
+        out = self._out
+        view = memoryview(data)
+        pieces: list[tuple[int, int, bool]] = []  # (start, length, is_hole) relative to offset
+        pos = 0
+        if not df:
+            for hoff, hlen in holes:
+                rel = hoff - offset
+                if rel > pos:
+                    pieces.append((pos, rel - pos, False))
+                pieces.append((rel, hlen, True))
+                pos = rel + hlen
+        if pos < length or not pieces:
+            pieces.append((pos, length - pos, False))
+        last = len(pieces) - 1
+        for i, (start, plen, hole) in enumerate(pieces):
+            flags = CHUNK_DONE if i == last else 0
+            if hole:
+                out.append(
+                    wire.CHUNK_OFFSET_HOLE.pack(
+                        STRUCTURED_REPLY_MAGIC, flags, Chunk.OFFSET_HOLE, cookie, 12, offset + start, plen
+                    )
+                )
+            else:
+                out.append(
+                    wire.CHUNK_OFFSET_DATA.pack(
+                        STRUCTURED_REPLY_MAGIC, flags, Chunk.OFFSET_DATA, cookie, 8 + plen, offset + start
+                    )
+                )
+                if plen:
+                    out.append(view[start : start + plen])
+
+    def send_block_status(self, cookie: int, replies: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
+        """Answer a BLOCK_STATUS with one chunk per context: (context id, [(length, flags), ...])."""
+        last = len(replies) - 1
+        for i, (cid, extents) in enumerate(replies):
+            n = len(extents)
+            flat = [v for ext in extents for v in ext]
+            self._out.append(
+                wire.CHUNK_BLOCK_STATUS.pack(
+                    STRUCTURED_REPLY_MAGIC,
+                    CHUNK_DONE if i == last else 0,
+                    Chunk.BLOCK_STATUS,
+                    cookie,
+                    4 + 8 * n,
+                    cid,
+                )
+            )
+            self._out.append(struct.pack(f">{2 * n}I", *flat))
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    """Decode a u32-length-prefixed UTF-8 string at POS."""
+    if len(data) < pos + 4:
+        raise ValueError("string length is missing")
+    (n,) = wire.U32.unpack_from(data, pos)
+    pos += 4
+    if n > MAX_STRING:
+        raise ValueError(f"string of {n} bytes is longer than {MAX_STRING}")
+    if len(data) < pos + n:
+        raise ValueError(f"string of {n} bytes runs past the option data")
+    try:
+        text = data[pos : pos + n].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("string is not valid UTF-8") from None
+    return text, pos + n
+
+
+def _parse_meta_query(data: bytes) -> _Query:
+    """Decode the data of LIST/SET_META_CONTEXT: export name, then the queries."""
+    export, pos = _read_string(data, 0)
+    if len(data) < pos + 4:
+        raise ValueError("query count is missing")
+    (n,) = wire.U32.unpack_from(data, pos)
+    pos += 4
+    q = _Query(export)
+    for _ in range(n):
+        text, pos = _read_string(data, pos)
+        q.queries.append(text)
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} bytes follow the last query")
+    return q
+
+
+def _match_list(offered: Sequence[str], queries: Sequence[str]) -> list[str]:
+    """Contexts a LIST_META_CONTEXT answers: all with no query, else by exact name or namespace."""
+    if not queries:
+        return list(offered)
+    out: dict[str, None] = {}
+    for q in queries:
+        for name in offered:
+            if name == q:
+                out[name] = None
+            elif q.endswith(":") and name.startswith(q):
+                # "base:", "qemu:" and "qemu:dirty-bitmap:" list a whole namespace.
+                out[name] = None
+            elif q == DIRTY_BITMAP_PREFIX[:-1] and name.startswith(DIRTY_BITMAP_PREFIX):
+                out[name] = None
+    return list(out)
