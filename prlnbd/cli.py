@@ -129,8 +129,7 @@ def _open_exports(specs: Sequence[str], *, read_only: bool) -> dict[str, Export]
             name, path = split_disk_arg(spec)
             if name in exports:
                 raise PrlNbdError(f"two disks share the export name {name!r}; name them NAME=PATH")
-            # Until the write path lands every disk opens read-only, so no file can change.
-            disk = open_disk(path, writable=False)
+            disk = open_disk(path, writable=not read_only)
             for warning in disk.warnings:
                 log.warning("%s: %s", disk.path, warning)
             exports[name] = Export(name, disk, read_only=read_only)

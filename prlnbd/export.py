@@ -6,6 +6,8 @@ names) without doing any network I/O itself.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 from collections.abc import Iterable, Iterator
 
@@ -57,6 +59,7 @@ class Export:
         self.name = name
         self.disk = disk
         self.read_only = read_only or not disk.writable
+        self._flush_lock = asyncio.Lock()
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps]
         layers = len(disk.layers)
@@ -82,10 +85,47 @@ class Export:
             if not run.zero and run.layer is not None:
                 os.posix_fadvise(run.layer.fd, run.host, run.length, os.POSIX_FADV_WILLNEED)
 
-    def flush(self) -> None:
-        """Make every acknowledged write durable (nothing to do while read-only)."""
-        if not self.read_only:
-            os.fsync(self.disk.top.fd)
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write DATA at OFFSET (copy-on-write into the top layer)."""
+        try:
+            self.disk.write(offset, data)
+        except OSError as e:
+            raise _write_error("WRITE", len(data), offset, e) from e
+        self._touched(offset, len(data))
+
+    def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool = False, fast: bool = False) -> None:
+        """WRITE_ZEROES or TRIM over the range."""
+        name = "TRIM" if trim else "WRITE_ZEROES"
+        try:
+            self.disk.zero(offset, length, trim=trim, no_hole=no_hole, fast=fast)
+        except NotImplementedError as e:
+            raise RequestError(Errno.ENOTSUP, f"FAST_ZERO: {e}") from e
+        except OSError as e:
+            raise _write_error(name, length, offset, e) from e
+        self._touched(offset, length)
+
+    def _touched(self, offset: int, length: int) -> None:
+        """Hook for bookkeeping of changed ranges (dirty bitmaps)."""
+
+    async def flush(self) -> None:
+        """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
+
+        Flushes run one at a time: a flush that finished early must not claim
+        durability for BAT entries another flush is still writing.
+        """
+        if self.read_only:
+            return
+        async with self._flush_lock:
+            token = self.disk.begin_flush()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.disk.flush_io, token)
+            except OSError as e:
+                self.disk.end_flush(token, False)
+                raise RequestError(Errno.EIO, f"FLUSH failed: {e.strerror}") from e
+            except BaseException:
+                self.disk.end_flush(token, False)
+                raise
+            self.disk.end_flush(token, True)
 
     def extents(self, context: str, offset: int, length: int, *, req_one: bool = False) -> list[tuple[int, int]]:
         """Block status of CONTEXT over the range as merged (length, flags) extents."""
@@ -107,5 +147,14 @@ class Export:
                 yield run_len, STATE_DIRTY if dirty else 0
 
     def close(self) -> None:
-        """Close the disk."""
+        """Close the disk (a clean stop for a writable one)."""
         self.disk.close()
+
+
+_NO_SPACE = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
+def _write_error(name: str, length: int, offset: int, e: OSError) -> RequestError:
+    """The NBD error for a failed write: ENOSPC for a full file system (as the spec asks), else EIO."""
+    code = Errno.ENOSPC if e.errno in _NO_SPACE else Errno.EIO
+    return RequestError(code, f"{name} of {length} bytes at {offset} failed: {e.strerror}")

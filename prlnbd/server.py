@@ -8,8 +8,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
-from typing import cast
+from collections.abc import Coroutine, Mapping
+from typing import Any, cast
 
 from prlnbd.errors import ProtocolError, RequestError
 from prlnbd.export import Export
@@ -37,6 +37,7 @@ class NbdProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._paused = False
+        self.inflight: set[asyncio.Task[None]] = set()
 
     # ---- asyncio callbacks
 
@@ -135,20 +136,57 @@ class NbdProtocol(asyncio.Protocol):
                     for cid, name in conn.contexts.items()
                 ]
                 conn.send_block_status(req.cookie, replies)
-            elif cmd == Cmd.FLUSH:
-                export.flush()
-                conn.send_ok(req.cookie)
             elif cmd == Cmd.CACHE:
                 export.cache(req.offset, req.length)
                 conn.send_ok(req.cookie)
+            elif cmd == Cmd.FLUSH:
+                self._spawn(req, self._flush_then_reply(req))
             else:
-                # Writes arrive here only on a writable export; this server is read-only for now.
-                conn.send_error(req.cookie, Errno.EPERM, f"{cmd.name} is not supported on this export")
+                # Writes are applied here, in order; only their durability (FUA) waits.
+                if cmd == Cmd.WRITE:
+                    export.write(req.offset, req.payload if req.payload is not None else memoryview(b""))
+                else:
+                    export.zero(
+                        req.offset,
+                        req.length,
+                        trim=cmd == Cmd.TRIM,
+                        no_hole=bool(req.flags & CmdFlag.NO_HOLE),
+                        fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                    )
+                if req.flags & CmdFlag.FUA:
+                    self._spawn(req, self._flush_then_reply(req))
+                else:
+                    conn.send_ok(req.cookie)
         except RequestError as e:
             conn.send_error(req.cookie, e.errno, str(e))
         except OSError as e:
             log.warning("%s: %s failed: %s", self.peer, req.cmd.name, e)
             conn.send_error(req.cookie, Errno.EIO, f"{req.cmd.name} failed: {e.strerror}")
+
+    def _spawn(self, req: Request, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request that must wait (a flush) while others go on; its reply comes out of order."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.inflight.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: request failed unexpectedly: %r", self.peer, task.exception())
+        self._flush()
+        if self._closing and not self.inflight:
+            self._close()
+
+    async def _flush_then_reply(self, req: Request) -> None:
+        export = self.export
+        if export is None:  # pragma: no cover
+            return
+        try:
+            await export.flush()
+        except RequestError as e:
+            self.conn.send_error(req.cookie, e.errno, str(e))
+        else:
+            self.conn.send_ok(req.cookie)
 
     # ---- helpers
 
@@ -158,7 +196,12 @@ class NbdProtocol(asyncio.Protocol):
             self.transport.writelines(out)
 
     def _close(self) -> None:
+        """Close the connection once every request in flight is answered."""
         self._closing = True
+        if self.inflight:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

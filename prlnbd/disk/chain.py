@@ -12,7 +12,7 @@ from prlnbd.disk.descriptor import Descriptor, descriptor_path, parse_descriptor
 from prlnbd.errors import DescriptorError, ImageError
 from prlnbd.image import format as fmt
 from prlnbd.image.extension import DirtyBitmap
-from prlnbd.image.parallels import ParallelsImage, Problem, Segment
+from prlnbd.image.parallels import FlushToken, ParallelsImage, Problem, Segment
 from prlnbd.image.raw import RawImage
 
 
@@ -121,14 +121,156 @@ class Disk:
     def read(self, offset: int, length: int) -> tuple[bytearray, list[Run]]:
         """Read guest bytes into a new buffer; also return the runs, for sparse replies."""
         buf = bytearray(length)
-        view = memoryview(buf)
         runs = list(self.map(offset, length))
-        for run in runs:
-            if run.zero or run.layer is None:
-                continue
-            start = run.offset - offset
-            _pread_into(run.layer.fd, view[start : start + run.length], run.host)
+        _fill(memoryview(buf), offset, runs)
         return buf, runs
+
+    # ---- writing: only the top layer changes
+
+    def _below(self, offset: int, length: int) -> list[Run]:
+        """How the layers under the top resolve a range."""
+        return list(self._resolve(1, offset, length))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write DATA at OFFSET into the top layer, copying on write from the layers below."""
+        top = self.layers[0]
+        view = memoryview(data)
+        if isinstance(top, RawImage):
+            _pwrite_all(top.fd, view, offset)
+            return
+        if not isinstance(top, ParallelsImage):  # pragma: no cover - layers are one of the two kinds
+            raise ImageError(f"{top.path}: cannot write to this kind of image")
+        cs = top.cluster_size
+        pos = 0
+        while pos < len(view):
+            at = offset + pos
+            cluster = at // cs
+            within = at - cluster * cs
+            n = min(cs - within, len(view) - pos)
+            self._write_cluster(top, cluster, within, view[pos : pos + n])
+            pos += n
+
+    def _write_cluster(self, top: ParallelsImage, cluster: int, within: int, piece: memoryview) -> None:
+        host = top.host_offset(cluster)
+        if host:
+            _pwrite_all(top.fd, piece, host + within)
+            return
+        cs = top.cluster_size
+        start = cluster * cs
+        below = [r for r in self._below(start, cs) if not r.zero]
+        new_host, fresh = top.allocate()
+        try:
+            if fresh and not below:
+                # The new cluster reads as zeros already: write only the request's bytes.
+                _pwrite_all(top.fd, piece, new_host + within)
+            else:
+                buf = bytearray(cs)
+                if below and (within or len(piece) < cs):
+                    _fill(memoryview(buf), start, below)
+                buf[within : within + len(piece)] = piece
+                _pwrite_all(top.fd, memoryview(buf), new_host)
+        except BaseException:
+            top.unallocate(new_host)
+            raise
+        # Mapped only now, after the data is in the file; the entry itself is written at flush.
+        top.map_cluster(cluster, new_host)
+
+    def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False, fast: bool = False) -> None:
+        """Make [offset, offset+length) read as zeros (WRITE_ZEROES), or discard it (TRIM).
+
+        Whole clusters of the top layer are released where nothing below shows
+        through; where a lower layer holds data, zeros are written instead,
+        since a released cluster would expose the parent's bytes. TRIM leaves
+        partial clusters alone (it is only a hint). With FAST, nothing is done
+        and NotImplementedError is raised if zeroing would have to write data.
+        """
+        top = self.layers[0]
+        if isinstance(top, RawImage):
+            if fast:
+                raise NotImplementedError("zeroing a plain image writes data")
+            if not trim:
+                self._write_zeros(offset, length)
+            return
+        if not isinstance(top, ParallelsImage):  # pragma: no cover
+            raise ImageError(f"{top.path}: cannot write to this kind of image")
+        plan = self._zero_plan(top, offset, length, trim=trim, no_hole=no_hole)
+        if fast and any(action == "write" for action, _, _ in plan):
+            raise NotImplementedError("zeroing this range would have to write zeros over data")
+        for action, at, n in plan:
+            if action == "release":
+                top.release_cluster(at // top.cluster_size)
+            else:
+                self._write_zeros(at, n)
+
+    def _zero_plan(
+        self, top: ParallelsImage, offset: int, length: int, *, trim: bool, no_hole: bool
+    ) -> list[tuple[str, int, int]]:
+        """Decide per cluster: ("release", offset, length) or ("write", offset, length) of zeros."""
+        cs = top.cluster_size
+        end = offset + length
+        plan: list[tuple[str, int, int]] = []
+        pos = offset
+        while pos < end:
+            cluster = pos // cs
+            cstart = cluster * cs
+            cend = min(cstart + cs, self.size)
+            stop = min(end, cend)
+            whole = pos == cstart and stop == cend
+            host = top.host_offset(cluster)
+            below_data = any(not r.zero for r in self._below(pos, stop - pos))
+            if whole and not no_hole and not below_data:
+                if host:
+                    plan.append(("release", cstart, cs))
+            elif trim and not whole:
+                pass  # TRIM is a hint: partial clusters are left as they are
+            elif host or below_data:
+                plan.append(("write", pos, stop - pos))
+            pos = stop
+        return plan
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        zeros = bytes(min(chunk, length))
+        pos = 0
+        while pos < length:
+            n = min(chunk, length - pos)
+            self.write(offset + pos, memoryview(zeros)[:n])
+            pos += n
+
+    def begin_flush(self) -> FlushToken | None:
+        """Take what the next flush must make durable (in the owning thread)."""
+        top = self.layers[0]
+        return top.begin_flush() if isinstance(top, ParallelsImage) else None
+
+    def flush_io(self, token: FlushToken | None) -> None:
+        """The blocking part of a flush: safe to run in a worker thread."""
+        top = self.layers[0]
+        if isinstance(top, ParallelsImage) and token is not None:
+            top.flush_io(token)
+        else:
+            os.fdatasync(top.fd)
+
+    def end_flush(self, token: FlushToken | None, ok: bool) -> None:
+        """Record a flush's outcome (in the owning thread)."""
+        top = self.layers[0]
+        if isinstance(top, ParallelsImage) and token is not None:
+            top.end_flush(token, ok)
+
+
+def _fill(view: memoryview, offset: int, runs: list[Run]) -> None:
+    """Read the data RUNS (of a range starting at guest OFFSET) into VIEW; zero runs stay as they are."""
+    for run in runs:
+        if run.zero or run.layer is None:
+            continue
+        start = run.offset - offset
+        _pread_into(run.layer.fd, view[start : start + run.length], run.host)
+
+
+def _pwrite_all(fd: int, view: memoryview, host: int) -> None:
+    """Write all of VIEW at HOST."""
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], host + done)
 
 
 def _pread_into(fd: int, view: memoryview, host: int) -> None:

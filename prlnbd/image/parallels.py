@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prlnbd.errors import CorruptImage, ImageError, InvalidHeader
+from prlnbd.errors import CorruptImage, ExtensionError, ImageBusy, ImageError, InvalidHeader
 from prlnbd.image import format as fmt
 from prlnbd.image.extension import Extension, read_extension
 
@@ -67,6 +69,7 @@ class ParallelsImage:
     allocated: list[int]  # sorted guest cluster indices with a BAT entry
     extension: Extension | None = None
     problems: list[Problem] = field(default_factory=list)
+    _writer: _WriteState | None = None
 
     kind = "expandable"
 
@@ -99,7 +102,10 @@ class ParallelsImage:
         except OSError as e:
             raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
         try:
-            return cls._load(p, fd, writable)
+            img = cls._load(p, fd, writable)
+            if writable:
+                img._start_writing()
+            return img
         except BaseException:
             os.close(fd)
             raise
@@ -208,8 +214,13 @@ class ParallelsImage:
         return img
 
     def close(self) -> None:
-        """Close the file."""
-        if self.fd >= 0:
+        """Close the file; a writable image first syncs its BAT and clears in_use (a clean stop)."""
+        if self.fd < 0:
+            return
+        try:
+            if self.writable and self._writer is not None:
+                self._finish_writing()
+        finally:
             os.close(self.fd)
             self.fd = -1
 
@@ -258,3 +269,197 @@ class ParallelsImage:
     def allocated_bytes(self) -> int:
         """How many guest bytes this image maps."""
         return len(self.allocated) * self.cluster_size
+
+    # ---- writing (only ever the top image of a chain)
+
+    def _start_writing(self) -> None:
+        """Check the image may be changed, then mark it in use on disk before any write."""
+        p = self.path
+        if self.in_use:
+            raise ImageBusy(
+                f"{p}: image is marked in use (in_use flag set): it is open elsewhere or was not closed"
+                f" cleanly; run `prlnbd check --repair {p}` (or open it read-only)"
+            )
+        bad = [pr for pr in self.problems if pr.kind in ("outside", "duplicate")]
+        if bad:
+            raise CorruptImage(
+                f"{p}: refusing to write to a corrupt image ({bad[0].message});"
+                f" run `prlnbd check --repair {p}`"
+            )
+        if self.header.disk_sectors * fmt.SECTOR > len(self.bat) * self.cluster_size:
+            raise CorruptImage(
+                f"{p}: nb_sectors {self.header.disk_sectors} covers more than the BAT's"
+                f" {len(self.bat)} clusters; such an image can only be opened read-only"
+            )
+        ext = self.extension
+        if ext is not None and ext.necessary_unknown:
+            raise ExtensionError(f"{p}: the format extension holds an unknown NECESSARY feature; open it read-only")
+        if ext is not None and ext.bitmaps:
+            raise ExtensionError(
+                f"{p}: image carries dirty bitmaps ({', '.join(b.name for b in ext.bitmaps)}) that writes would"
+                " make stale; serve it with --read-only, or drop them with `prlnbd bitmap ... remove`"
+            )
+        used_end = self.data_off
+        for c in self.allocated:
+            used_end = max(used_end, int(self.bat[c]) + self.cluster_size)
+        if ext is not None:
+            for host in ext.clusters():
+                used_end = max(used_end, host + self.cluster_size)
+        self._writer = _WriteState(
+            data_end=self._align_host(used_end),
+            closed_in_use=self.header.in_use,
+        )
+        self._set_in_use(fmt.IN_USE_OPEN)
+
+    def _align_host(self, pos: int) -> int:
+        """The first host offset at or after POS where a cluster may start."""
+        cs = self.cluster_size
+        if self.header.is_v1:
+            # Keep clusters on the data area's cluster grid, as the spec recommends.
+            return self.data_off + fmt.round_up(max(0, pos - self.data_off), cs)
+        return fmt.round_up(pos, cs)
+
+    def _set_in_use(self, value: int) -> None:
+        self.header.in_use = value
+        os.pwrite(self.fd, self.header.pack(), 0)
+        os.fsync(self.fd)
+
+    def _state(self) -> _WriteState:
+        if self._writer is None:
+            raise ImageError(f"{self.path}: image is not open for writing")
+        return self._writer
+
+    def allocate(self) -> tuple[int, bool]:
+        """Reserve a host cluster for new data: (host offset, whether it is known to read as zeros).
+
+        Clusters freed by an earlier, already durable release are reused first;
+        otherwise the cluster is appended at the end of the data area, where the
+        file is extended sparsely so unwritten parts read as zeros.
+        """
+        w = self._state()
+        if w.free:
+            return w.free.pop(), False
+        host = w.data_end
+        fresh = host >= self.file_size
+        w.data_end = host + self.cluster_size
+        if w.data_end > self.file_size:
+            os.ftruncate(self.fd, w.data_end)
+            self.file_size = w.data_end
+        return host, fresh
+
+    def unallocate(self, host: int) -> None:
+        """Give back a cluster from allocate() whose data could not be written."""
+        w = self._state()
+        if host + self.cluster_size == w.data_end:
+            w.data_end = host
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, host)
+                self.file_size = host
+        else:
+            w.free.append(host)
+
+    def map_cluster(self, cluster: int, host: int) -> None:
+        """Point guest CLUSTER at HOST; the BAT entry reaches the file at the next flush."""
+        if not 0 <= cluster < len(self.bat):
+            raise ImageError(f"{self.path}: cluster {cluster} is beyond the BAT's {len(self.bat)} entries")
+        w = self._state()
+        if not self.bat[cluster]:
+            bisect.insort(self.allocated, cluster)
+        self.bat[cluster] = host
+        w.dirty.add(cluster)
+
+    def release_cluster(self, cluster: int) -> None:
+        """Unmap guest CLUSTER; its host cluster is reused once the unmapping is durable."""
+        w = self._state()
+        host = int(self.bat[cluster])
+        if not host:
+            return
+        self.bat[cluster] = 0
+        i = bisect.bisect_left(self.allocated, cluster)
+        del self.allocated[i]
+        w.dirty.add(cluster)
+        w.pending_free.append(host)
+
+    def begin_flush(self) -> FlushToken:
+        """Take the BAT changes a flush must make durable (call from the owning thread)."""
+        w = self._state()
+        unit = fmt.SECTOR if self.header.is_v1 else self.cluster_size
+        entries = sorted((c, int(self.bat[c]) // unit) for c in w.dirty)
+        token = FlushToken(entries, w.pending_free)
+        w.dirty = set()
+        w.pending_free = []
+        return token
+
+    def flush_io(self, token: FlushToken) -> None:
+        """Make data durable, then the BAT entries that map it, then those too (safe in a worker thread).
+
+        The data is synced before any new BAT entry is written, so a crash at
+        any moment never leaves an entry pointing at a cluster of garbage.
+        """
+        os.fdatasync(self.fd)
+        if not token.entries:
+            return
+        run_start = token.entries[0][0]
+        values: list[int] = []
+        prev = run_start - 1
+        for cluster, value in [*token.entries, (-2, 0)]:
+            if cluster != prev + 1 and values:
+                os.pwrite(self.fd, struct.pack(f"<{len(values)}I", *values), fmt.HEADER_SIZE + 4 * run_start)
+                values = []
+                run_start = cluster
+            values.append(value)
+            prev = cluster
+        os.fdatasync(self.fd)
+
+    def end_flush(self, token: FlushToken, ok: bool) -> None:
+        """Record the flush's outcome (call from the owning thread)."""
+        w = self._state()
+        if ok:
+            w.free.extend(token.pending_free)
+        else:
+            w.dirty.update(c for c, _ in token.entries)
+            w.pending_free.extend(token.pending_free)
+
+    def flush(self) -> None:
+        """Make every write so far durable, synchronously."""
+        token = self.begin_flush()
+        try:
+            self.flush_io(token)
+        except BaseException:
+            self.end_flush(token, False)
+            raise
+        self.end_flush(token, True)
+
+    def _finish_writing(self) -> None:
+        """Clean stop: BAT durable, free tail cut off, in_use restored to its closed value."""
+        w = self._state()
+        self.flush()
+        # Freed clusters at the very end are space leaked past the last cluster: cut them off.
+        free = set(w.free)
+        end = w.data_end
+        while end - self.cluster_size in free:
+            end -= self.cluster_size
+        if end < self.file_size:
+            os.ftruncate(self.fd, end)
+            self.file_size = end
+        self._set_in_use(w.closed_in_use)
+        self._writer = None
+
+
+@dataclass
+class _WriteState:
+    """Allocation and durability bookkeeping of an image open for writing."""
+
+    data_end: int  # where the next appended cluster goes
+    closed_in_use: int  # the in_use value to restore on a clean stop
+    dirty: set[int] = field(default_factory=set)  # guest clusters whose BAT entry is not yet on disk
+    pending_free: list[int] = field(default_factory=list)  # released, not yet durable: not reusable
+    free: list[int] = field(default_factory=list)  # released and durable: reusable
+
+
+@dataclass
+class FlushToken:
+    """What one flush writes: BAT entries (cluster, on-disk value) and clusters it frees."""
+
+    entries: list[tuple[int, int]]
+    pending_free: list[int]
