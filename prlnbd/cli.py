@@ -74,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", metavar="PATH")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
+    create = sub.add_parser("create", help="create a new disk: a bundle directory, or one image if PATH ends in .hds")
+    create.add_argument("path", metavar="PATH")
+    create.add_argument("--size", type=parse_size, required=True, help="disk size, e.g. 64G")
+    create.add_argument("--cluster-size", type=parse_size, default=1 << 20, help="cluster size (default 1M)")
+
+    snap = sub.add_parser("snapshot", help="freeze the top image of a bundle and add a new empty top")
+    snap.add_argument("path", metavar="PATH")
+
+    check = sub.add_parser("check", help="check every layer and the chain; exit 0 clean, 2 corrupt, 3 leaks")
+    check.add_argument("path", metavar="PATH")
+    check.add_argument("--repair", action="store_true", help="fix what can be fixed without losing data")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+
     demo = sub.add_parser("demo", help="build a demo disk with a 3-layer snapshot chain and serve it")
     demo.add_argument("--dir", default="prlnbd-demo", help="where to build the demo bundle")
     _add_listen_options(demo)
@@ -83,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
+    # A file size limit must fail the write (EFBIG -> ENOSPC), not kill the server.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -92,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": cmd_serve,
         "info": cmd_info,
         "demo": cmd_demo,
+        "create": cmd_create,
+        "snapshot": cmd_snapshot,
+        "check": cmd_check,
     }
     try:
         return handlers[args.command](args)
@@ -335,3 +353,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("stop with Ctrl-C", flush=True)
 
     return run_server(exports, args, announce)
+
+
+# ---- offline tools
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """prlnbd create: a new empty disk."""
+    from prlnbd.disk.tools import create_disk
+
+    image = create_disk(Path(args.path), args.size, args.cluster_size)
+    print(f"created {args.path} ({_human(args.size)}, {_human(args.cluster_size)} clusters): {image}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """prlnbd snapshot: freeze the top and add a new one."""
+    from prlnbd.disk.tools import snapshot_disk
+
+    guid = snapshot_disk(Path(args.path))
+    print(f"new top snapshot {guid}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """prlnbd check: report (and with --repair fix) problems; exit codes as qemu-img check."""
+    from prlnbd.disk.tools import check_disk
+
+    report = check_disk(Path(args.path), repair=args.repair)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return report.exit_code
+    for f in report.findings:
+        label = "Leaked" if f.kind == "leak" else "ERROR"
+        print(f"{label} {f.file}: {f.message}{' [fixed]' if f.fixed else ''}")
+    d = report.as_dict()
+    if report.exit_code == 0:
+        print("No errors were found on the disk." if not report.findings else "All problems were repaired.")
+    else:
+        print(f"{d['corruptions']} errors and {d['leaks']} leaks remain.")
+    return report.exit_code

@@ -1,0 +1,157 @@
+"""Offline operations on whole disks: create, snapshot, check (with repair)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+from prlnbd.disk.chain import open_disk
+from prlnbd.disk.descriptor import (
+    DESCRIPTOR_NAME,
+    build_descriptor,
+    descriptor_path,
+    new_guid,
+    parse_descriptor,
+    save_descriptor,
+)
+from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
+from prlnbd.image import format as fmt
+from prlnbd.image.check import Finding, check_image
+from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
+from prlnbd.image.parallels import ParallelsImage
+
+
+def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE) -> Path:
+    """Create a new disk: a single image when PATH ends in .hds, else a bundle directory.
+
+    Returns the image file created.
+    """
+    check_geometry(size, cluster_size)
+    if path.suffix == ".hds":
+        write_image(path, size, cluster_size=cluster_size)
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise PrlNbdError(f"{path}: already exists and is not an empty directory")
+    path.mkdir(parents=True, exist_ok=True)
+    guid = new_guid()
+    image = path / f"{path.name}.0.{guid}.hds"
+    write_image(image, size, cluster_size=cluster_size)
+    save_descriptor(build_descriptor(size, cluster_size, [(guid, "Compressed", image.name)]), path / DESCRIPTOR_NAME)
+    return image
+
+
+def snapshot_disk(path: Path) -> str:
+    """Freeze the current top of the bundle at PATH and add a new empty top image; return its GUID.
+
+    The new image is written and synced before DiskDescriptor.xml is
+    replaced atomically, so a crash leaves either the old or the new chain.
+    Elements of the descriptor prlnbd does not know are kept as they are.
+    """
+    dpath = descriptor_path(path)
+    if not dpath.exists():
+        raise DescriptorError(f"{path}: snapshots need a bundle with {DESCRIPTOR_NAME}, not a single image")
+    desc = parse_descriptor(dpath)
+    top = desc.images[desc.top_guid]
+    cluster_size = desc.blocksize * fmt.SECTOR
+    if top.type == "Compressed":
+        img = ParallelsImage.open(top.file)
+        try:
+            if img.in_use:
+                raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
+            cluster_size = img.cluster_size
+        finally:
+            img.close()
+    guid = new_guid()
+    image = dpath.parent / f"{dpath.parent.name}.{len(desc.images)}.{guid}.hds"
+    write_image(image, desc.size, cluster_size=cluster_size)
+    root = desc.tree.getroot()
+    storage = root.find("StorageData/Storage")
+    snaps = root.find("Snapshots")
+    if storage is None:  # pragma: no cover - parse_descriptor guarantees it
+        raise DescriptorError(f"{dpath}: StorageData/Storage is missing")
+    if snaps is None:
+        snaps = etree.SubElement(root, "Snapshots")
+    el = etree.SubElement(storage, "Image")
+    etree.SubElement(el, "GUID").text = guid
+    etree.SubElement(el, "Type").text = "Compressed"
+    etree.SubElement(el, "File").text = image.name
+    if not snaps.findall("Shot"):
+        # A descriptor with no Shot had its only image as the implicit root.
+        first = etree.SubElement(snaps, "Shot")
+        etree.SubElement(first, "GUID").text = desc.top_guid
+        etree.SubElement(first, "ParentGUID").text = "{00000000-0000-0000-0000-000000000000}"
+    shot = etree.SubElement(snaps, "Shot")
+    etree.SubElement(shot, "GUID").text = guid
+    etree.SubElement(shot, "ParentGUID").text = desc.top_guid
+    top_el = snaps.find("TopGUID")
+    if top_el is None:
+        top_el = etree.Element("TopGUID")
+        snaps.insert(0, top_el)
+    top_el.text = guid
+    etree.indent(desc.tree, space="  ")
+    save_descriptor(desc.tree, dpath)
+    return guid
+
+
+@dataclass
+class CheckReport:
+    """The outcome of checking a whole disk."""
+
+    path: str
+    findings: list[Finding] = field(default_factory=list)
+    repaired: bool = False
+
+    def remaining(self) -> list[Finding]:
+        """Problems not fixed."""
+        return [f for f in self.findings if not f.fixed]
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 2 corruption, 3 leaks only: as `qemu-img check` (after repair: what remains)."""
+        left = self.remaining()
+        if any(f.corruption for f in left):
+            return 2
+        if left:
+            return 3
+        return 0
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form."""
+        left = self.remaining()
+        return {
+            "path": self.path,
+            "corruptions": sum(1 for f in left if f.corruption),
+            "leaks": sum(1 for f in left if f.kind == "leak"),
+            "leaked-bytes": sum(f.leaked_bytes for f in left),
+            "repaired": self.repaired,
+            "problems": [f.as_dict() for f in self.findings],
+        }
+
+
+def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
+    """Check every layer of the disk at PATH and the chain itself."""
+    report = CheckReport(str(path), repaired=repair)
+    dpath = descriptor_path(path)
+    if path.is_dir() or path.name.lower().endswith(".xml"):
+        try:
+            desc = parse_descriptor(dpath)
+            entries = desc.chain()
+        except PrlNbdError as e:
+            report.findings.append(Finding(str(dpath), "chain", str(e)))
+            return report
+        for entry in entries:
+            if not entry.file.exists():
+                report.findings.append(Finding(str(entry.file), "chain", f"image {entry.guid} is missing"))
+            elif entry.type == "Compressed":
+                report.findings.extend(check_image(entry.file, repair=repair))
+        if not any(f.corruption and not f.fixed for f in report.findings):
+            try:
+                open_disk(path).close()
+            except PrlNbdError as e:
+                report.findings.append(Finding(str(dpath), "chain", str(e)))
+        return report
+    report.findings.extend(check_image(path, repair=repair))
+    return report
+

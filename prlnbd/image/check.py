@@ -1,0 +1,129 @@
+"""Check and repair one Parallels image file, reporting what `qemu-img check` reports and more."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from prlnbd.errors import ImageError
+from prlnbd.image import format as fmt
+from prlnbd.image.parallels import ParallelsImage
+
+# Problem kinds that are corruption (exit 2); "leak" alone is exit 3.
+CORRUPTION_KINDS = frozenset(("in_use", "data_off", "outside", "duplicate", "header", "extension", "chain", "bitmap"))
+
+
+@dataclass
+class Finding:
+    """One problem found in a disk: which file, what kind, what it means, and whether it was fixed."""
+
+    file: str
+    kind: str
+    message: str
+    fixed: bool = False
+    leaked_bytes: int = 0
+
+    @property
+    def corruption(self) -> bool:
+        """Whether this is corruption (as opposed to leaked space)."""
+        return self.kind in CORRUPTION_KINDS
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form."""
+        return {"file": self.file, "kind": self.kind, "message": self.message, "fixed": self.fixed}
+
+
+def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
+    """Check the expandable image at PATH; with REPAIR, fix what can be fixed without losing data.
+
+    Repairs go in an order that is safe at every step: BAT entries first,
+    then leaked space, and the in_use flag last.
+    """
+    name = str(path)
+    try:
+        img = ParallelsImage.open(path)
+    except ImageError as e:
+        kind = "extension" if "extension" in str(e) or "bitmap" in str(e) else "header"
+        return [Finding(name, kind, str(e))]
+    findings: list[Finding] = []
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if repair else -1
+        try:
+            findings = _check(img, fd, name)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    finally:
+        img.close()
+    return findings
+
+
+def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
+    repair = fd >= 0
+    cs = img.cluster_size
+    unit = fmt.SECTOR if img.header.is_v1 else cs
+    out: list[Finding] = []
+    in_use = [p for p in img.problems if p.kind == "in_use"]
+    for p in img.problems:
+        if p.kind == "data_off":
+            out.append(Finding(name, "data_off", p.message))
+    bat_changes: dict[int, int] = {}
+    for p in img.problems:
+        if p.kind == "outside" and p.cluster is not None:
+            f = Finding(name, "outside", p.message)
+            if repair:
+                # The cluster lies past the end of the file: it reads as zeros either way.
+                bat_changes[p.cluster] = 0
+                f.fixed = True
+            out.append(f)
+    high = img.data_off
+    for c in img.allocated:
+        if c not in bat_changes:
+            high = max(high, min(int(img.bat[c]) + cs, img.file_size))
+    if img.extension is not None:
+        for host in img.extension.clusters():
+            high = max(high, host + cs)
+    appended = 0
+    for p in img.problems:
+        if p.kind == "duplicate" and p.cluster is not None:
+            f = Finding(name, "duplicate", p.message)
+            if repair:
+                # Give the second owner its own copy, appended past everything in use.
+                new_host = fmt.round_up(high, cs) if not img.header.is_v1 else high
+                data = os.pread(fd, cs, int(img.bat[p.cluster]))
+                os.pwrite(fd, data.ljust(cs, b"\0"), new_host)
+                high = new_host + cs
+                appended += 1
+                bat_changes[p.cluster] = new_host // unit
+                f.fixed = True
+            out.append(f)
+    if bat_changes:
+        os.fdatasync(fd)
+        for cluster, value in bat_changes.items():
+            os.pwrite(fd, fmt.BAT_ENTRY.pack(value), fmt.HEADER_SIZE + 4 * cluster)
+        os.fsync(fd)
+    size = os.fstat(fd).st_size if repair else img.file_size
+    if size > high:
+        leaked = size - high
+        clusters = -(-leaked // cs)
+        f = Finding(
+            name,
+            "leak",
+            f"{leaked} bytes ({clusters} cluster{'s' if clusters != 1 else ''}) leaked past the last used cluster",
+            leaked_bytes=leaked,
+        )
+        if repair:
+            os.ftruncate(fd, high)
+            os.fsync(fd)
+            f.fixed = True
+        out.append(f)
+    for p in in_use:
+        f = Finding(name, "in_use", p.message)
+        if repair:
+            img.header.in_use = fmt.IN_USE_CLOSED
+            os.pwrite(fd, img.header.pack(), 0)
+            os.fsync(fd)
+            f.fixed = True
+        out.append(f)
+    return out
