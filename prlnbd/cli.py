@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve disks over NBD")
     _add_listen_options(serve)
     serve.add_argument("--read-only", action="store_true", help="refuse writes")
+    serve.add_argument(
+        "--snapshot", metavar="GUID", help="export the disk as it was at snapshot GUID (implies --read-only)"
+    )
     serve.add_argument("disks", nargs="+", metavar="DISK", help="[NAME=]PATH: bundle dir, DiskDescriptor.xml or .hds")
 
     info = sub.add_parser("info", help="describe a disk: geometry, chain, allocation, bitmaps")
@@ -86,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", metavar="PATH")
     check.add_argument("--repair", action="store_true", help="fix what can be fixed without losing data")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+
+    bitmap = sub.add_parser("bitmap", help="manage the dirty bitmaps of the top image (offline)")
+    bitmap.add_argument("path", metavar="PATH")
+    bsub = bitmap.add_subparsers(dest="action", required=True)
+    bsub.add_parser("list", help="list bitmaps").add_argument("--json", action="store_true")
+    badd = bsub.add_parser("add", help="add a clean bitmap (name: a UUID, generated when left out)")
+    badd.add_argument("name", nargs="?")
+    badd.add_argument("--granularity", type=parse_size, default=64 * 1024, help="bytes per bit (default 64K)")
+    bsub.add_parser("remove", help="remove a bitmap").add_argument("name")
+    bsub.add_parser("clear", help="mark a bitmap all clean").add_argument("name")
 
     demo = sub.add_parser("demo", help="build a demo disk with a 3-layer snapshot chain and serve it")
     demo.add_argument("--dir", default="prlnbd-demo", help="where to build the demo bundle")
@@ -110,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "create": cmd_create,
         "snapshot": cmd_snapshot,
         "check": cmd_check,
+        "bitmap": cmd_bitmap,
     }
     try:
         return handlers[args.command](args)
@@ -140,17 +154,17 @@ def inherited_sockets() -> list[socket.socket]:
     return socks
 
 
-def _open_exports(specs: Sequence[str], *, read_only: bool) -> dict[str, Export]:
+def _open_exports(specs: Sequence[str], *, read_only: bool, snapshot: str | None = None) -> dict[str, Export]:
     exports: dict[str, Export] = {}
     try:
         for spec in specs:
             name, path = split_disk_arg(spec)
             if name in exports:
                 raise PrlNbdError(f"two disks share the export name {name!r}; name them NAME=PATH")
-            disk = open_disk(path, writable=not read_only)
+            disk = open_disk(path, writable=not read_only and snapshot is None, snapshot=snapshot)
             for warning in disk.warnings:
                 log.warning("%s: %s", disk.path, warning)
-            exports[name] = Export(name, disk, read_only=read_only)
+            exports[name] = Export(name, disk, read_only=read_only or snapshot is not None)
     except BaseException:
         for export in exports.values():
             export.close()
@@ -216,7 +230,7 @@ async def _make_server(exports: dict[str, Export], timeout: float) -> NbdServer:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """prlnbd serve: export disks over NBD."""
-    exports = _open_exports(args.disks, read_only=args.read_only)
+    exports = _open_exports(args.disks, read_only=args.read_only, snapshot=args.snapshot)
     return run_server(exports, args)
 
 
@@ -393,3 +407,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"{d['corruptions']} errors and {d['leaks']} leaks remain.")
     return report.exit_code
+
+
+def cmd_bitmap(args: argparse.Namespace) -> int:
+    """prlnbd bitmap: list, add, remove or clear the top image's dirty bitmaps."""
+    from prlnbd.disk.tools import manage_bitmaps
+
+    result = manage_bitmaps(Path(args.path), args.action, getattr(args, "name", None), getattr(args, "granularity", 0))
+    if args.action == "list":
+        if getattr(args, "json", False):
+            print(json.dumps(result, indent=2))
+        else:
+            for b in result:
+                print(f"{b['name']}  granularity {_human(int(str(b['granularity'])))}  {b['dirty-bytes']} bytes dirty")
+    else:
+        for b in result:
+            print(f"{args.action}: {b['name']}")
+    return 0

@@ -25,6 +25,7 @@ from prlnbd.nbd.constants import (
     Errno,
 )
 
+SINCE_PREFIX = DIRTY_BITMAP_PREFIX + "since-"
 # How many extents one BLOCK_STATUS chunk may carry; clients loop for the rest.
 MAX_EXTENTS = 64 * 1024
 
@@ -61,7 +62,14 @@ class Export:
         self.read_only = read_only or not disk.writable
         self._flush_lock = asyncio.Lock()
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
-        contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps]
+        # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
+        # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
+        self.since: dict[str, int] = {
+            SINCE_PREFIX + guid.strip("{}").lower(): index
+            for index, guid in enumerate(disk.guids)
+            if index > 0 and guid
+        }
+        contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
         layers = len(disk.layers)
         self.info = ExportInfo(
             name=name,
@@ -105,7 +113,9 @@ class Export:
         self._touched(offset, length)
 
     def _touched(self, offset: int, length: int) -> None:
-        """Hook for bookkeeping of changed ranges (dirty bitmaps)."""
+        """Mark a changed range in every bitmap of the top image (before the reply goes out)."""
+        for bitmap in self.bitmaps.values():
+            bitmap.set_range(offset, length)
 
     async def flush(self) -> None:
         """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
@@ -139,6 +149,10 @@ class Export:
         elif context == ALLOCATION_DEPTH:
             for run in self.disk.map(offset, length):
                 yield run.length, run.depth
+        elif context in self.since:
+            above = self.since[context]
+            for run in self.disk.map(offset, length):
+                yield run.length, STATE_DIRTY if 1 <= run.depth <= above else 0
         else:
             bitmap = self.bitmaps.get(context)
             if bitmap is None:  # pragma: no cover - the protocol only selects offered contexts

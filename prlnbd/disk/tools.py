@@ -18,8 +18,9 @@ from prlnbd.disk.descriptor import (
 )
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
-from prlnbd.image.check import Finding, check_image
+from prlnbd.image.check import NOTICE_KINDS, Finding, check_image
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
+from prlnbd.image.extension import Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
 
 
@@ -104,8 +105,8 @@ class CheckReport:
     repaired: bool = False
 
     def remaining(self) -> list[Finding]:
-        """Problems not fixed."""
-        return [f for f in self.findings if not f.fixed]
+        """Problems not fixed (notices are not problems)."""
+        return [f for f in self.findings if not f.fixed and f.kind not in NOTICE_KINDS]
 
     @property
     def exit_code(self) -> int:
@@ -155,3 +156,54 @@ def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
     report.findings.extend(check_image(path, repair=repair))
     return report
 
+
+
+def _top_image_path(path: Path) -> Path:
+    """The file of the top image of the disk at PATH."""
+    dpath = descriptor_path(path)
+    if path.is_dir() or path.name.lower().endswith(".xml"):
+        desc = parse_descriptor(dpath)
+        top = desc.images[desc.top_guid]
+        if top.type != "Compressed":
+            raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
+        return top.file
+    return path
+
+
+def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) -> list[dict[str, object]]:
+    """list/add/remove/clear the dirty bitmaps of the top image; return the bitmaps concerned.
+
+    Changes go through a normal writable open and clean close, so they are
+    stored exactly as a served image's bitmaps are.
+    """
+    top = _top_image_path(path)
+    if action == "list":
+        img = ParallelsImage.open(top)
+        try:
+            bms = img.extension.bitmaps if img.extension else []
+            return [{"name": b.name, "granularity": b.granularity, "dirty-bytes": b.dirty_bytes()} for b in bms]
+        finally:
+            img.close()
+    img = ParallelsImage.open(top, writable=True)
+    try:
+        ext = img.extension
+        if action == "add":
+            bm = new_bitmap(img.size, granularity, name)
+            if ext is None:
+                ext = img.extension = Extension(offset=0)
+            if any(b.id == bm.id for b in ext.bitmaps):
+                raise PrlNbdError(f"{top}: bitmap {bm.name} already exists")
+            if feature_space([*ext.bitmaps, bm], kept_features(ext), img.cluster_size) > img.cluster_size:
+                raise PrlNbdError(f"{top}: no room for another bitmap in the {img.cluster_size}-byte extension cluster")
+            ext.bitmaps.append(bm)
+            return [{"name": bm.name}]
+        found = [b for b in (ext.bitmaps if ext else []) if name is not None and b.name == name.lower()]
+        if ext is None or not found:
+            raise PrlNbdError(f"{top}: no dirty bitmap named {name}")
+        if action == "remove":
+            ext.bitmaps.remove(found[0])
+        else:
+            found[0].clear()
+        return [{"name": found[0].name}]
+    finally:
+        img.close()

@@ -11,7 +11,9 @@ from prlnbd.image import format as fmt
 from prlnbd.image.parallels import ParallelsImage
 
 # Problem kinds that are corruption (exit 2); "leak" alone is exit 3.
-CORRUPTION_KINDS = frozenset(("in_use", "data_off", "outside", "duplicate", "header", "extension", "chain", "bitmap"))
+CORRUPTION_KINDS = frozenset(("in_use", "data_off", "outside", "duplicate", "header", "extension", "chain"))
+# Kinds that only inform: they need no repair and do not change the exit code.
+NOTICE_KINDS = frozenset(("bitmap",))
 
 
 @dataclass
@@ -118,6 +120,17 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
             os.fsync(fd)
             f.fixed = True
         out.append(f)
+    if in_use and img.extension is not None:
+        for bm in img.extension.bitmaps:
+            if bm.l1 and all(e == fmt.L1_ALL_SET for e in bm.l1):
+                out.append(
+                    Finding(
+                        name,
+                        "bitmap",
+                        f"dirty bitmap {bm.name} was invalidated by an unclean stop: it reads as all dirty,"
+                        " so the next incremental backup from it copies everything",
+                    )
+                )
     for p in in_use:
         f = Finding(name, "in_use", p.message)
         if repair:

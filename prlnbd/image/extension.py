@@ -248,3 +248,81 @@ def _read_bitmap(path: Path, fd: int, body: bytes, flags: int, cluster_size: int
     if tail:
         bits[-1] &= (1 << tail) - 1
     return DirtyBitmap(id=bytes(ident), granularity=gbytes, disk_size=disk_size, bits=bits, flags=flags, l1=l1)
+
+
+def new_bitmap(disk_size: int, granularity: int, name: str | None = None) -> DirtyBitmap:
+    """A new, all-clean bitmap; NAME must be a UUID (the format stores 16 id bytes)."""
+    if granularity < fmt.SECTOR or granularity & (granularity - 1) or granularity > 0xFFFFFFFF:
+        raise ExtensionError(f"bitmap granularity {granularity} must be a power of two from 512 bytes to 2 GiB")
+    try:
+        ident = uuid.UUID(name).bytes if name else uuid.uuid4().bytes
+    except ValueError:
+        raise ExtensionError(f"bitmap name {name!r} is not a UUID; Parallels names bitmaps by UUID") from None
+    nbits = -(-disk_size // granularity)
+    return DirtyBitmap(id=ident, granularity=granularity, disk_size=disk_size, bits=bytearray(-(-nbits // 8)))
+
+
+def feature_space(bitmaps: list[DirtyBitmap], features: list[Feature], cluster_size: int) -> int:
+    """Bytes the extension cluster needs for these features, its header and the end marker."""
+    total = fmt.EXT_HEADER.size + fmt.FEATURE_HEADER.size
+    for bm in bitmaps:
+        l1 = bitmap_l1_size(bm.disk_size, bm.granularity, cluster_size)
+        total += fmt.FEATURE_HEADER.size + fmt.round_up(fmt.BITMAP_HEADER.size + 8 * l1, 8)
+    for f in features:
+        total += fmt.FEATURE_HEADER.size + fmt.round_up(len(f.data), 8)
+    return total
+
+
+def kept_features(ext: Extension | None) -> list[Feature]:
+    """Unknown features that survive a rewrite: TRANSIT ones, byte for byte (others are dropped, as the spec says)."""
+    return [f for f in ext.features if f.transit] if ext is not None else []
+
+
+def encode_extension(bitmaps: list[tuple[DirtyBitmap, list[int]]], features: list[Feature], cluster_size: int) -> bytes:
+    """The extension cluster holding BITMAPS (each with its L1 table) and FEATURES, with a fresh MD5."""
+    buf = bytearray(cluster_size)
+    pos = fmt.EXT_HEADER.size
+    for bm, l1 in bitmaps:
+        body = fmt.BITMAP_HEADER.pack(bm.disk_size // fmt.SECTOR, bm.id, bm.granularity // fmt.SECTOR, len(l1))
+        body += b"".join(fmt.L1_ENTRY.pack(e) for e in l1)
+        pos = _put_feature(buf, pos, fmt.FEATURE_DIRTY_BITMAP, 0, body)
+    for f in features:
+        pos = _put_feature(buf, pos, f.magic, f.flags, f.data)
+    if pos + fmt.FEATURE_HEADER.size > cluster_size:
+        raise ExtensionError(f"format extension needs more than one {cluster_size}-byte cluster")
+    # The end-of-features marker is all zeros: the buffer already holds it.
+    digest = hashlib.md5(memoryview(buf)[fmt.EXT_CHECKSUM_START :]).digest()
+    fmt.EXT_HEADER.pack_into(buf, 0, fmt.EXT_MAGIC, digest)
+    return bytes(buf)
+
+
+def _put_feature(buf: bytearray, pos: int, magic: int, flags: int, data: bytes) -> int:
+    end = pos + fmt.FEATURE_HEADER.size + fmt.round_up(len(data), 8)
+    if end + fmt.FEATURE_HEADER.size > len(buf):
+        raise ExtensionError(f"format extension needs more than one {len(buf)}-byte cluster")
+    fmt.FEATURE_HEADER.pack_into(buf, pos, magic, flags, len(data), 0)
+    start = pos + fmt.FEATURE_HEADER.size
+    buf[start : start + len(data)] = data
+    return end
+
+
+def bitmap_chunks(bm: DirtyBitmap, cluster_size: int) -> list[tuple[int, bytes | None]]:
+    """Per L1 entry: (0 or 1, None) for a uniform chunk, or (-1, cluster bytes) for one to store."""
+    out: list[tuple[int, bytes | None]] = []
+    full_bytes = len(bm.bits)
+    for start in range(0, full_bytes, cluster_size):
+        chunk = bytes(bm.bits[start : start + cluster_size])
+        if not _NONZERO.search(chunk):
+            out.append((fmt.L1_ALL_CLEAR, None))
+        elif _all_set(bm, start, chunk):
+            out.append((fmt.L1_ALL_SET, None))
+        else:
+            out.append((-1, chunk.ljust(cluster_size, b"\0")))
+    return out
+
+
+def _all_set(bm: DirtyBitmap, start: int, chunk: bytes) -> bool:
+    """Whether every meaningful bit of this chunk is set (bits past the disk end do not count)."""
+    first_bit = start * 8
+    last_bit = min(bm.nbits, first_bit + len(chunk) * 8)
+    return bm._next_bit(first_bit, False) >= last_bit

@@ -14,7 +14,15 @@ from pathlib import Path
 
 from prlnbd.errors import CorruptImage, ExtensionError, ImageBusy, ImageError, InvalidHeader
 from prlnbd.image import format as fmt
-from prlnbd.image.extension import Extension, read_extension
+from prlnbd.image.extension import (
+    DirtyBitmap,
+    Extension,
+    bitmap_chunks,
+    encode_extension,
+    feature_space,
+    kept_features,
+    read_extension,
+)
 
 
 @dataclass
@@ -294,11 +302,6 @@ class ParallelsImage:
         ext = self.extension
         if ext is not None and ext.necessary_unknown:
             raise ExtensionError(f"{p}: the format extension holds an unknown NECESSARY feature; open it read-only")
-        if ext is not None and ext.bitmaps:
-            raise ExtensionError(
-                f"{p}: image carries dirty bitmaps ({', '.join(b.name for b in ext.bitmaps)}) that writes would"
-                " make stale; serve it with --read-only, or drop them with `prlnbd bitmap ... remove`"
-            )
         used_end = self.data_off
         for c in self.allocated:
             used_end = max(used_end, int(self.bat[c]) + self.cluster_size)
@@ -309,7 +312,60 @@ class ParallelsImage:
             data_end=self._align_host(used_end),
             closed_in_use=self.header.in_use,
         )
+        if ext is not None and ext.bitmaps:
+            self._invalidate_bitmaps(ext)
         self._set_in_use(fmt.IN_USE_OPEN)
+
+    def _invalidate_bitmaps(self, ext: Extension) -> None:
+        """Mark every stored bitmap all-dirty on disk while the image is open for writing.
+
+        The true bitmaps live in memory and are stored at a clean stop; if the
+        writer dies, readers find bitmaps that are entirely dirty, never stale.
+        """
+        old = [e * fmt.SECTOR for bm in ext.bitmaps for e in bm.l1 if e > fmt.L1_ALL_SET]
+        invalid = [(bm, [fmt.L1_ALL_SET] * len(bm.l1)) for bm in ext.bitmaps]
+        os.pwrite(self.fd, encode_extension(invalid, kept_features(ext), self.cluster_size), ext.offset)
+        os.fsync(self.fd)
+        for bm, l1 in invalid:
+            bm.l1 = l1
+        # The old bitmap clusters are unreferenced on disk now: reusable at once.
+        self._state().free.extend(old)
+
+    def _store_extension(self) -> None:
+        """Write the in-memory bitmaps and kept features back: data clusters, then the extension cluster."""
+        ext = self.extension
+        if ext is None:
+            return
+        w = self._state()
+        cs = self.cluster_size
+        features = kept_features(ext)
+        if not ext.bitmaps and not features:
+            if self.header.ext_off:
+                w.free.append(ext.offset)
+                self.header.ext_off = 0
+            self.extension = None
+            return
+        if feature_space(ext.bitmaps, features, cs) > cs:
+            raise ExtensionError(f"{self.path}: the bitmaps do not fit in one {cs}-byte extension cluster")
+        pairs: list[tuple[DirtyBitmap, list[int]]] = []
+        for bm in ext.bitmaps:
+            l1: list[int] = []
+            for entry, data in bitmap_chunks(bm, cs):
+                if data is None:
+                    l1.append(entry)
+                    continue
+                host, _ = self.allocate()
+                os.pwrite(self.fd, data, host)
+                l1.append(host // fmt.SECTOR)
+            pairs.append((bm, l1))
+        if not self.header.ext_off:
+            ext.offset, _ = self.allocate()
+        os.fdatasync(self.fd)
+        os.pwrite(self.fd, encode_extension(pairs, features, cs), ext.offset)
+        os.fdatasync(self.fd)
+        self.header.ext_off = ext.offset // fmt.SECTOR
+        for bm, l1 in pairs:
+            bm.l1 = l1
 
     def _align_host(self, pos: int) -> int:
         """The first host offset at or after POS where a cluster may start."""
@@ -434,6 +490,7 @@ class ParallelsImage:
         """Clean stop: BAT durable, free tail cut off, in_use restored to its closed value."""
         w = self._state()
         self.flush()
+        self._store_extension()
         # Freed clusters at the very end are space leaked past the last cluster: cut them off.
         free = set(w.free)
         end = w.data_end
