@@ -49,15 +49,16 @@ MAX_OPTIONS = 1024
 MAX_DISCARD = 4 * MAX_PAYLOAD
 
 # Which flags each command accepts (FUA is valid on every command once SEND_FUA is advertised).
+# Plain ints: ~ on an IntFlag would flip only the named bits and let unknown ones through.
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
+    Cmd.WRITE: int(CmdFlag.FUA),
+    Cmd.DISC: int(CmdFlag.FUA),
+    Cmd.FLUSH: int(CmdFlag.FUA),
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.CACHE: int(CmdFlag.FUA),
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
 }
 _WRITE_COMMANDS = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 _RANGE_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
@@ -229,7 +230,8 @@ class ServerConnection:
             return None
         (flags,) = wire.CLIENT_FLAGS.unpack_from(self._in, self._pos)
         self._pos += wire.CLIENT_FLAGS.size
-        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+        # int(): ~ on an IntFlag flips only the named bits, which would let unknown bits through.
+        known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
         if flags & ~known:
             raise ProtocolError(f"client flags {flags:#x} carry bits the server did not offer")
         self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
@@ -280,6 +282,10 @@ class ServerConnection:
             self._error(opt, Reply.ERR_UNSUP, f"option {opt} is not supported")
         return True
 
+    def _flags(self, exp: ExportInfo) -> int:
+        """EXP's transmission flags as this client may see them: DF only with structured replies."""
+        return exp.flags if self.structured else exp.flags & ~int(TxFlag.SEND_DF)
+
     def _lookup(self, name: str) -> ExportInfo | None:
         exp = self.exports.get(name)
         if exp is None and name == "" and self.default is not None:
@@ -292,7 +298,7 @@ class ServerConnection:
         if exp is None:
             # EXPORT_NAME cannot be answered with an error: the spec says to disconnect.
             raise ProtocolError(f"unknown export {name!r} requested with EXPORT_NAME")
-        self._out.append(wire.EXPORT_NAME_REPLY.pack(exp.size, exp.flags))
+        self._out.append(wire.EXPORT_NAME_REPLY.pack(exp.size, self._flags(exp)))
         if not self.no_zeroes:
             self._out.append(bytes(124))
         return self._start_transmission(exp)
@@ -332,7 +338,7 @@ class ServerConnection:
         if exp is None:
             self._error(opt, Reply.ERR_UNKNOWN, f"no export named {name!r}")
             return True
-        self._option_reply(opt, Reply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, exp.size, exp.flags))
+        self._option_reply(opt, Reply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, exp.size, self._flags(exp)))
         if Info.NAME in requests:
             self._option_reply(opt, Reply.INFO, wire.U16.pack(Info.NAME) + exp.name.encode())
         if Info.DESCRIPTION in requests and exp.description:
