@@ -192,11 +192,12 @@ def parallels_cluster_size(path: Path) -> int:
 
 
 def allocated_extents(image: Path, fmt: str = "parallels") -> list[tuple[int, int]]:
-    """(offset, length) of the guest ranges IMAGE itself maps, from `qemu-img map`."""
+    """(offset, length) of the guest ranges IMAGE itself maps, from `qemu-img map`, merged."""
     import json
 
     out = run("qemu-img", "map", "-f", fmt, "--output=json", image).stdout
-    return [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
+    data = [(e["start"], e["length"], 0) for e in json.loads(out) if e["data"]]
+    return [(o, n) for o, n, _ in merge_extents(data)]
 
 
 def file_digest(path: Path) -> str:
@@ -472,7 +473,7 @@ def random_writes(seed: int, size: int, cluster: int, count: int, base: int) -> 
     rng = random.Random(seed)
     out: list[Write] = []
     for j in range(count):
-        length = rng.randint(1, 2 * cluster + 1000)
+        length = rng.randint(1, cluster // 2 + 1000)
         offset = rng.randrange(0, size - length)
         out.append(((base + j) & 0xFF if j != count // 2 else 0, offset, length))
     return out
