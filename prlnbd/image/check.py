@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from prlnbd.image import format as fmt
 from prlnbd.image.parallels import ParallelsImage
 
 # Problem kinds that are corruption (exit 2); "leak" alone is exit 3.
-CORRUPTION_KINDS = frozenset(("in_use", "data_off", "outside", "duplicate", "header", "extension", "chain"))
+CORRUPTION_KINDS = frozenset(("busy", "in_use", "data_off", "outside", "duplicate", "header", "extension", "chain"))
 # Kinds that only inform: they need no repair and do not change the exit code.
 NOTICE_KINDS = frozenset(("bitmap",))
 
@@ -52,7 +53,15 @@ def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if repair else -1
         try:
-            findings = _check(img, fd, name)
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    # Repairing an image a live server writes to would corrupt it: only report.
+                    os.close(fd)
+                    fd = -1
+                    findings.append(Finding(name, "busy", "image is open for writing by a running prlnbd: not repaired"))
+            findings += _check(img, fd, name)
         finally:
             if fd >= 0:
                 os.close(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import os
 import struct
 import sys
@@ -283,10 +284,16 @@ class ParallelsImage:
     def _start_writing(self) -> None:
         """Check the image may be changed, then mark it in use on disk before any write."""
         p = self.path
+        try:
+            # Only one writer at a time; the lock is dropped with the file descriptor.
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImageBusy(f"{p}: image is open for writing by another process") from None
         if self.in_use:
             raise ImageBusy(
-                f"{p}: image is marked in use (in_use flag set): it is open elsewhere or was not closed"
-                f" cleanly; run `prlnbd check --repair {p}` (or open it read-only)"
+                f"{p}: image is marked in use (in_use flag set) but no prlnbd holds it: it was not closed"
+                f" cleanly, or another program has it open; if none has, run `prlnbd check --repair {p}`"
+                " (or open it read-only)"
             )
         bad = [pr for pr in self.problems if pr.kind in ("outside", "duplicate")]
         if bad:
