@@ -60,7 +60,8 @@ def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
                     # Repairing an image a live server writes to would corrupt it: only report.
                     os.close(fd)
                     fd = -1
-                    findings.append(Finding(name, "busy", "image is open for writing by a running prlnbd: not repaired"))
+                    msg = "image is open for writing by a running prlnbd: not repaired"
+                    findings.append(Finding(name, "busy", msg))
             findings += _check(img, fd, name)
         finally:
             if fd >= 0:
