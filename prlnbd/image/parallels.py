@@ -404,10 +404,12 @@ class ParallelsImage:
             return w.free.pop(), False
         host = w.data_end
         fresh = host >= self.file_size
-        w.data_end = host + self.cluster_size
-        if w.data_end > self.file_size:
-            os.ftruncate(self.fd, w.data_end)
-            self.file_size = w.data_end
+        end = host + self.cluster_size
+        if end > self.file_size:
+            # Grow the file first: if that fails, nothing has been reserved.
+            os.ftruncate(self.fd, end)
+            self.file_size = end
+        w.data_end = end
         return host, fresh
 
     def unallocate(self, host: int) -> None:
