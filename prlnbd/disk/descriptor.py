@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,10 @@ def _int(path: Path, parent: etree._Element, tag: str, where: str, *, optional: 
     if el is None and optional is not None:
         return optional
     text = _text(path, parent, tag, where)
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise DescriptorError(f"{path}: {where}/{tag} is {text!r}, not a whole number") from None
-    if value < 0:
-        raise DescriptorError(f"{path}: {where}/{tag} is {value}, must not be negative")
-    return value
+    # Only plain ASCII digits: int() alone would take "2_048", "+5" or other scripts' digits.
+    if not re.fullmatch(r"[0-9]+", text):
+        raise DescriptorError(f"{path}: {where}/{tag} is {text!r}, not a whole number")
+    return int(text)
 
 
 def descriptor_path(path: Path) -> Path:

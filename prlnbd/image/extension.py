@@ -159,7 +159,7 @@ class Extension:
         return out
 
 
-def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_size: int) -> Extension:
+def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_size: int, data_off: int) -> Extension:
     """Read and validate the format extension cluster at byte OFFSET of the image."""
     data = os.pread(fd, cluster_size, offset)
     if len(data) < cluster_size:
@@ -192,12 +192,14 @@ def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_siz
         body = data[pos : pos + size]
         pos += padded
         if fmagic == fmt.FEATURE_DIRTY_BITMAP:
-            ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size))
+            ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size, data_off))
         else:
             ext.features.append(Feature(fmagic, flags, bytes(body)))
 
 
-def _read_bitmap(path: Path, fd: int, body: bytes, flags: int, cluster_size: int, disk_size: int) -> DirtyBitmap:
+def _read_bitmap(
+    path: Path, fd: int, body: bytes, flags: int, cluster_size: int, disk_size: int, data_off: int
+) -> DirtyBitmap:
     """Decode one dirty bitmap feature and load its bits."""
     if len(body) < fmt.BITMAP_HEADER.size:
         raise ExtensionError(
@@ -235,6 +237,10 @@ def _read_bitmap(path: Path, fd: int, body: bytes, flags: int, cluster_size: int
             bits[start : start + count] = b"\xff" * count
             continue
         host = entry * fmt.SECTOR
+        if host < data_off:
+            raise ExtensionError(
+                f"{where}: L1 entry {i} points at byte {host}, inside the header and BAT (data_off {data_off})"
+            )
         if host + cluster_size > file_size:
             raise ExtensionError(
                 f"{where}: L1 entry {i} points at byte {host}, past the end of the {file_size}-byte file"

@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import fcntl
 import os
+import stat
 import struct
 import sys
 from array import array
@@ -111,10 +112,15 @@ class ParallelsImage:
         except OSError as e:
             raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
         try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise ImageError(f"{p}: is a directory, not an image file")
             img = cls._load(p, fd, writable)
             if writable:
                 img._start_writing()
             return img
+        except OSError as e:
+            os.close(fd)
+            raise ImageError(f"{p}: cannot read image: {e.strerror}") from e
         except BaseException:
             os.close(fd)
             raise
@@ -200,6 +206,14 @@ class ParallelsImage:
                 )
             bat[idx] = host
             allocated.append(idx)
+        # Clusters that overlap without sharing a start (v1 entries off the cluster grid) are
+        # as corrupt as duplicates: writing one changes the other.
+        by_host = sorted((int(bat[c]), c) for c in allocated)
+        for (h1, c1), (h2, c2) in zip(by_host, by_host[1:], strict=False):
+            if h1 != h2 and h2 < h1 + cluster_size:
+                problems.append(
+                    Problem("duplicate", f"BAT entries {c1} and {c2} overlap (bytes {h1} and {h2})", c2)
+                )
         img = cls(
             path=p,
             fd=fd,
@@ -219,7 +233,16 @@ class ParallelsImage:
                     f"{p}: ext_off {h.ext_off} (byte {ext_at}) is outside the data area"
                     f" [{data_off}, {file_size})"
                 )
-            img.extension = read_extension(p, fd, ext_at, cluster_size, img.size)
+            img.extension = read_extension(p, fd, ext_at, cluster_size, img.size, data_off)
+            # The extension's clusters must not be guest data: a write there would destroy them.
+            owned = sorted(img.extension.clusters())
+            for host, c in by_host:
+                for ext_host in owned:
+                    if host < ext_host + cluster_size and ext_host < host + cluster_size:
+                        raise CorruptImage(
+                            f"{p}: BAT entry {c} (byte {host}) overlaps the format extension's cluster at"
+                            f" byte {ext_host}"
+                        )
         return img
 
     def close(self) -> None:
