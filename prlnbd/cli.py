@@ -385,8 +385,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     """prlnbd snapshot: freeze the top and add a new one."""
     from prlnbd.disk.tools import snapshot_disk
 
-    guid = snapshot_disk(Path(args.path))
-    print(f"new top snapshot {guid}")
+    frozen, top = snapshot_disk(Path(args.path))
+    print(f"snapshot {frozen}")
+    print(f"new top {top}")
     return 0
 
 

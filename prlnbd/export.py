@@ -99,7 +99,9 @@ class Export:
             self.disk.write(offset, data)
         except OSError as e:
             raise _write_error("WRITE", len(data), offset, e) from e
-        self._touched(offset, len(data))
+        finally:
+            # Even a write that failed part-way may have changed some clusters: mark the whole range.
+            self._touched(offset, len(data))
 
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool = False, fast: bool = False) -> None:
         """WRITE_ZEROES or TRIM over the range."""
@@ -109,6 +111,7 @@ class Export:
         except NotImplementedError as e:
             raise RequestError(Errno.ENOTSUP, f"FAST_ZERO: {e}") from e
         except OSError as e:
+            self._touched(offset, length)
             raise _write_error(name, length, offset, e) from e
         self._touched(offset, length)
 

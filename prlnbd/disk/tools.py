@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lxml import etree
@@ -20,7 +20,7 @@ from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
 from prlnbd.image.check import NOTICE_KINDS, Finding, check_image
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
-from prlnbd.image.extension import Extension, feature_space, kept_features, new_bitmap
+from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
 
 
@@ -43,12 +43,14 @@ def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE)
     return image
 
 
-def snapshot_disk(path: Path) -> str:
-    """Freeze the current top of the bundle at PATH and add a new empty top image; return its GUID.
+def snapshot_disk(path: Path) -> tuple[str, str]:
+    """Freeze the current top of the bundle at PATH and add a new empty top image.
 
-    The new image is written and synced before DiskDescriptor.xml is
-    replaced atomically, so a crash leaves either the old or the new chain.
-    Elements of the descriptor prlnbd does not know are kept as they are.
+    Returns (the frozen snapshot's GUID, the new top's GUID). The new image
+    is written and synced before DiskDescriptor.xml is replaced atomically,
+    so a crash leaves either the old or the new chain. Elements of the
+    descriptor prlnbd does not know are kept as they are. Dirty bitmaps of
+    the old top are copied to the new one, so they go on tracking changes.
     """
     dpath = descriptor_path(path)
     if not dpath.exists():
@@ -56,17 +58,25 @@ def snapshot_disk(path: Path) -> str:
     desc = parse_descriptor(dpath)
     top = desc.images[desc.top_guid]
     cluster_size = desc.blocksize * fmt.SECTOR
+    bitmaps: list[DirtyBitmap] = []
     if top.type == "Compressed":
         img = ParallelsImage.open(top.file)
         try:
             if img.in_use:
                 raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
             cluster_size = img.cluster_size
+            bitmaps = list(img.extension.bitmaps) if img.extension else []
         finally:
             img.close()
     guid = new_guid()
     image = dpath.parent / f"{dpath.parent.name}.{len(desc.images)}.{guid}.hds"
     write_image(image, desc.size, cluster_size=cluster_size)
+    if bitmaps:
+        new_top = ParallelsImage.open(image, writable=True)
+        try:
+            new_top.extension = Extension(offset=0, bitmaps=[replace(b, bits=bytearray(b.bits)) for b in bitmaps])
+        finally:
+            new_top.close()
     root = desc.tree.getroot()
     storage = root.find("StorageData/Storage")
     snaps = root.find("Snapshots")
@@ -93,7 +103,7 @@ def snapshot_disk(path: Path) -> str:
     top_el.text = guid
     etree.indent(desc.tree, space="  ")
     save_descriptor(desc.tree, dpath)
-    return guid
+    return desc.top_guid, guid
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import itertools
 import os
 import stat
 import struct
@@ -209,7 +210,7 @@ class ParallelsImage:
         # Clusters that overlap without sharing a start (v1 entries off the cluster grid) are
         # as corrupt as duplicates: writing one changes the other.
         by_host = sorted((int(bat[c]), c) for c in allocated)
-        for (h1, c1), (h2, c2) in zip(by_host, by_host[1:], strict=False):
+        for (h1, c1), (h2, c2) in itertools.pairwise(by_host):
             if h1 != h2 and h2 < h1 + cluster_size:
                 problems.append(
                     Problem("duplicate", f"BAT entries {c1} and {c2} overlap (bytes {h1} and {h2})", c2)

@@ -48,6 +48,14 @@ MAX_OPTIONS = 1024
 # client is broken or hostile and is disconnected.
 MAX_DISCARD = 4 * MAX_PAYLOAD
 
+# Bytes from the peer land in one receive buffer and are parsed in place. It must hold the
+# largest option plus a partial next message; WRITE payloads up to RING_PAYLOAD are taken
+# from it as views, larger ones are received straight into a buffer of their own.
+RECV_BUFFER = 256 * 1024
+RING_PAYLOAD = 64 * 1024
+# get_buffer() offers at least this much room, so a ring payload or an option always fits.
+_MIN_ROOM = max(RING_PAYLOAD, MAX_OPTION_LENGTH) + 64
+
 # Which flags each command accepts (FUA is valid on every command once SEND_FUA is advertised).
 # Plain ints: ~ on an IntFlag would flip only the named bits and let unknown ones through.
 _ALLOWED_FLAGS: dict[int, int] = {
@@ -61,6 +69,12 @@ _ALLOWED_FLAGS: dict[int, int] = {
     Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
 }
 _WRITE_COMMANDS = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+_CMDS: dict[int, Cmd] = {int(c): c for c in Cmd}
+# Plain ints for the per-request fast path (IntEnum arithmetic and lookups cost more).
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
+_FUA = int(CmdFlag.FUA)
+_DONE_DATA = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.OFFSET_DATA))
 _RANGE_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
 
 
@@ -105,7 +119,7 @@ class ExportSelected:
     export: ExportInfo
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """A valid transmission request the server must answer (payload only for WRITE)."""
 
@@ -157,9 +171,21 @@ class ServerConnection:
         self.contexts: dict[int, str] = {}
         self._contexts_export: str | None = None
         self._context_ids: dict[str, int] = {}
-        self._in = bytearray()
+        # The receive buffer: bytes in [_pos, _end) are received and not yet parsed. _shared
+        # says WRITE payloads were handed out as views of it: it is then never overwritten,
+        # a fresh one replaces it once it is used up.
+        self._in = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._in)
         self._pos = 0
+        self._end = 0
+        self._shared = False
         self._discard = 0
+        # A WRITE whose payload is being received into its own buffer: the header fields,
+        # the buffer, and how much of it has arrived.
+        self._write: tuple[int, int, int, int] | None = None
+        self._payload = bytearray()
+        self._payload_view = memoryview(self._payload)
+        self._payload_got = 0
         self._out: list[bytes | bytearray | memoryview] = [
             wire.GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         ]
@@ -182,14 +208,51 @@ class ServerConnection:
         """
         if self.state is State.CLOSED:
             return []
-        if self._discard:
-            skip = min(self._discard, len(data))
-            self._discard -= skip
-            data = memoryview(data)[skip:]
-        self._in += data
         events: list[Event] = []
+        src = memoryview(data).cast("B")
+        pos = 0
+        total = len(src)
+        while True:
+            ev = self.next_event()
+            while ev is not None:
+                events.append(ev)
+                ev = self.next_event()
+            if pos >= total or self.state is State.CLOSED:
+                return events
+            buf = self.get_buffer(total - pos)
+            n = min(len(buf), total - pos)
+            buf[:n] = src[pos : pos + n]
+            self.buffer_updated(n)
+            pos += n
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes from the peer go (asyncio.BufferedProtocol.get_buffer)."""
+        if self._write is not None:
+            return self._payload_view[self._payload_got :]
+        if len(self._in) - self._end < _MIN_ROOM or (self._pos == self._end and not self._shared):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Note that NBYTES were written into the last get_buffer(); then call next_event()."""
+        if self._write is not None:
+            self._payload_got += nbytes
+        else:
+            self._end += nbytes
+
+    def next_event(self) -> Event | None:
+        """The next event the bytes received so far complete, or None until more arrive.
+
+        Raises ProtocolError when the peer broke the protocol, as receive_data().
+        """
         try:
-            while self._running():
+            while self.state is not State.CLOSED:
+                if self._discard:
+                    skip = min(self._discard, self._end - self._pos)
+                    self._pos += skip
+                    self._discard -= skip
+                    if self._discard:
+                        return None
                 ev: Event | bool | None
                 if self.state is State.TRANSMISSION:
                     ev = self._next_request()
@@ -198,30 +261,32 @@ class ServerConnection:
                 else:
                     ev = self._client_flags()
                 if ev is None:
-                    break
-                if not isinstance(ev, bool):
-                    events.append(ev)
+                    return None
+                if ev is not True and ev is not False:
+                    return ev
         except ProtocolError:
             self.state = State.CLOSED
             raise
-        finally:
-            self._compact()
-        return events
-
-    def _running(self) -> bool:
-        return self.state is not State.CLOSED and not self._discard
+        return None
 
     def _compact(self) -> None:
-        if self._pos:
-            del self._in[: self._pos]
-            self._pos = 0
-        if self._discard and self._in:
-            skip = min(self._discard, len(self._in))
-            del self._in[:skip]
-            self._discard -= skip
+        """Move the unparsed bytes to the front, into a fresh buffer if views of the old one are out."""
+        n = self._end - self._pos
+        if self._shared:
+            new = bytearray(RECV_BUFFER)
+            new[:n] = self._view[self._pos : self._end]
+            self._in = new
+            self._view = memoryview(new)
+            self._shared = False
+        elif n:
+            # memmove semantics are not promised for overlapping slices: copy through bytes then.
+            chunk = self._view[self._pos : self._end]
+            self._in[:n] = chunk if self._pos >= n else bytes(chunk)
+        self._pos = 0
+        self._end = n
 
     def _available(self) -> int:
-        return len(self._in) - self._pos
+        return self._end - self._pos
 
     # ---- handshake
 
@@ -390,28 +455,67 @@ class ServerConnection:
     # ---- transmission
 
     def _next_request(self) -> Event | bool | None:
-        if self._available() < wire.REQUEST.size:
+        if self._write is not None:
+            return self._finish_write()
+        pos = self._pos
+        if self._end - pos < 28:  # wire.REQUEST.size
             return None
-        magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(self._in, self._pos)
+        magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(self._in, pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"request magic is {magic:#x}, expected {REQUEST_MAGIC:#x}")
         payload: memoryview | None = None
-        if cmd == Cmd.WRITE:
+        start = pos + 28
+        exp = self.export
+        if cmd == _READ:
+            self._pos = start
+            # The common case, checked inline: what _check_request() would let through.
+            if not flags and exp is not None and offset + length <= exp.size and length <= MAX_PAYLOAD:
+                return Request(Cmd.READ, flags, cookie, offset, length)
+        elif cmd == _WRITE:
             if length > MAX_PAYLOAD:
                 if length > MAX_DISCARD:
                     raise ProtocolError(f"WRITE of {length} bytes is far beyond the {MAX_PAYLOAD}-byte maximum")
-                self._pos += wire.REQUEST.size
+                self._pos = start
                 self._discard = length
                 self.send_error(cookie, Errno.EINVAL, f"WRITE of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
                 return True
-            if self._available() < wire.REQUEST.size + length:
+            have = self._end - start
+            if have < length:
+                if length <= RING_PAYLOAD:
+                    return None  # get_buffer() keeps room for it
+                # Receive the rest of the payload straight into a buffer of its own.
+                self._payload = bytearray(length)
+                self._payload_view = memoryview(self._payload)
+                self._payload_view[:have] = self._view[start : self._end]
+                self._payload_got = have
+                self._write = (flags, cookie, offset, length)
+                self._pos = self._end
                 return None
-            start = self._pos + wire.REQUEST.size
-            with memoryview(self._in) as whole:
-                payload = memoryview(bytes(whole[start : start + length]))
+            payload = self._view[start : start + length]
+            self._shared = True
             self._pos = start + length
+            if not flags & ~_FUA and exp is not None and not exp.read_only and offset + length <= exp.size:
+                return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
         else:
-            self._pos += wire.REQUEST.size
+            self._pos = start
+        return self._checked(cmd, flags, cookie, offset, length, payload)
+
+    def _finish_write(self) -> Event | bool | None:
+        """The WRITE whose payload is received into its own buffer, once all of it is in."""
+        if self._write is None or self._payload_got < len(self._payload):
+            return None
+        flags, cookie, offset, length = self._write
+        payload = self._payload_view
+        self._write = None
+        self._payload = bytearray()
+        self._payload_view = memoryview(self._payload)
+        self._payload_got = 0
+        return self._checked(_WRITE, flags, cookie, offset, length, payload)
+
+    def _checked(
+        self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload: memoryview | None
+    ) -> Event | bool:
+        """The event for a request whose bytes are all in: answered here if it is invalid."""
         if cmd == Cmd.DISC:
             self.state = State.CLOSED
             return Disconnect()
@@ -420,7 +524,7 @@ class ServerConnection:
             errno, message = problem
             self.send_error(cookie, errno, message)
             return True
-        return Request(Cmd(cmd), flags, cookie, offset, length, payload)
+        return Request(_CMDS[cmd], flags, cookie, offset, length, payload)
 
     def _check_request(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
         exp = self.export
