@@ -19,9 +19,25 @@ from prlnbd.nbd.constants import Cmd, CmdFlag, Errno
 log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Replies queued beyond this are written out before more requests are taken, so that
+# pause_writing() can stop a client that does not read its replies.
+FLUSH_BYTES = 1 << 20
+# The transport's write buffer limits: deep enough to keep a queue of large READ replies
+# streaming, shallow enough to bound what a client that does not read can make us hold.
+WRITE_HIGH_WATER = 8 << 20
+WRITE_LOW_WATER = 2 << 20
+UNIX_SNDBUF = 4 << 20
+# READs at least this large whose bytes are one run in one file are sent with sendfile:
+# the kernel passes page cache pages to the socket without copying them through us.
+SENDFILE_MIN = 64 * 1024
+
+_READ = Cmd.READ
+_WRITE = Cmd.WRITE
+_DF = int(CmdFlag.DF)
+_FUA = int(CmdFlag.FUA)
 
 
-class NbdProtocol(asyncio.Protocol):
+class NbdProtocol(asyncio.BufferedProtocol):
     """One client connection: feeds bytes to the protocol core and acts on its events."""
 
     def __init__(self, server: NbdServer) -> None:
@@ -37,6 +53,8 @@ class NbdProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._paused = False
+        self._queued = 0  # reply bytes built since the last flush
+        self._sock = -1  # the socket's descriptor, for sendfile
         self.inflight: set[asyncio.Task[None]] = set()
 
     # ---- asyncio callbacks
@@ -44,6 +62,16 @@ class NbdProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Send the greeting and arm the handshake timer."""
         self.transport = cast(asyncio.Transport, transport)
+        with contextlib.suppress(Exception):
+            self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+            self._sock = sock.fileno()
+            if sock.family == socket.AF_UNIX:
+                # The default (~200 KiB) splits every large READ reply over several wakeups;
+                # the kernel caps this at net.core.wmem_max. TCP tunes its own buffer.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         peer = self.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix socket")
         self.server.connections.add(self)
@@ -51,26 +79,41 @@ class NbdProtocol(asyncio.Protocol):
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
         log.debug("%s: connected", self.peer)
         self._flush()
+        if self.server.stopping:
+            self.shutdown()
 
-    def data_received(self, data: bytes) -> None:
-        """Run the protocol on new bytes and answer what they complete."""
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Hand the transport the protocol core's receive buffer: no copy of what arrives."""
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Take the requests the new bytes complete and answer them."""
+        self.conn.buffer_updated(nbytes)
+        self._process()
+
+    def _process(self) -> None:
+        """Act on events until the input runs dry or the client stops reading replies."""
+        conn = self.conn
+        request = self._request
         try:
-            events = self.conn.receive_data(data)
+            while not self._paused and not self._closing:
+                ev = conn.next_event()
+                if ev is None:
+                    break
+                if type(ev) is Request:
+                    request(ev)
+                elif isinstance(ev, ExportSelected):
+                    self._selected(ev)
+                elif isinstance(ev, Disconnect):
+                    self.reason = "client disconnected"
+                    self._flush()
+                    self._close()
+                    return
         except ProtocolError as e:
             self.reason = f"protocol error: {e}"
             self._flush()
             self._close()
             return
-        for ev in events:
-            if isinstance(ev, Request):
-                self._request(ev)
-            elif isinstance(ev, ExportSelected):
-                self._selected(ev)
-            elif isinstance(ev, Disconnect):
-                self.reason = "client disconnected"
-                self._flush()
-                self._close()
-                return
         self._flush()
 
     def eof_received(self) -> bool | None:
@@ -102,11 +145,13 @@ class NbdProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        """The client caught up: read requests again."""
+        """The client caught up: answer the requests already received, then read more."""
         if self.transport is not None and self._paused:
             self._paused = False
             if not self._closing:
-                self.transport.resume_reading()
+                self._process()
+                if not self._paused and not self._closing:
+                    self.transport.resume_reading()
 
     # ---- protocol events
 
@@ -123,12 +168,29 @@ class NbdProtocol(asyncio.Protocol):
             return
         self.requests += 1
         conn = self.conn
+        cmd = req.cmd
         try:
-            cmd = req.cmd
-            if cmd == Cmd.READ:
-                buf, holes = export.read(req.offset, req.length)
-                self.bytes_read += req.length
-                conn.send_read(req.cookie, req.offset, buf, holes, df=bool(req.flags & CmdFlag.DF))
+            if cmd is _READ:
+                offset = req.offset
+                length = req.length
+                if length >= SENDFILE_MIN and self._sock >= 0:
+                    where = export.disk.locate(offset, length)
+                    if where is not None and self._sendfile(req, export, *where):
+                        self.bytes_read += length
+                        return
+                buf, holes = export.read(offset, length)
+                self.bytes_read += length
+                conn.send_read(req.cookie, offset, buf, holes, df=req.flags & _DF != 0)
+                self._queued += length
+                if self._queued >= FLUSH_BYTES:
+                    self._flush()
+            elif cmd is _WRITE:
+                # Writes are applied here, in order; only their durability (FUA) waits.
+                export.write(req.offset, req.payload if req.payload is not None else memoryview(b""))
+                if req.flags & _FUA:
+                    self._spawn(req, self._flush_then_reply(req))
+                else:
+                    conn.send_ok(req.cookie)
             elif cmd == Cmd.BLOCK_STATUS:
                 req_one = bool(req.flags & CmdFlag.REQ_ONE)
                 replies = [
@@ -142,17 +204,13 @@ class NbdProtocol(asyncio.Protocol):
             elif cmd == Cmd.FLUSH:
                 self._spawn(req, self._flush_then_reply(req))
             else:
-                # Writes are applied here, in order; only their durability (FUA) waits.
-                if cmd == Cmd.WRITE:
-                    export.write(req.offset, req.payload if req.payload is not None else memoryview(b""))
-                else:
-                    export.zero(
-                        req.offset,
-                        req.length,
-                        trim=cmd == Cmd.TRIM,
-                        no_hole=bool(req.flags & CmdFlag.NO_HOLE),
-                        fast=bool(req.flags & CmdFlag.FAST_ZERO),
-                    )
+                export.zero(
+                    req.offset,
+                    req.length,
+                    trim=cmd == Cmd.TRIM,
+                    no_hole=bool(req.flags & CmdFlag.NO_HOLE),
+                    fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                )
                 if req.flags & CmdFlag.FUA:
                     self._spawn(req, self._flush_then_reply(req))
                 else:
@@ -162,6 +220,44 @@ class NbdProtocol(asyncio.Protocol):
         except OSError as e:
             log.warning("%s: %s failed: %s", self.peer, req.cmd.name, e)
             conn.send_error(req.cookie, Errno.EIO, f"{req.cmd.name} failed: {e.strerror}")
+
+    def _sendfile(self, req: Request, export: Export, fd: int, host: int) -> bool:
+        """Send a READ reply whose data is LENGTH bytes of FD at HOST, the data by sendfile.
+
+        Only while the transport has nothing queued, so nothing can come between
+        the header and the data; whatever the socket does not take at once is read
+        and queued on the transport. False: nothing was sent, reply the usual way.
+        """
+        self._flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        sock = self._sock
+        length = req.length
+        header = self.conn.read_header(req.cookie, req.offset, length)
+        try:
+            n = os.write(sock, header)
+        except OSError:
+            return False  # socket full, or broken: the transport finds out which
+        sent = 0
+        if n < len(header):
+            transport.write(header[n:])
+        else:
+            with contextlib.suppress(OSError):
+                sent = os.sendfile(sock, fd, host, length)
+        if sent < length:
+            # The socket is full (or the file ends early, or sendfile failed): the rest the usual way.
+            try:
+                buf, _ = export.read(req.offset + sent, length - sent)
+            except RequestError as e:
+                # The header promised the data: no error reply can follow it any more.
+                self.reason = f"READ failed after its reply began: {e}"
+                log.warning("%s: %s", self.peer, self.reason)
+                self._closing = True
+                transport.abort()
+                return True
+            transport.write(buf)
+        return True
 
     def _spawn(self, req: Request, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request that must wait (a flush) while others go on; its reply comes out of order."""
@@ -191,6 +287,7 @@ class NbdProtocol(asyncio.Protocol):
     # ---- helpers
 
     def _flush(self) -> None:
+        self._queued = 0
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
@@ -233,13 +330,18 @@ class NbdServer:
         self.default = next(iter(self.exports)) if len(self.exports) == 1 else None
         self.handshake_timeout = handshake_timeout
         self.connections: set[NbdProtocol] = set()
+        self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
     def _factory(self) -> NbdProtocol:
+        # Counted from here, not from connection_made(): another connection closing in
+        # between must not make the server look idle to stop().
+        proto = NbdProtocol(self)
+        self.connections.add(proto)
         self._idle.clear()
-        return NbdProtocol(self)
+        return proto
 
     def connection_closed(self) -> None:
         """Note that a connection ended."""
@@ -279,6 +381,7 @@ class NbdServer:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop listening, let in-flight requests finish, close every connection and export."""
+        self.stopping = True
         for srv in self._servers:
             srv.close()
         for conn in list(self.connections):

@@ -118,12 +118,86 @@ class Disk:
             else:
                 yield Run(seg.offset, seg.length, index + 1, layer, seg.host, seg.zero)
 
-    def read(self, offset: int, length: int) -> tuple[bytearray, list[Run]]:
-        """Read guest bytes into a new buffer; also return the runs, for sparse replies."""
+    def read(self, offset: int, length: int) -> tuple[bytes | bytearray, list[Run]]:
+        """Read guest bytes into a new buffer; also return the runs (as map() gives them), for sparse replies."""
+        top = self.layers[0]
+        if type(top) is ParallelsImage and length > 0:
+            # The commonest read of all, inline: one cluster of the top layer.
+            cs = top.cluster_size
+            c = offset // cs
+            bat = top.bat
+            if c == (offset + length - 1) // cs and c < len(bat) and bat[c]:
+                host = bat[c] + offset - c * cs
+                data = os.pread(top.fd, length, host)
+                if len(data) == length:
+                    return data, [Run(offset, length, 1, top, host, False)]
+        one = self._read_one_run(offset, length)
+        if one is not None:
+            return one
         buf = bytearray(length)
         runs = list(self.map(offset, length))
         _fill(memoryview(buf), offset, runs)
         return buf, runs
+
+    def _read_one_run(self, offset: int, length: int) -> tuple[bytes, list[Run]] | None:
+        """The common read, done without the general machinery: the range is one data run.
+
+        os.pread returns a new bytes object, so no buffer is zero-filled first. None
+        sends the read down the general path (holes, several runs, or bytes past the
+        end of the file, which read as zeros).
+        """
+        found = self._one_run(offset, length)
+        if found is None:
+            return None
+        layer, depth, host = found
+        data = os.pread(layer.fd, length, host)
+        if len(data) != length:
+            return None
+        return data, [Run(offset, length, depth, layer, host, False)]
+
+    def locate(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(file descriptor, host offset) when the range is one run of data in one file, else None.
+
+        For sending the bytes without reading them first (sendfile). Past the end
+        of the file they read as zeros, which the caller learns from a short send.
+        """
+        found = self._one_run(offset, length)
+        if found is None:
+            return None
+        layer, _, host = found
+        return layer.fd, host
+
+    def _one_run(self, offset: int, length: int) -> tuple[Layer, int, int] | None:
+        """(layer, depth, host offset) when the range is one data run, as map() would find it.
+
+        That is: inside one cluster of the first Parallels layer holding it, or in
+        contiguous clusters of the top layer. None otherwise (or for a raw layer).
+        """
+        if length <= 0:
+            return None
+        end = offset + length
+        depth = 0
+        for layer in self.layers:
+            depth += 1
+            if type(layer) is not ParallelsImage:
+                return None
+            cs = layer.cluster_size
+            bat = layer.bat
+            c = offset // cs
+            last = (end - 1) // cs
+            base = bat[c] if c < len(bat) else 0
+            if not base:
+                if last != c:
+                    return None
+                continue  # this layer does not hold the cluster: its parent shows through
+            if last != c:
+                if depth != 1 or last >= len(bat):
+                    return None
+                for k in range(c + 1, last + 1):
+                    if bat[k] != base + (k - c) * cs:
+                        return None
+            return layer, depth, base + offset - c * cs
+        return None
 
     # ---- writing: only the top layer changes
 
@@ -134,6 +208,18 @@ class Disk:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write DATA at OFFSET into the top layer, copying on write from the layers below."""
         top = self.layers[0]
+        if type(top) is ParallelsImage:
+            # The commonest write, inline: inside one cluster the top layer already holds.
+            cs = top.cluster_size
+            c = offset // cs
+            bat = top.bat
+            n = len(data)
+            if n and c == (offset + n - 1) // cs and c < len(bat) and bat[c]:
+                host = bat[c] + offset - c * cs
+                done = os.pwrite(top.fd, data, host)
+                if done < n:
+                    _pwrite_all(top.fd, memoryview(data)[done:], host + done)
+                return
         view = memoryview(data)
         if isinstance(top, RawImage):
             _pwrite_all(top.fd, view, offset)
@@ -162,6 +248,10 @@ class Disk:
         try:
             if fresh and not below:
                 # The new cluster reads as zeros already: write only the request's bytes.
+                if len(piece) < cs:
+                    # Reserve the whole cluster now: later small writes into it then find one
+                    # extent instead of building the file system's map up block by block.
+                    os.posix_fallocate(top.fd, new_host, cs)
                 _pwrite_all(top.fd, piece, new_host + within)
             else:
                 buf = bytearray(cs)

@@ -70,6 +70,9 @@ _ALLOWED_FLAGS: dict[int, int] = {
 }
 _WRITE_COMMANDS = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 _CMDS: dict[int, Cmd] = {int(c): c for c in Cmd}
+_CMD_READ = Cmd.READ
+_CMD_WRITE = Cmd.WRITE
+_unpack_request = wire.REQUEST.unpack_from
 # Plain ints for the per-request fast path (IntEnum arithmetic and lookups cost more).
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
@@ -156,6 +159,9 @@ class _Query:
     queries: list[str] = field(default_factory=list)
 
 
+_TRANSMISSION = State.TRANSMISSION
+
+
 class ServerConnection:
     """One NBD connection's protocol state, from greeting to disconnect."""
 
@@ -180,6 +186,8 @@ class ServerConnection:
         self._end = 0
         self._shared = False
         self._discard = 0
+        self._size = -1  # the export's size and read-only flag, once transmission starts
+        self._read_only = True
         # A WRITE whose payload is being received into its own buffer: the header fields,
         # the buffer, and how much of it has arrived.
         self._write: tuple[int, int, int, int] | None = None
@@ -217,7 +225,7 @@ class ServerConnection:
             while ev is not None:
                 events.append(ev)
                 ev = self.next_event()
-            if pos >= total or self.state is State.CLOSED:
+            if pos >= total or self._closed():
                 return events
             buf = self.get_buffer(total - pos)
             n = min(len(buf), total - pos)
@@ -225,9 +233,13 @@ class ServerConnection:
             self.buffer_updated(n)
             pos += n
 
+    def _closed(self) -> bool:
+        # A method, not an inline test: the state changes under mypy's narrowing above.
+        return self.state is State.CLOSED
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next bytes from the peer go (asyncio.BufferedProtocol.get_buffer)."""
-        if self._write is not None:
+        if self._write is not None and self._payload_got < len(self._payload):
             return self._payload_view[self._payload_got :]
         if len(self._in) - self._end < _MIN_ROOM or (self._pos == self._end and not self._shared):
             self._compact()
@@ -235,7 +247,7 @@ class ServerConnection:
 
     def buffer_updated(self, nbytes: int) -> None:
         """Note that NBYTES were written into the last get_buffer(); then call next_event()."""
-        if self._write is not None:
+        if self._write is not None and self._payload_got < len(self._payload):
             self._payload_got += nbytes
         else:
             self._end += nbytes
@@ -245,6 +257,23 @@ class ServerConnection:
 
         Raises ProtocolError when the peer broke the protocol, as receive_data().
         """
+        pos = self._pos
+        if self._end - pos >= 28 and self.state is _TRANSMISSION and not self._discard and self._write is None:
+            magic, flags, cmd, cookie, offset, length = _unpack_request(self._in, pos)
+            if magic == REQUEST_MAGIC and offset + length <= self._size:
+                # The common cases first, checked inline: what _check_request() lets through.
+                if cmd == _READ and not flags and length <= MAX_PAYLOAD:
+                    self._pos = pos + 28
+                    return Request(_CMD_READ, 0, cookie, offset, length)
+                start = pos + 28
+                if cmd == _WRITE and not flags & ~_FUA and not self._read_only and length <= self._end - start:
+                    # The payload is all in the receive buffer: hand it out as a view.
+                    self._pos = start + length
+                    self._shared = True
+                    return Request(_CMD_WRITE, flags, cookie, offset, length, self._view[start : start + length])
+        return self._next_event()
+
+    def _next_event(self) -> Event | None:
         try:
             while self.state is not State.CLOSED:
                 if self._discard:
@@ -315,7 +344,7 @@ class ServerConnection:
         if self._available() < wire.OPTION.size + length:
             return None
         start = self._pos + wire.OPTION.size
-        data = bytes(self._in[start : start + length])
+        data = bytes(self._view[start : start + length])
         self._pos = start + length
         self.options_seen += 1
         if self.options_seen > MAX_OPTIONS:
@@ -373,6 +402,8 @@ class ServerConnection:
             # Contexts chosen for another export do not carry over.
             self.contexts = {}
         self.export = exp
+        self._size = exp.size
+        self._read_only = exp.read_only
         self.state = State.TRANSMISSION
         return ExportSelected(exp)
 
@@ -465,13 +496,7 @@ class ServerConnection:
             raise ProtocolError(f"request magic is {magic:#x}, expected {REQUEST_MAGIC:#x}")
         payload: memoryview | None = None
         start = pos + 28
-        exp = self.export
-        if cmd == _READ:
-            self._pos = start
-            # The common case, checked inline: what _check_request() would let through.
-            if not flags and exp is not None and offset + length <= exp.size and length <= MAX_PAYLOAD:
-                return Request(Cmd.READ, flags, cookie, offset, length)
-        elif cmd == _WRITE:
+        if cmd == _WRITE:
             if length > MAX_PAYLOAD:
                 if length > MAX_DISCARD:
                     raise ProtocolError(f"WRITE of {length} bytes is far beyond the {MAX_PAYLOAD}-byte maximum")
@@ -494,8 +519,6 @@ class ServerConnection:
             payload = self._view[start : start + length]
             self._shared = True
             self._pos = start + length
-            if not flags & ~_FUA and exp is not None and not exp.read_only and offset + length <= exp.size:
-                return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
         else:
             self._pos = start
         return self._checked(cmd, flags, cookie, offset, length, payload)
@@ -577,6 +600,18 @@ class ServerConnection:
         else:
             self._out.append(wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, cookie))
 
+    def read_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """The head of a READ reply whose LENGTH bytes of data the caller sends right after it.
+
+        Not queued: for a caller that sends the data itself (sendfile), once every
+        buffer data_to_send() gave out is on its way. One chunk, as with DF.
+        """
+        if length <= 0:
+            raise ValueError("a READ reply sent in two parts needs data")
+        if not self.structured:
+            return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return wire.CHUNK_OFFSET_DATA.pack(*_DONE_DATA, cookie, 8 + length, offset)
+
     def send_read(
         self,
         cookie: int,
@@ -593,11 +628,21 @@ class ServerConnection:
         OFFSET_HOLE chunks instead of zero bytes (unless DF asks for one chunk).
         """
         length = len(data)
-        if not self.structured:
-            self._out.append(wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-            self._out.append(data)
-            return
         out = self._out
+        if not self.structured:
+            out.append(wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            if length:
+                out.append(data)
+            return
+        if length and (df or not holes):
+            # The common case: one data chunk.
+            out.append(wire.CHUNK_OFFSET_DATA.pack(*_DONE_DATA, cookie, 8 + length, offset))
+            out.append(data)
+            return
+        if not length:
+            # OFFSET_DATA must carry at least one byte: an empty read is answered with NONE.
+            out.append(wire.CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.NONE, cookie, 0))
+            return
         view = memoryview(data)
         pieces: list[tuple[int, int, bool]] = []  # (start, length, is_hole) relative to offset
         pos = 0

@@ -757,12 +757,6 @@ def test_oversized_write_is_discarded_in_pieces() -> None:
     assert isinstance(ev, Request) and ev.cookie == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ServerConnection.receive_data stops parsing once an oversized WRITE's discard starts;"
-    " when the discarded payload and the next request arrive in the same call, the next request is"
-    " left in the buffer (no event) until more bytes arrive",
-)
 def test_oversized_write_discarded_then_next_request_in_the_same_buffer() -> None:
     conn = transmission()
     n = MAX_PAYLOAD + 1
@@ -907,11 +901,6 @@ def test_df_read_is_one_data_chunk_even_with_holes() -> None:
     assert read_chunks(conn, 6) == [("data", 0, 4096, data, True)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ServerConnection.send_read of 0 bytes with structured replies sends an OFFSET_DATA chunk of"
-    " length 8; proto.md: OFFSET_DATA length MUST be at least 9 (use a NONE chunk with DONE)",
-)
 @pytest.mark.parametrize("df", [False, True])
 def test_structured_read_of_zero_bytes(df: bool) -> None:
     conn = transmission()
