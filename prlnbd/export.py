@@ -7,14 +7,19 @@ names) without doing any network I/O itself.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import itertools
 import os
+import struct
+import sys
+from array import array
 from collections.abc import Iterable, Iterator
 
 from prlnbd.disk.chain import Disk
 from prlnbd.errors import RequestError
 from prlnbd.image.extension import DirtyBitmap
-from prlnbd.nbd.connection import ExportInfo
+from prlnbd.nbd.connection import ExportInfo, pack_extents
 from prlnbd.nbd.constants import (
     ALLOCATION_DEPTH,
     BASE_ALLOCATION,
@@ -53,6 +58,27 @@ def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS)
     return out
 
 
+# Block status is cached per window of this many bytes; every extent inside one window
+# fits the protocol's u32 length.
+STATUS_WINDOW = 1 << 31
+# A window with more extents than this is not cached (it would cost too much memory).
+MAX_CACHED_EXTENTS = 1 << 20
+_U32 = struct.Struct(">I")
+
+
+class _PackedWindow:
+    """One window's extents for one context: wire-ready (length, flags) pairs and where each ends."""
+
+    __slots__ = ("data", "ends")
+
+    def __init__(self, start: int, extents: list[tuple[int, int]]) -> None:
+        flat = array("I", [v for ext in extents for v in ext])
+        if sys.byteorder == "little":
+            flat.byteswap()
+        self.data = flat.tobytes()
+        self.ends = list(itertools.accumulate((length for length, _ in extents), initial=start))[1:]
+
+
 class Export:
     """A named disk served over NBD."""
 
@@ -61,6 +87,8 @@ class Export:
         self.disk = disk
         self.read_only = read_only or not disk.writable
         self._flush_lock = asyncio.Lock()
+        # (context, window index) -> packed extents; dropped for the windows a write touches.
+        self._status_cache: dict[tuple[str, int], _PackedWindow] = {}
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -79,7 +107,7 @@ class Export:
             contexts=contexts,
         )
 
-    def read(self, offset: int, length: int) -> tuple[bytearray, list[tuple[int, int]]]:
+    def read(self, offset: int, length: int) -> tuple[bytes | bytearray, list[tuple[int, int]]]:
         """Read guest bytes; also return the (offset, length) stretches that are holes."""
         try:
             buf, runs = self.disk.read(offset, length)
@@ -119,6 +147,10 @@ class Export:
         """Mark a changed range in every bitmap of the top image (before the reply goes out)."""
         for bitmap in self.bitmaps.values():
             bitmap.set_range(offset, length)
+        if self._status_cache and length:
+            first, last = offset // STATUS_WINDOW, (offset + length - 1) // STATUS_WINDOW
+            for key in [k for k in self._status_cache if first <= k[1] <= last]:
+                del self._status_cache[key]
 
     async def flush(self) -> None:
         """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
@@ -144,6 +176,60 @@ class Export:
         """Block status of CONTEXT over the range as merged (length, flags) extents."""
         limit = 1 if req_one else MAX_EXTENTS
         return merge_extents(self._status(context, offset, length), limit=limit)
+
+    def status_payload(self, context: str, offset: int, length: int, *, req_one: bool = False) -> bytes:
+        """Block status of CONTEXT as the wire-ready descriptors of a BLOCK_STATUS chunk.
+
+        Whole windows of extents are computed once and kept packed, so a
+        request costs a binary search and a few byte slices however many
+        extents it returns; REQ_ONE skips the cache and computes just one.
+        """
+        if req_one:
+            return pack_extents(self.extents(context, offset, length, req_one=True))
+        out = bytearray()
+        count = 0
+        last_flags = -1
+        pos = offset
+        end = offset + length
+        while pos < end and count < MAX_EXTENTS:
+            index = pos // STATUS_WINDOW
+            window = self._window(context, index)
+            stop = min(end, (index + 1) * STATUS_WINDOW)
+            ends = window.ends
+            # Extents i..j of the window overlap [pos, stop); the window always reaches stop.
+            i = bisect.bisect_right(ends, pos)
+            j = min(bisect.bisect_left(ends, stop), i + MAX_EXTENTS - count - 1)
+            piece = bytearray(window.data[8 * i : 8 * (j + 1)])
+            # Clip the first extent to start at pos and the last to end at stop.
+            if i == j:
+                _U32.pack_into(piece, 0, min(stop, ends[j]) - pos)
+            else:
+                _U32.pack_into(piece, 0, ends[i] - pos)
+                _U32.pack_into(piece, 8 * (j - i), min(stop, ends[j]) - ends[j - 1])
+            if _U32.unpack_from(piece, 4)[0] == last_flags:
+                # The same status on both sides of a window boundary: one extent.
+                merged = _U32.unpack_from(out, len(out) - 8)[0] + _U32.unpack_from(piece, 0)[0]
+                _U32.pack_into(out, len(out) - 8, merged)
+                del piece[:8]
+                count -= 1
+            out += piece
+            count += j - i + 1
+            last_flags = _U32.unpack_from(out, len(out) - 4)[0]
+            pos = min(stop, ends[j])
+        return bytes(out)
+
+    def _window(self, context: str, index: int) -> _PackedWindow:
+        key = (context, index)
+        window = self._status_cache.get(key)
+        if window is None:
+            start = index * STATUS_WINDOW
+            extents = merge_extents(
+                self._status(context, start, min(STATUS_WINDOW, self.disk.size - start)), limit=MAX_CACHED_EXTENTS
+            )
+            window = _PackedWindow(start, extents)
+            if len(extents) < MAX_CACHED_EXTENTS:
+                self._status_cache[key] = window
+        return window
 
     def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:
         if context == BASE_ALLOCATION:

@@ -194,7 +194,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             elif cmd == Cmd.BLOCK_STATUS:
                 req_one = bool(req.flags & CmdFlag.REQ_ONE)
                 replies = [
-                    (cid, export.extents(name, req.offset, req.length, req_one=req_one))
+                    (cid, export.status_payload(name, req.offset, req.length, req_one=req_one))
                     for cid, name in conn.contexts.items()
                 ]
                 conn.send_block_status(req.cookie, replies)

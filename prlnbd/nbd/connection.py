@@ -673,23 +673,33 @@ class ServerConnection:
                 if plen:
                     out.append(view[start : start + plen])
 
-    def send_block_status(self, cookie: int, replies: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
-        """Answer a BLOCK_STATUS with one chunk per context: (context id, [(length, flags), ...])."""
+    def send_block_status(
+        self, cookie: int, replies: Sequence[tuple[int, Sequence[tuple[int, int]] | bytes]]
+    ) -> None:
+        """Answer a BLOCK_STATUS with one chunk per context.
+
+        Each reply is (context id, extents): a list of (length, flags), or the
+        descriptors already packed as big-endian u32 pairs.
+        """
         last = len(replies) - 1
         for i, (cid, extents) in enumerate(replies):
-            n = len(extents)
-            flat = [v for ext in extents for v in ext]
+            payload = extents if isinstance(extents, bytes) else pack_extents(extents)
             self._out.append(
                 wire.CHUNK_BLOCK_STATUS.pack(
                     STRUCTURED_REPLY_MAGIC,
                     CHUNK_DONE if i == last else 0,
                     Chunk.BLOCK_STATUS,
                     cookie,
-                    4 + 8 * n,
+                    4 + len(payload),
                     cid,
                 )
             )
-            self._out.append(struct.pack(f">{2 * n}I", *flat))
+            self._out.append(payload)
+
+
+def pack_extents(extents: Sequence[tuple[int, int]]) -> bytes:
+    """Block status descriptors on the wire: (u32 length, u32 flags) each, big-endian."""
+    return struct.pack(f">{2 * len(extents)}I", *[v for ext in extents for v in ext])
 
 
 def _read_string(data: bytes, pos: int) -> tuple[str, int]:
