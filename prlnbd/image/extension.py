@@ -121,6 +121,8 @@ class DirtyBitmap:
         for first, last in self.set_runs(offset // g, -(-end // g)):
             start = max(first * g, offset)
             stop = min(last * g, end)
+            if stop <= start:
+                continue
             if start > pos:
                 yield start - pos, False
             yield stop - start, True

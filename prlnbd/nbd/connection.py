@@ -186,6 +186,7 @@ class ServerConnection:
         self._end = 0
         self._shared = False
         self._discard = 0
+        self._pending_error: ProtocolError | None = None
         self._size = -1  # the export's size and read-only flag, once transmission starts
         self._read_only = True
         # A WRITE whose payload is being received into its own buffer: the header fields,
@@ -214,24 +215,35 @@ class ServerConnection:
         Raises ProtocolError when the peer broke the protocol; the caller then
         sends what data_to_send() holds and closes the connection.
         """
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
         if self.state is State.CLOSED:
             return []
         events: list[Event] = []
         src = memoryview(data).cast("B")
         pos = 0
         total = len(src)
-        while True:
-            ev = self.next_event()
-            while ev is not None:
-                events.append(ev)
+        try:
+            while True:
                 ev = self.next_event()
-            if pos >= total or self._closed():
-                return events
-            buf = self.get_buffer(total - pos)
-            n = min(len(buf), total - pos)
-            buf[:n] = src[pos : pos + n]
-            self.buffer_updated(n)
-            pos += n
+                while ev is not None:
+                    events.append(ev)
+                    ev = self.next_event()
+                if pos >= total or self._closed():
+                    return events
+                buf = self.get_buffer(total - pos)
+                n = min(len(buf), total - pos)
+                buf[:n] = src[pos : pos + n]
+                self.buffer_updated(n)
+                pos += n
+        except ProtocolError as e:
+            if not events:
+                raise
+            # Requests completed before the bad bytes still count: hand them out now and
+            # raise the error on the next call.
+            self._pending_error = e
+            return events
 
     def _closed(self) -> bool:
         # A method, not an inline test: the state changes under mypy's narrowing above.
@@ -469,8 +481,10 @@ class ServerConnection:
             self.contexts = {}
             self._contexts_export = query.export
         for name in names:
-            cid = self._context_ids.setdefault(name, len(self._context_ids) + 1)
+            # LIST replies carry id 0 (the spec reserves it there); SET gives each context its id.
+            cid = 0
             if opt == Opt.SET_META_CONTEXT:
+                cid = self._context_ids.setdefault(name, len(self._context_ids) + 1)
                 self.contexts[cid] = name
             self._option_reply(opt, Reply.META_CONTEXT, wire.U32.pack(cid) + name.encode())
         self._option_reply(opt, Reply.ACK)
@@ -589,7 +603,8 @@ class ServerConnection:
     def send_error(self, cookie: int, errno: int, message: str = "") -> None:
         """Answer a request that failed with ERRNO, with a message when structured."""
         if self.structured:
-            msg = message.encode()[:MAX_STRING]
+            # Cut to the limit without splitting a UTF-8 character.
+            msg = message.encode()[:MAX_STRING].decode("utf-8", "ignore").encode()
             self._out.append(
                 wire.CHUNK_ERROR.pack(
                     STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.ERROR, cookie, 6 + len(msg), errno, len(msg)
