@@ -58,9 +58,10 @@ def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS)
     return out
 
 
-# Block status is cached per window of this many bytes; every extent inside one window
-# fits the protocol's u32 length.
-STATUS_WINDOW = 1 << 31
+# Block status is cached per window of this many bytes: every extent inside one window fits
+# the protocol's u32 length, and clients walking a disk with the largest request they may
+# send (4 GiB less one sector, as libnbd's tools do) touch one window per request.
+STATUS_WINDOW = (1 << 32) - 512
 # A window with more extents than this is not cached (it would cost too much memory).
 MAX_CACHED_EXTENTS = 1 << 20
 _U32 = struct.Struct(">I")
