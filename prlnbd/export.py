@@ -116,6 +116,10 @@ class Export:
             raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
         return buf, [(r.offset, r.length) for r in runs if r.zero]
 
+    def locate(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, host offset) when the range is one stretch of one file, for zero-copy replies."""
+        return self.disk.locate(offset, length)
+
     def cache(self, offset: int, length: int) -> None:
         """Ask the kernel to prefetch the host ranges behind [offset, offset+length)."""
         for run in self.disk.map(offset, length):

@@ -174,7 +174,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 offset = req.offset
                 length = req.length
                 if length >= SENDFILE_MIN and self._sock >= 0:
-                    where = export.disk.locate(offset, length)
+                    where = export.locate(offset, length)
                     if where is not None and self._sendfile(req, export, *where):
                         self.bytes_read += length
                         return

@@ -1,10 +1,12 @@
 """The server side of one NBD connection as a sans-I/O state machine.
 
-Bytes go in with receive_data(), which returns events; replies are built
-with the send_*() methods and collected with data_to_send(). The class
-enforces every rule of the fixed-newstyle handshake and validates each
-transmission request, answering bad ones itself, so the server only ever
-sees requests it can act on.
+Bytes go in with receive_data(), which returns events; or, without a copy,
+straight into get_buffer() (announced with buffer_updated()), the events then
+taken one at a time with next_event(), so a server can stop taking requests
+while its replies back up. Replies are built with the send_*() methods and
+collected with data_to_send(). The class enforces every rule of the
+fixed-newstyle handshake and validates each transmission request, answering
+bad ones itself, so the server only ever sees requests it can act on.
 """
 
 from __future__ import annotations
