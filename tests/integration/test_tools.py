@@ -1,0 +1,173 @@
+"""Offline tools through the real command line: create, snapshot, check [--repair]."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from lxml import etree
+
+from tests import support
+
+M = 1024 * 1024
+K = 1024
+SIZE = 16 * M
+CS = 64 * K
+BAT = 64  # the BAT starts right after the 64-byte header
+
+
+def prl(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "prlnbd", *map(str, args)], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"prlnbd {args} failed ({res.returncode}): {res.stdout}{res.stderr}")
+    return res
+
+
+def check_json(path: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    res = prl("check", path, "--json", *extra, check=False)
+    return res.returncode, json.loads(res.stdout)
+
+
+def kinds(report: dict[str, object]) -> list[str]:
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    return sorted(p["kind"] for p in problems)
+
+
+def qemu_check(path: Path) -> int:
+    return support.run("qemu-img", "check", "-f", "parallels", path, check=False).returncode
+
+
+def image_with_data(path: Path) -> Path:
+    """A qemu-img-made image with clusters 0..3 written (64 KiB clusters)."""
+    support.run("qemu-img", "create", "-q", "-f", "parallels", "-o", f"cluster_size={CS}", path, str(SIZE))
+    for c in range(4):
+        support.run("qemu-io", "-f", "parallels", "-c", f"write -P {0x10 + c} {c * CS} {CS}", path)
+    return path
+
+
+def bat_entry(path: Path, index: int) -> int:
+    with path.open("rb") as f:
+        f.seek(BAT + 4 * index)
+        return int(struct.unpack("<I", f.read(4))[0])
+
+
+def set_bat_entry(path: Path, index: int, value: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(BAT + 4 * index)
+        f.write(struct.pack("<I", value))
+
+
+def read_guest(path: Path) -> bytes:
+    out = path.with_suffix(".raw")
+    support.run("qemu-img", "convert", "-f", "parallels", "-O", "raw", path, out)
+    return out.read_bytes()
+
+
+def test_create_bundle_and_single_image(tmp_path: Path) -> None:
+    prl("create", tmp_path / "d.hdd", "--size", "64M", "--cluster-size", "256K")
+    info = json.loads(prl("info", "--json", tmp_path / "d.hdd").stdout)
+    assert info["virtual-size"] == 64 * M and len(info["layers"]) == 1
+    assert info["layers"][0]["cluster-size"] == 256 * K
+    assert qemu_check(Path(info["layers"][0]["file"])) == 0
+    prl("create", tmp_path / "x.hds", "--size", "10M")
+    assert qemu_check(tmp_path / "x.hds") == 0
+    assert "10 MiB" in support.run("qemu-img", "info", "-f", "parallels", tmp_path / "x.hds").stdout
+    # Refuses to overwrite, and refuses sizes the format cannot hold.
+    assert prl("create", tmp_path / "x.hds", "--size", "10M", check=False).returncode == 1
+    res = prl("create", tmp_path / "y.hds", "--size", "1000", check=False)
+    assert res.returncode == 1 and "multiple of 512" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_snapshot_keeps_unknown_elements_and_chain(tmp_path: Path) -> None:
+    bundle = tmp_path / "vm.hdd"
+    prl("create", bundle, "--size", "16M", "--cluster-size", "64K")
+    desc = bundle / "DiskDescriptor.xml"
+    tree = etree.parse(str(desc))
+    etree.SubElement(tree.getroot(), "Vendor_Extra", Attr="kept").text = "opaque"
+    tree.write(str(desc))
+    before = json.loads(prl("info", "--json", bundle).stdout)["top-guid"]
+    out = prl("snapshot", bundle).stdout.splitlines()
+    assert out[0] == f"snapshot {before}"
+    after = json.loads(prl("info", "--json", bundle).stdout)
+    assert after["top-guid"] != before and [x["guid"] for x in after["layers"]] == [after["top-guid"], before]
+    root = etree.parse(str(desc)).getroot()
+    extra = root.find("Vendor_Extra")
+    assert extra is not None and extra.get("Attr") == "kept" and extra.text == "opaque"
+    assert not [p for p in bundle.iterdir() if p.name.endswith(".tmp")]
+    # A single image has no snapshots; an image in use cannot be frozen.
+    prl("create", tmp_path / "one.hds", "--size", "1M")
+    assert prl("snapshot", tmp_path / "one.hds", check=False).returncode == 1
+    with support.running(support.start_prlnbd(tmp_path, [f"vm={bundle}"])):
+        res = prl("snapshot", bundle, check=False)
+        assert res.returncode == 1 and "in use" in res.stderr
+
+
+def test_check_clean_then_unclean_flag(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    rc, report = check_json(img)
+    assert rc == 0 and report["problems"] == []
+    with img.open("r+b") as f:
+        f.seek(44)
+        f.write(struct.pack("<I", 0x746F6E59))
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["in_use"]
+    rc, report = check_json(img, "--repair")
+    assert rc == 0 and report["repaired"] is True
+    assert check_json(img)[0] == 0 and qemu_check(img) == 0
+
+
+def test_check_leak_is_exit_3_and_repaired(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    data = read_guest(img)
+    with img.open("ab") as f:
+        f.write(b"\xee" * 3 * CS)
+    rc, report = check_json(img)
+    assert rc == 3 and kinds(report) == ["leak"] and report["leaked-bytes"] == 3 * CS
+    assert qemu_check(img) == 3  # qemu agrees it is a leak
+    rc, _ = check_json(img, "--repair")
+    assert rc == 0 and qemu_check(img) == 0 and read_guest(img) == data
+
+
+def test_check_duplicate_entries_repaired_without_losing_data(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    # Guest cluster 5 now shares guest cluster 1's host cluster: writing one would change the other.
+    set_bat_entry(img, 5, bat_entry(img, 1))
+    data = read_guest(img)
+    assert data[5 * CS : 6 * CS] == bytes([0x11]) * CS
+    rc, report = check_json(img)
+    assert rc == 2 and "duplicate" in kinds(report)
+    res = prl("serve", "--socket", tmp_path / "s.sock", img, check=False)
+    assert res.returncode == 1 and "check --repair" in res.stderr
+    rc, _ = check_json(img, "--repair")
+    assert rc == 0 and bat_entry(img, 5) != bat_entry(img, 1)
+    assert read_guest(img) == data and qemu_check(img) == 0
+
+
+def test_check_cluster_outside_image(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    end = os.path.getsize(img)
+    set_bat_entry(img, 9, (end + 10 * CS) // CS)  # v2: entries count clusters
+    rc, report = check_json(img)
+    assert rc == 2 and "outside" in kinds(report)
+    rc, _ = check_json(img, "--repair")
+    assert rc == 0 and bat_entry(img, 9) == 0 and qemu_check(img) == 0
+
+
+def test_check_bad_header_and_chain(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    with img.open("r+b") as f:
+        f.write(b"NotAParallelsImg")
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["header"]
+    bundle = tmp_path / "b.hdd"
+    prl("create", bundle, "--size", "16M")
+    layer = next(bundle.glob("*.hds"))
+    layer.unlink()
+    rc, report = check_json(bundle)
+    assert rc == 2 and kinds(report) == ["chain"]
+    assert "missing" in json.dumps(report) or "No such" in json.dumps(report)
