@@ -52,6 +52,19 @@ class Segment:
     zero: bool = False
 
 
+def open_file(path: str | os.PathLike[str], *, writable: bool) -> tuple[Path, int]:
+    """Open an image file (never a directory); raise ImageError naming it when that fails."""
+    p = Path(path)
+    try:
+        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{p}: is a directory, not an image file")
+    return p, fd
+
+
 def _read_exact(fd: int, length: int, offset: int) -> bytes:
     """Read LENGTH bytes at OFFSET, shorter only at end of file."""
     chunks = []
@@ -107,14 +120,8 @@ class ParallelsImage:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> ParallelsImage:
         """Open and validate the image at PATH; raise ImageError naming what is wrong."""
-        p = Path(path)
+        p, fd = open_file(path, writable=writable)
         try:
-            fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except OSError as e:
-            raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
-        try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise ImageError(f"{p}: is a directory, not an image file")
             img = cls._load(p, fd, writable)
             if writable:
                 img._start_writing()

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prlnbd.errors import ImageError
-from prlnbd.image.parallels import Problem, Segment
+from prlnbd.image.parallels import Problem, Segment, open_file
 
 
 @dataclass
@@ -39,11 +38,7 @@ class RawImage:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> RawImage:
         """Open the raw file at PATH."""
-        p = Path(path)
-        try:
-            fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except OSError as e:
-            raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
+        p, fd = open_file(path, writable=writable)
         return cls(path=p, fd=fd, writable=writable, file_size=os.fstat(fd).st_size)
 
     def close(self) -> None:
