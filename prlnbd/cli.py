@@ -237,20 +237,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---- info
 
 
+_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
 def _human(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:g} {unit}"
-        n_next = n / 1024
+    """N bytes for people: whole binary units where exact, else three digits of the next one up."""
+    unit = 0
+    while n >= 1024 and unit < len(_UNITS) - 1:
         if n % 1024:
-            return f"{n_next:.3g} {_next_unit(unit)}"
-        n = int(n_next)
-    return str(n)
-
-
-def _next_unit(unit: str) -> str:
-    order = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    return order[order.index(unit) + 1]
+            return f"{n / 1024:.3g} {_UNITS[unit + 1]}"
+        n //= 1024
+        unit += 1
+    return f"{n} {_UNITS[unit]}"
 
 
 def describe(disk: Disk) -> dict[str, object]:
