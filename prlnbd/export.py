@@ -64,6 +64,8 @@ def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS)
 STATUS_WINDOW = (1 << 32) - 512
 # A window with more extents than this is not cached (it would cost too much memory).
 MAX_CACHED_EXTENTS = 1 << 20
+# Block status replies computed ahead and not yet asked for: at most this many are kept.
+MAX_READY_REPLIES = 16
 _U32 = struct.Struct(">I")
 
 
@@ -90,6 +92,11 @@ class Export:
         self._flush_lock = asyncio.Lock()
         # (context, window index) -> packed extents; dropped for the windows a write touches.
         self._status_cache: dict[tuple[str, int], _PackedWindow] = {}
+        # Tools that walk a disk's block status ask for the next range as soon as they have read
+        # a reply: (context, offset, length) of those likely next requests, and replies computed
+        # for them ahead of time (with where each ends), so the round trip does not wait for them.
+        self._status_next: list[tuple[str, int, int]] = []
+        self._status_ready: dict[tuple[str, int, int], tuple[bytes, int]] = {}
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -152,6 +159,7 @@ class Export:
         """Mark a changed range in every bitmap of the top image (before the reply goes out)."""
         for bitmap in self.bitmaps.values():
             bitmap.set_range(offset, length)
+        self._status_ready.clear()
         if self._status_cache and length:
             first, last = offset // STATUS_WINDOW, (offset + length - 1) // STATUS_WINDOW
             for key in [k for k in self._status_cache if first <= k[1] <= last]:
@@ -188,22 +196,52 @@ class Export:
         Whole windows of extents are computed once and kept packed, so a
         request costs a binary search and a few byte slices however many
         extents it returns; REQ_ONE skips the cache and computes just one.
+        The request that would continue from where this reply ends is noted
+        for prepare_status().
         """
         if req_one:
             return pack_extents(self.extents(context, offset, length, req_one=True))
+        key = (context, offset, length)
+        ready = self._status_ready.pop(key, None)
+        payload, end = ready if ready is not None else self._pack_status(context, offset, length)
+        size = self.disk.size
+        if end < size and len(self._status_next) < MAX_READY_REPLIES:
+            self._status_next.append((context, end, min(length, size - end)))
+        return payload
+
+    def prepare_status(self) -> None:
+        """Compute the replies to the block status requests noted as likely next.
+
+        For the server to call once a reply is on its way: the work then
+        overlaps the client reading that reply instead of adding to the next
+        round trip. A write in between discards what was computed.
+        """
+        todo, self._status_next = self._status_next, []
+        ready = self._status_ready
+        for key in todo:
+            if key not in ready:
+                if len(ready) >= MAX_READY_REPLIES:
+                    ready.clear()
+                ready[key] = self._pack_status(*key)
+
+    def _pack_status(self, context: str, offset: int, length: int) -> tuple[bytes, int]:
+        """The packed extents of CONTEXT from OFFSET (at most MAX_EXTENTS), and where they end."""
         out = bytearray()
         count = 0
         last_flags = -1
         pos = offset
         end = offset + length
-        while pos < end and count < MAX_EXTENTS:
+        # One extent more than a reply holds: only the next one shows where the last one ends,
+        # when it goes on past a window boundary.
+        limit = MAX_EXTENTS + 1
+        while pos < end and count < limit:
             index = pos // STATUS_WINDOW
             window = self._window(context, index)
             stop = min(end, (index + 1) * STATUS_WINDOW)
             ends = window.ends
             # Extents i..j of the window overlap [pos, stop); the window always reaches stop.
             i = bisect.bisect_right(ends, pos)
-            j = min(bisect.bisect_left(ends, stop), i + MAX_EXTENTS - count - 1)
+            j = min(bisect.bisect_left(ends, stop), i + limit - count - 1)
             piece = bytearray(window.data[8 * i : 8 * (j + 1)])
             # Clip the first extent to start at pos and the last to end at stop.
             if i == j:
@@ -221,7 +259,10 @@ class Export:
             count += j - i + 1
             last_flags = _U32.unpack_from(out, len(out) - 4)[0]
             pos = min(stop, ends[j])
-        return bytes(out)
+        if count == limit:
+            pos -= _U32.unpack_from(out, len(out) - 8)[0]
+            del out[-8:]
+        return bytes(out), pos
 
     def _window(self, context: str, index: int) -> _PackedWindow:
         key = (context, index)

@@ -30,9 +30,13 @@ UNIX_SNDBUF = 4 << 20
 # READs at least this large whose bytes are one run in one file are sent with sendfile:
 # the kernel passes page cache pages to the socket without copying them through us.
 SENDFILE_MIN = 64 * 1024
+# Receive buffers kept from closed connections for new ones (each is RECV_BUFFER bytes).
+MAX_SPARE_BUFFERS = 4
 
 _READ = Cmd.READ
 _WRITE = Cmd.WRITE
+_BLOCK_STATUS = Cmd.BLOCK_STATUS
+_REQ_ONE = int(CmdFlag.REQ_ONE)
 _DF = int(CmdFlag.DF)
 _FUA = int(CmdFlag.FUA)
 
@@ -42,7 +46,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
-        self.conn = ServerConnection({n: e.info for n, e in server.exports.items()}, server.default)
+        self.conn = ServerConnection(server.infos, server.default, buffer=server.spare_buffer())
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.peer = "?"
@@ -55,6 +59,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._paused = False
         self._queued = 0  # reply bytes built since the last flush
         self._sock = -1  # the socket's descriptor, for sendfile
+        self._status_served = False  # a BLOCK_STATUS was answered since the last flush
         self.inflight: set[asyncio.Task[None]] = set()
 
     # ---- asyncio callbacks
@@ -65,9 +70,10 @@ class NbdProtocol(asyncio.BufferedProtocol):
         with contextlib.suppress(Exception):
             self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = self.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        family = sock.family if sock is not None else None  # each lookup is a system call with uvloop
+        if sock is not None and family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
             self._sock = sock.fileno()
-            if sock.family == socket.AF_UNIX:
+            if family == socket.AF_UNIX:
                 # The default (~200 KiB) splits every large READ reply over several wakeups;
                 # the kernel caps this at net.core.wmem_max. TCP tunes its own buffer.
                 with contextlib.suppress(OSError):
@@ -115,6 +121,10 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self._close()
             return
         self._flush()
+        if self._status_served and self.export is not None:
+            # The replies are sent: work out the next ones while the client reads these.
+            self._status_served = False
+            self.export.prepare_status()
 
     def eof_received(self) -> bool | None:
         """The client closed its side: close ours."""
@@ -127,6 +137,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if exc is not None and self.reason == "client closed":
             self.reason = f"connection lost: {exc}"
         self.server.connections.discard(self)
+        self.server.keep_buffer(self.conn.release_buffer())
         log.info(
             "connection %s export %r: %d requests, %d bytes read, %.1fs, %s",
             self.peer,
@@ -191,13 +202,16 @@ class NbdProtocol(asyncio.BufferedProtocol):
                     self._spawn(req, self._flush_then_reply(req))
                 else:
                     conn.send_ok(req.cookie)
-            elif cmd == Cmd.BLOCK_STATUS:
-                req_one = bool(req.flags & CmdFlag.REQ_ONE)
-                replies = [
-                    (cid, export.status_payload(name, req.offset, req.length, req_one=req_one))
-                    for cid, name in conn.contexts.items()
-                ]
-                conn.send_block_status(req.cookie, replies)
+            elif cmd is _BLOCK_STATUS:
+                offset = req.offset
+                length = req.length
+                req_one = req.flags & _REQ_ONE != 0
+                status = export.status_payload
+                conn.send_block_status(
+                    req.cookie,
+                    [(cid, status(name, offset, length, req_one=req_one)) for cid, name in conn.contexts.items()],
+                )
+                self._status_served = True
             elif cmd == Cmd.CACHE:
                 export.cache(req.offset, req.length)
                 conn.send_ok(req.cookie)
@@ -327,7 +341,10 @@ class NbdServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.exports = dict(exports)
+        self.infos = {name: export.info for name, export in self.exports.items()}
         self.default = next(iter(self.exports)) if len(self.exports) == 1 else None
+        # Receive buffers of closed connections, for new ones to reuse.
+        self._spare_buffers: list[bytearray] = []
         self.handshake_timeout = handshake_timeout
         self.connections: set[NbdProtocol] = set()
         self.stopping = False
@@ -342,6 +359,15 @@ class NbdServer:
         self.connections.add(proto)
         self._idle.clear()
         return proto
+
+    def spare_buffer(self) -> bytearray | None:
+        """A receive buffer a closed connection left, if any."""
+        return self._spare_buffers.pop() if self._spare_buffers else None
+
+    def keep_buffer(self, buffer: bytearray | None) -> None:
+        """Keep a closed connection's receive buffer (a few at most) for the next connection."""
+        if buffer is not None and len(self._spare_buffers) < MAX_SPARE_BUFFERS:
+            self._spare_buffers.append(buffer)
 
     def connection_closed(self) -> None:
         """Note that a connection ended."""

@@ -64,3 +64,39 @@ def test_status_payload_equals_extents(bundle: Path, monkeypatch: pytest.MonkeyP
             exp.write(rng.randrange(SIZE - 8192) + round_, memoryview(b"w" * 5000))
     finally:
         exp.close()
+
+
+def test_status_walk_with_replies_prepared_ahead(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client walking the disk gets replies computed ahead; writes in between discard them."""
+    monkeypatch.setattr(export_mod, "STATUS_WINDOW", 3 * 1024 * 1024 + 4096)
+    monkeypatch.setattr(export_mod, "MAX_EXTENTS", 7)  # short replies: many steps per walk
+    disk = open_disk(bundle, writable=True)
+    exp = Export("x", disk, read_only=False)
+    computed: list[tuple[int, int]] = []
+    pack = exp._pack_status
+
+    def counting(context: str, offset: int, length: int) -> tuple[bytes, int]:
+        computed.append((offset, length))
+        return pack(context, offset, length)
+
+    monkeypatch.setattr(exp, "_pack_status", counting)
+    rng = random.Random(5)
+    try:
+        for ctx in exp.info.contexts:
+            off, steps, ahead = 0, 0, 0
+            while off < SIZE:
+                length = min(SIZE - off, 5 * 1024 * 1024 + 512)
+                computed.clear()
+                got = unpack(exp.status_payload(ctx, off, length))
+                ahead += not computed  # answered from what prepare_status() computed
+                assert got == exp.extents(ctx, off, length)
+                exp.prepare_status()
+                at = off + sum(n for n, _ in got) + rng.randrange(4096)
+                if steps % 5 == 4 and at + 700 <= SIZE:
+                    # A write after the reply was prepared: the next answer must see it.
+                    exp.write(at, memoryview(b"w" * 700))
+                off += sum(n for n, _ in got)
+                steps += 1
+            assert ahead >= steps * 3 // 5, (ctx, ahead, steps)
+    finally:
+        exp.close()
