@@ -241,14 +241,17 @@ _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def _human(n: int) -> str:
-    """N bytes for people: whole binary units where exact, else three digits of the next one up."""
-    unit = 0
-    while n >= 1024 and unit < len(_UNITS) - 1:
-        if n % 1024:
-            return f"{n / 1024:.3g} {_UNITS[unit + 1]}"
-        n //= 1024
+    """N bytes for people: a whole number of the largest exact unit, else two decimals of the largest unit."""
+    exact, unit = n, 0
+    while exact >= 1024 and exact % 1024 == 0 and unit < len(_UNITS) - 1:
+        exact //= 1024
         unit += 1
-    return f"{n} {_UNITS[unit]}"
+    if exact < 1024 or unit == len(_UNITS) - 1:
+        return f"{exact} {_UNITS[unit]}"
+    # Not a whole number of the next unit up: round in the largest unit that fits.
+    while n >= 1024 ** (unit + 1) and unit < len(_UNITS) - 1:
+        unit += 1
+    return f"{n / 1024**unit:.2f} {_UNITS[unit]}"
 
 
 def describe(disk: Disk) -> dict[str, object]:
