@@ -241,17 +241,12 @@ _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def _human(n: int) -> str:
-    """N bytes for people: a whole number of the largest exact unit, else two decimals of the largest unit."""
-    exact, unit = n, 0
-    while exact >= 1024 and exact % 1024 == 0 and unit < len(_UNITS) - 1:
-        exact //= 1024
+    """N bytes for people, in the largest unit that fits: whole when exact, else two decimals."""
+    unit = 0
+    while unit < len(_UNITS) - 1 and n >= 1024 ** (unit + 1):
         unit += 1
-    if exact < 1024 or unit == len(_UNITS) - 1:
-        return f"{exact} {_UNITS[unit]}"
-    # Not a whole number of the next unit up: round in the largest unit that fits.
-    while n >= 1024 ** (unit + 1) and unit < len(_UNITS) - 1:
-        unit += 1
-    return f"{n / 1024**unit:.2f} {_UNITS[unit]}"
+    scale = 1024**unit
+    return f"{n // scale} {_UNITS[unit]}" if n % scale == 0 else f"{n / scale:.2f} {_UNITS[unit]}"
 
 
 def describe(disk: Disk) -> dict[str, object]:
