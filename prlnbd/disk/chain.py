@@ -120,17 +120,6 @@ class Disk:
 
     def read(self, offset: int, length: int) -> tuple[bytes | bytearray, list[Run]]:
         """Read guest bytes into a new buffer; also return the runs (as map() gives them), for sparse replies."""
-        top = self.layers[0]
-        if type(top) is ParallelsImage and length > 0:
-            # The commonest read of all, inline: one cluster of the top layer.
-            cs = top.cluster_size
-            c = offset // cs
-            bat = top.bat
-            if c == (offset + length - 1) // cs and c < len(bat) and bat[c]:
-                host = bat[c] + offset - c * cs
-                data = os.pread(top.fd, length, host)
-                if len(data) == length:
-                    return data, [Run(offset, length, 1, top, host, False)]
         one = self._read_one_run(offset, length)
         if one is not None:
             return one
