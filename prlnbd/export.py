@@ -58,15 +58,16 @@ def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS)
     return out
 
 
-# Block status is cached per window of this many bytes: every extent inside one window fits
-# the protocol's u32 length, and clients walking a disk with the largest request they may
-# send (4 GiB less one sector, as libnbd's tools do) touch one window per request.
+# Block status is cached per window of this many bytes, as packed descriptors: a request
+# inside one window is answered with one slice of them, its two ends re-packed. The size is
+# the largest request clients send (4 GiB less a sector), so one window is never much more
+# work to compute than one request.
 STATUS_WINDOW = (1 << 32) - 512
 # A window with more extents than this is not cached (it would cost too much memory).
 MAX_CACHED_EXTENTS = 1 << 20
-# Block status replies computed ahead and not yet asked for: at most this many are kept.
-MAX_READY_REPLIES = 16
 _U32 = struct.Struct(">I")
+_pack_u32 = _U32.pack
+U32_MAX = 0xFFFFFFFF
 
 
 class _PackedWindow:
@@ -75,11 +76,31 @@ class _PackedWindow:
     __slots__ = ("data", "ends")
 
     def __init__(self, start: int, extents: list[tuple[int, int]]) -> None:
-        flat = array("I", [v for ext in extents for v in ext])
+        # An extent too long for a u32 can only be the first or last of a reply, whose
+        # lengths are packed afresh from `ends`: its packed length is never sent.
+        flat = array("I", [v for length, flags in extents for v in (min(length, U32_MAX), flags)])
         if sys.byteorder == "little":
             flat.byteswap()
         self.data = flat.tobytes()
-        self.ends = list(itertools.accumulate((length for length, _ in extents), initial=start))[1:]
+        self.ends = array("Q", itertools.accumulate((length for length, _ in extents), initial=start))[1:]
+
+    def slice(self, offset: int, end: int) -> bytes | None:
+        """The descriptors of [offset, end), first and last clipped; None past MAX_EXTENTS of them.
+
+        The range must start in this window and end by its last extent's end.
+        """
+        ends = self.ends
+        data = self.data
+        i = bisect.bisect_right(ends, offset)
+        j = bisect.bisect_left(ends, end, i)
+        if i == j:
+            return _pack_u32(end - offset) + data[8 * i + 4 : 8 * i + 8]
+        if j - i >= MAX_EXTENTS:
+            return None
+        # Descriptors i..j: re-pack the first length and the last, keep the bytes in between.
+        head = _pack_u32(ends[i] - offset)
+        tail = _pack_u32(end - ends[j - 1])
+        return b"".join((head, data[8 * i + 4 : 8 * j], tail, data[8 * j + 4 : 8 * j + 8]))
 
 
 class Export:
@@ -92,11 +113,6 @@ class Export:
         self._flush_lock = asyncio.Lock()
         # (context, window index) -> packed extents; dropped for the windows a write touches.
         self._status_cache: dict[tuple[str, int], _PackedWindow] = {}
-        # Tools that walk a disk's block status ask for the next range as soon as they have read
-        # a reply: (context, offset, length) of those likely next requests, and replies computed
-        # for them ahead of time (with where each ends), so the round trip does not wait for them.
-        self._status_next: list[tuple[str, int, int]] = []
-        self._status_ready: dict[tuple[str, int, int], tuple[bytes, int]] = {}
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -159,9 +175,9 @@ class Export:
         """Mark a changed range in every bitmap of the top image (before the reply goes out)."""
         for bitmap in self.bitmaps.values():
             bitmap.set_range(offset, length)
-        self._status_ready.clear()
         if self._status_cache and length:
-            first, last = offset // STATUS_WINDOW, (offset + length - 1) // STATUS_WINDOW
+            # The window before the first also holds that window's first extent.
+            first, last = offset // STATUS_WINDOW - 1, (offset + length - 1) // STATUS_WINDOW
             for key in [k for k in self._status_cache if first <= k[1] <= last]:
                 del self._status_cache[key]
 
@@ -191,46 +207,33 @@ class Export:
         return merge_extents(self._status(context, offset, length), limit=limit)
 
     def status_payload(self, context: str, offset: int, length: int, *, req_one: bool = False) -> bytes:
-        """Block status of CONTEXT as the wire-ready descriptors of a BLOCK_STATUS chunk.
-
-        Whole windows of extents are computed once and kept packed, so a
-        request costs a binary search and a few byte slices however many
-        extents it returns; REQ_ONE skips the cache and computes just one.
-        The request that would continue from where this reply ends is noted
-        for prepare_status().
-        """
+        """Block status of CONTEXT as the wire-ready descriptors of a BLOCK_STATUS chunk."""
         if req_one:
             return pack_extents(self.extents(context, offset, length, req_one=True))
-        key = (context, offset, length)
-        ready = self._status_ready.pop(key, None)
-        payload, end = ready if ready is not None else self._pack_status(context, offset, length)
-        size = self.disk.size
-        if end < size and len(self._status_next) < MAX_READY_REPLIES:
-            self._status_next.append((context, end, min(length, size - end)))
-        return payload
+        return self.packed_status(context, offset, length)
 
-    def prepare_status(self) -> None:
-        """Compute the replies to the block status requests noted as likely next.
+    def packed_status(self, context: str, offset: int, length: int) -> bytes:
+        """The descriptors of CONTEXT from OFFSET, at most MAX_EXTENTS, packed for the wire.
 
-        For the server to call once a reply is on its way: the work then
-        overlaps the client reading that reply instead of adding to the next
-        round trip. A write in between discards what was computed.
+        Whole windows of extents are computed once and kept packed: a request
+        inside one costs two binary searches and one slice however many
+        extents it returns. The protocol core calls this for every step of a
+        client walking the disk (see ServerConnection.set_status_sources).
         """
-        todo, self._status_next = self._status_next, []
-        ready = self._status_ready
-        for key in todo:
-            if key not in ready:
-                if len(ready) >= MAX_READY_REPLIES:
-                    ready.clear()
-                ready[key] = self._pack_status(*key)
+        end = offset + length
+        window = self._status_cache.get((context, offset // STATUS_WINDOW))
+        if window is not None and end <= window.ends[-1]:
+            payload = window.slice(offset, end)
+            if payload is not None:
+                return payload
+        return self._pack_across(context, offset, end)
 
-    def _pack_status(self, context: str, offset: int, length: int) -> tuple[bytes, int]:
-        """The packed extents of CONTEXT from OFFSET (at most MAX_EXTENTS), and where they end."""
+    def _pack_across(self, context: str, offset: int, end: int) -> bytes:
+        """packed_status() for a range over several windows, or a window not computed yet."""
         out = bytearray()
         count = 0
         last_flags = -1
         pos = offset
-        end = offset + length
         # One extent more than a reply holds: only the next one shows where the last one ends,
         # when it goes on past a window boundary.
         limit = MAX_EXTENTS + 1
@@ -260,18 +263,24 @@ class Export:
             last_flags = _U32.unpack_from(out, len(out) - 4)[0]
             pos = min(stop, ends[j])
         if count == limit:
-            pos -= _U32.unpack_from(out, len(out) - 8)[0]
             del out[-8:]
-        return bytes(out), pos
+        return bytes(out)
 
     def _window(self, context: str, index: int) -> _PackedWindow:
         key = (context, index)
         window = self._status_cache.get(key)
         if window is None:
+            size = self.disk.size
             start = index * STATUS_WINDOW
-            extents = merge_extents(
-                self._status(context, start, min(STATUS_WINDOW, self.disk.size - start)), limit=MAX_CACHED_EXTENTS
-            )
+            stop = min(start + STATUS_WINDOW, size)
+            items = self._status(context, start, stop - start)
+            if stop < size:
+                # Run on through the next window's first extent: clients walking the disk with
+                # requests of another size than the window's (nbdinfo asks for 4 GiB less one
+                # byte) end a little past this window, and are still answered by one slice.
+                following = self._status(context, stop, min(STATUS_WINDOW, size - stop))
+                items = itertools.chain(items, merge_extents(following, limit=1))
+            extents = merge_extents(items, limit=MAX_CACHED_EXTENTS)
             window = _PackedWindow(start, extents)
             if len(extents) < MAX_CACHED_EXTENTS:
                 self._status_cache[key] = window

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Coroutine, Mapping
+from functools import partial
 from typing import Any, cast
 
 from prlnbd.errors import ProtocolError, RequestError
@@ -59,7 +60,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._paused = False
         self._queued = 0  # reply bytes built since the last flush
         self._sock = -1  # the socket's descriptor, for sendfile
-        self._status_served = False  # a BLOCK_STATUS was answered since the last flush
         # The transport asks for a buffer before every read: let it call the protocol core
         # directly rather than through a method of ours (one Python call less per request).
         self.get_buffer = self.conn.get_buffer  # type: ignore[method-assign]
@@ -97,8 +97,15 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Take the requests the new bytes complete and answer them."""
-        self.conn.buffer_updated(nbytes)
-        self._process()
+        reply = self.conn.quick_status_reply(nbytes)
+        if reply is None:
+            self._process()
+            return
+        # One step of a block status walk, answered by the protocol core.
+        self.requests += 1
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(reply)
 
     def _process(self) -> None:
         """Act on events until the input runs dry or the client stops reading replies."""
@@ -124,10 +131,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self._close()
             return
         self._flush()
-        if self._status_served and self.export is not None:
-            # The replies are sent: work out the next ones while the client reads these.
-            self._status_served = False
-            self.export.prepare_status()
 
     def eof_received(self) -> bool | None:
         """The client closed its side: close ours."""
@@ -173,7 +176,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.export = self.server.exports[ev.export.name]
+        export = self.export = self.server.exports[ev.export.name]
+        conn = self.conn
+        conn.set_status_sources({cid: partial(export.packed_status, name) for cid, name in conn.contexts.items()})
         log.debug("%s: transmission on export %r", self.peer, self.export.name)
 
     def _request(self, req: Request) -> None:
@@ -213,7 +218,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 for cid, name in conn.contexts.items():
                     replies.append((cid, export.status_payload(name, offset, length, req_one=req_one)))
                 conn.send_block_status(req.cookie, replies)
-                self._status_served = True
             elif cmd == Cmd.CACHE:
                 export.cache(req.offset, req.length)
                 conn.send_ok(req.cookie)

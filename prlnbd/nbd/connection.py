@@ -7,12 +7,17 @@ while its replies back up. Replies are built with the send_*() methods and
 collected with data_to_send(). The class enforces every rule of the
 fixed-newstyle handshake and validates each transmission request, answering
 bad ones itself, so the server only ever sees requests it can act on.
+
+One request is answered inside: a plain BLOCK_STATUS arriving on its own, the
+step of a client walking the disk's block status, gets its reply straight from
+quick_status_reply(), built from functions the server hands in with
+set_status_sources(). The core still does no I/O and knows no disk format.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -85,6 +90,8 @@ _STATUS_FLAGS = int(CmdFlag.FUA | CmdFlag.REQ_ONE)
 _DONE_STATUS = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.BLOCK_STATUS))
 _MORE_STATUS = (STRUCTURED_REPLY_MAGIC, 0, int(Chunk.BLOCK_STATUS))
 _DONE_DATA = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.OFFSET_DATA))
+_pack_status_chunk = wire.CHUNK_BLOCK_STATUS.pack
+_CHUNK_STATUS = int(Chunk.BLOCK_STATUS)
 _RANGE_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
 
 
@@ -124,6 +131,12 @@ _EXPORT_FLAGS = int(
 _READ_ONLY_FLAG = int(TxFlag.READ_ONLY)
 _MULTI_CONN_FLAG = int(TxFlag.CAN_MULTI_CONN)
 _GREETING = wire.GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+
+
+# What answers BLOCK_STATUS for one metadata context: (offset, length) -> the packed
+# descriptors of the chunk, as send_block_status() takes them. It may raise (a failed
+# lookup): the request then goes the usual way, as an event, and the server reports it.
+StatusSource = Callable[[int, int], bytes]
 
 
 # Events handed to the server.
@@ -212,6 +225,8 @@ class ServerConnection:
         self._read_only = True
         # BLOCK_STATUS is valid in transmission (structured replies and a context chosen).
         self._status_ok = False
+        # set_status_sources(): (chunk flags, context id, source) per selected context, in order.
+        self._sources: list[tuple[int, int, StatusSource]] = []
         # A WRITE whose payload is being received into its own buffer: the header fields,
         # the buffer, and how much of it has arrived.
         self._write: tuple[int, int, int, int] | None = None
@@ -301,6 +316,53 @@ class ServerConnection:
             self._payload_got += nbytes
         else:
             self._end += nbytes
+
+    def set_status_sources(self, sources: Mapping[int, StatusSource]) -> None:
+        """Let quick_status_reply() answer plain BLOCK_STATUS requests: a source per selected context id.
+
+        For the server to call once transmission starts. Ignored unless every
+        selected context has a source (and BLOCK_STATUS is valid at all).
+        """
+        if not self._status_ok or set(sources) != set(self.contexts):
+            self._sources = []
+            return
+        last = len(self.contexts) - 1
+        self._sources = [(CHUNK_DONE if i == last else 0, cid, sources[cid]) for i, cid in enumerate(self.contexts)]
+
+    def quick_status_reply(self, nbytes: int) -> list[bytes] | None:
+        """buffer_updated(), and the reply at once when the bytes are one plain BLOCK_STATUS request.
+
+        Tools that walk a disk's block status (backup tools, nbdinfo --map)
+        send one request, wait for its reply, then send the next: every step
+        is a round trip, so the reply is built here, from the sources given to
+        set_status_sources(), as soon as the request is whole. That request
+        never reaches next_event(). Anything else (other commands, flags,
+        several requests in one read, a source that fails) returns None and
+        goes through next_event() as usual.
+        """
+        write = self._write
+        if write is not None and self._payload_got < len(self._payload):
+            self._payload_got += nbytes
+            return None
+        pos = self._pos
+        end = self._end = self._end + nbytes
+        sources = self._sources
+        if end - pos != 28 or not sources or write is not None or self._discard or self.state is not _TRANSMISSION:
+            return None
+        magic, flags, cmd, cookie, offset, length = _unpack_request(self._in, pos)
+        if cmd != _BLOCK_STATUS or flags or not length or magic != REQUEST_MAGIC or offset + length > self._size:
+            return None
+        reply: list[bytes] = []
+        try:
+            for chunk_flags, cid, source in sources:
+                payload = source(offset, length)
+                size = 4 + len(payload)
+                reply.append(_pack_status_chunk(STRUCTURED_REPLY_MAGIC, chunk_flags, _CHUNK_STATUS, cookie, size, cid))
+                reply.append(payload)
+        except Exception:  # the usual path asks again, and reports what went wrong
+            return None
+        self._pos = end
+        return reply
 
     def next_event(self) -> Event | None:
         """The next event the bytes received so far complete, or None until more arrive.
@@ -733,9 +795,7 @@ class ServerConnection:
                 if plen:
                     out.append(view[start : start + plen])
 
-    def send_block_status(
-        self, cookie: int, replies: Sequence[tuple[int, Sequence[tuple[int, int]] | bytes]]
-    ) -> None:
+    def send_block_status(self, cookie: int, replies: Sequence[tuple[int, Sequence[tuple[int, int]] | bytes]]) -> None:
         """Answer a BLOCK_STATUS with one chunk per context.
 
         Each reply is (context id, extents): a list of (length, flags), or the

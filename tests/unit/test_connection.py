@@ -1237,3 +1237,132 @@ def test_buffer_of_the_wrong_size_is_not_used() -> None:
     small = bytearray(100)
     conn = ServerConnection(exports(), default="disk", buffer=small)
     assert conn.get_buffer().obj is not small
+
+
+# ---- block status answered inside the core (quick_status_reply)
+
+
+def feed_quick(conn: ServerConnection, data: bytes) -> list[bytes] | None:
+    """Write DATA into the receive buffer as a transport would, announced with quick_status_reply()."""
+    buf = conn.get_buffer(len(data))
+    buf[: len(data)] = data
+    return conn.quick_status_reply(len(data))
+
+
+def status_source(tag: int, calls: list[tuple[int, int, int]]) -> Callable[[int, int], bytes]:
+    """A source that answers one extent (the whole range) with flags TAG, noting each call."""
+
+    def source(offset: int, length: int) -> bytes:
+        calls.append((tag, offset, length))
+        return struct.pack(">II", length, tag)
+
+    return source
+
+
+def quick_conn(contexts: list[str]) -> tuple[ServerConnection, list[tuple[int, int, int]]]:
+    conn = transmission(contexts=contexts)
+    calls: list[tuple[int, int, int]] = []
+    conn.set_status_sources({cid: status_source(i + 1, calls) for i, cid in enumerate(conn.contexts)})
+    return conn, calls
+
+
+@pytest.mark.parametrize("contexts", [CONTEXTS[:1], CONTEXTS[:3]])
+def test_quick_status_reply_equals_the_usual_reply(contexts: list[str]) -> None:
+    conn, calls = quick_conn(contexts)
+    quick = feed_quick(conn, request(BLOCK_STATUS, cookie=42, offset=4096, length=8192))
+    assert quick is not None and conn.next_event() is None and take(conn) == b""
+    # The same reply built the usual way, from a request taken as an event.
+    usual = transmission(contexts=contexts)
+    (ev,) = usual.receive_data(request(BLOCK_STATUS, cookie=42, offset=4096, length=8192))
+    assert isinstance(ev, Request)
+    usual.send_block_status(42, [(cid, struct.pack(">II", 8192, i + 1)) for i, cid in enumerate(usual.contexts)])
+    assert b"".join(quick) == take(usual)
+    chunks = parse_replies(b"".join(quick))
+    assert [c.flags for c in chunks] == [0] * (len(contexts) - 1) + [DONE]
+    assert calls == [(i + 1, 4096, 8192) for i in range(len(contexts))]
+
+
+def test_quick_status_replies_one_after_another() -> None:
+    conn, calls = quick_conn(CONTEXTS[:1])
+    for cookie in range(1, 6):
+        reply = feed_quick(conn, request(BLOCK_STATUS, cookie=cookie, offset=cookie * 512, length=512))
+        assert reply is not None
+        (chunk,) = parse_replies(b"".join(reply))
+        assert (chunk.cookie, chunk.type, chunk.flags) == (cookie, C_BLOCK_STATUS, DONE)
+    assert [c[1] for c in calls] == [512, 1024, 1536, 2048, 2560]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(request(BLOCK_STATUS, flags=F_REQ_ONE, cookie=3, length=4096), id="req-one"),
+        pytest.param(request(BLOCK_STATUS, flags=F_FUA, cookie=3, length=4096), id="fua"),
+        pytest.param(request(READ, cookie=3, length=4096), id="read"),
+        pytest.param(request(BLOCK_STATUS, cookie=3, length=0), id="zero-length"),
+        pytest.param(request(BLOCK_STATUS, cookie=3, offset=MIB, length=512), id="past-the-end"),
+        pytest.param(request(BLOCK_STATUS, cookie=3, length=4096)[:27], id="partial"),
+        pytest.param(request(BLOCK_STATUS, cookie=3, length=4096) * 2, id="two-requests"),
+    ],
+)
+def test_anything_else_goes_the_usual_way(data: bytes) -> None:
+    conn, calls = quick_conn(CONTEXTS[:1])
+    assert feed_quick(conn, data) is None and calls == []
+    events = []
+    while (ev := conn.next_event()) is not None:
+        events.append(ev)
+    expected = ServerConnection(exports(), default="disk")
+    handshake(expected, contexts=CONTEXTS[:1])
+    assert events == expected.receive_data(data)
+    assert take(conn) == take(expected)  # the same error replies, if any
+
+
+def test_quick_status_is_not_used_behind_a_write_still_arriving() -> None:
+    conn, calls = quick_conn(CONTEXTS[:1])
+    # A WRITE whose payload ends with 28 bytes that look like a BLOCK_STATUS request.
+    payload = b"x" * 100 + request(BLOCK_STATUS, cookie=9, length=512)
+    assert feed_quick(conn, request(WRITE, cookie=8, length=len(payload))) is None
+    assert feed_quick(conn, payload) is None and calls == []
+    (ev,) = [conn.next_event()]
+    assert isinstance(ev, Request) and ev.cookie == 8 and bytes(ev.payload or b"") == payload
+
+
+def test_quick_status_falls_back_when_a_source_fails() -> None:
+    conn = transmission(contexts=CONTEXTS[:1])
+
+    def failing(offset: int, length: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    conn.set_status_sources(dict.fromkeys(conn.contexts, failing))
+    assert feed_quick(conn, request(BLOCK_STATUS, cookie=4, length=4096)) is None
+    ev = conn.next_event()
+    assert isinstance(ev, Request) and (ev.cookie, ev.offset, ev.length) == (4, 0, 4096)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_status_sources_need_a_source_for_every_context(structured: bool) -> None:
+    conn = transmission(structured=structured, contexts=CONTEXTS[:2] if structured else None)
+    calls: list[tuple[int, int, int]] = []
+    some = dict.fromkeys(list(conn.contexts)[:1], status_source(1, calls))
+    conn.set_status_sources(some)
+    assert feed_quick(conn, request(BLOCK_STATUS, cookie=4, length=4096)) is None and calls == []
+
+
+def test_quick_status_stops_after_disconnect() -> None:
+    conn, calls = quick_conn(CONTEXTS[:1])
+    assert feed_quick(conn, request(DISC, cookie=1)) is None
+    assert isinstance(conn.next_event(), Disconnect)
+    assert feed_quick(conn, request(BLOCK_STATUS, cookie=2, length=512)) is None and calls == []
+
+
+def test_quick_status_waits_for_a_large_write_not_yet_taken() -> None:
+    conn, calls = quick_conn(CONTEXTS[:1])
+    n = 256 * KIB  # received into a buffer of its own
+    assert feed_quick(conn, request(WRITE, cookie=8, length=n)) is None
+    assert conn.next_event() is None  # the payload is still to come
+    for piece in range(4):
+        assert feed_quick(conn, bytes([piece]) * (n // 4)) is None
+    # The WRITE is whole but not taken yet: a BLOCK_STATUS now must queue up behind it.
+    assert feed_quick(conn, request(BLOCK_STATUS, cookie=9, length=512)) is None and calls == []
+    first, second = conn.next_event(), conn.next_event()
+    assert isinstance(first, Request) and first.cookie == 8
+    assert isinstance(second, Request) and second.cookie == 9
