@@ -33,6 +33,9 @@ UNIX_SNDBUF = 4 << 20
 SENDFILE_MIN = 64 * 1024
 # Receive buffers kept from closed connections for new ones (each is RECV_BUFFER bytes).
 MAX_SPARE_BUFFERS = 4
+# NbdProtocol._sock before the socket is looked up, and when there is none to sendfile to.
+_UNKNOWN = -1
+_NO_SOCKET = -2
 
 _READ = Cmd.READ
 _WRITE = Cmd.WRITE
@@ -45,8 +48,9 @@ _FUA = int(CmdFlag.FUA)
 class NbdProtocol(asyncio.BufferedProtocol):
     """One client connection: feeds bytes to the protocol core and acts on its events."""
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, unix: bool) -> None:
         self.server = server
+        self.unix = unix  # a Unix socket (else TCP): known from the listener, not asked of each socket
         self.conn = ServerConnection(server.infos, server.default, buffer=server.spare_buffer())
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
@@ -59,7 +63,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._closing = False
         self._paused = False
         self._queued = 0  # reply bytes built since the last flush
-        self._sock = -1  # the socket's descriptor, for sendfile
+        self._sock = _UNKNOWN  # the socket's descriptor, for sendfile: looked up at the first large READ
         # The transport asks for a buffer before every read: let it call the protocol core
         # directly rather than through a method of ours (one Python call less per request).
         self.get_buffer = self.conn.get_buffer  # type: ignore[method-assign]
@@ -72,17 +76,13 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         with contextlib.suppress(Exception):
             self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = self.transport.get_extra_info("socket")
-        family = sock.family if sock is not None else None  # each lookup is a system call with uvloop
-        if sock is not None and family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
-            self._sock = sock.fileno()
-            if family == socket.AF_UNIX:
-                # The default (~200 KiB) splits every large READ reply over several wakeups;
-                # the kernel caps this at net.core.wmem_max. TCP tunes its own buffer.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
-        peer = self.transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "unix socket")
+        # Nothing here asks the socket anything (with uvloop each question is a system call):
+        # the client is waiting for the greeting. A Unix socket's peer has no name anyway.
+        if self.unix:
+            self.peer = "unix socket"
+        else:
+            peer = self.transport.get_extra_info("peername")
+            self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connections.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
@@ -137,13 +137,18 @@ class NbdProtocol(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Log the connection's one summary line and forget it."""
+        """Forget the connection; its summary line is logged once the socket is closed."""
         if self._timer is not None:
             self._timer.cancel()
         if exc is not None and self.reason == "client closed":
             self.reason = f"connection lost: {exc}"
         self.server.connections.discard(self)
         self.server.keep_buffer(self.conn.release_buffer())
+        # The transport closes the socket when this returns, and a client that sent DISC waits
+        # for that: log afterwards. stop() waits for connection_closed(), so the line is written.
+        asyncio.get_running_loop().call_soon(self._log_closed)
+
+    def _log_closed(self) -> None:
         log.info(
             "connection %s export %r: %d requests, %d bytes read, %.1fs, %s",
             self.peer,
@@ -192,7 +197,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if cmd is _READ:
                 offset = req.offset
                 length = req.length
-                if length >= SENDFILE_MIN and self._sock >= 0:
+                if length >= SENDFILE_MIN and (self._sock if self._sock != _UNKNOWN else self._find_socket()) >= 0:
                     where = export.locate(offset, length)
                     if where is not None and self._sendfile(req, export, *where):
                         self.bytes_read += length
@@ -240,6 +245,19 @@ class NbdProtocol(asyncio.BufferedProtocol):
         except OSError as e:
             log.warning("%s: %s failed: %s", self.peer, req.cmd.name, e)
             conn.send_error(req.cookie, Errno.EIO, f"{req.cmd.name} failed: {e.strerror}")
+
+    def _find_socket(self) -> int:
+        """Look up the socket's descriptor for sendfile (once); -2 when there is none to use."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        self._sock = _NO_SOCKET
+        if sock is not None:
+            self._sock = sock.fileno()
+            if self.unix:
+                # The default (~200 KiB) splits every large READ reply over several wakeups;
+                # the kernel caps this at net.core.wmem_max. TCP tunes its own buffer.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+        return self._sock
 
     def _sendfile(self, req: Request, export: Export, fd: int, host: int) -> bool:
         """Send a READ reply whose data is LENGTH bytes of FD at HOST, the data by sendfile.
@@ -358,10 +376,10 @@ class NbdServer:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def _factory(self) -> NbdProtocol:
+    def _factory(self, unix: bool) -> NbdProtocol:
         # Counted from here, not from connection_made(): another connection closing in
         # between must not make the server look idle to stop().
-        proto = NbdProtocol(self)
+        proto = NbdProtocol(self, unix)
         self.connections.add(proto)
         self._idle.clear()
         return proto
@@ -386,21 +404,21 @@ class NbdServer:
             if os.path.exists(path) and not os.path.isdir(path):
                 os.unlink(path)
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_unix_server(self._factory, path))
+        self._servers.append(await loop.create_unix_server(partial(self._factory, True), path))
 
     async def listen_tcp(self, host: str, port: int) -> None:
         """Listen on TCP HOST:PORT."""
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_server(self._factory, host, port, reuse_address=True))
+        self._servers.append(await loop.create_server(partial(self._factory, False), host, port, reuse_address=True))
 
     async def listen_socket(self, sock: socket.socket) -> None:
         """Serve an already listening socket (systemd socket activation)."""
         loop = asyncio.get_running_loop()
         server: asyncio.Server
         if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(self._factory, sock=sock)
+            server = await loop.create_unix_server(partial(self._factory, True), sock=sock)
         else:
-            server = await loop.create_server(self._factory, sock=sock)
+            server = await loop.create_server(partial(self._factory, False), sock=sock)
         self._servers.append(server)
 
     def addresses(self) -> list[str]:

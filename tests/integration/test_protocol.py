@@ -1035,3 +1035,25 @@ def test_one_log_line_per_connection(image, tmp_path):
         new = [ln for ln in srv.log_text().splitlines()[len(before):] if ln.strip()]
     assert len(new) == n, "expected one log line per connection, got:\n" + "\n".join(new)
     assert "Traceback" not in "\n".join(new)
+
+
+@prlnbd_only
+def test_connection_summary_counts_every_request(image, tmp_path):
+    """The summary line counts block status steps answered inside the protocol core too."""
+    srv = start_server(tmp_path, image.path)
+    with support.running(srv):
+        time.sleep(0.3)
+        before = len(srv.log_text().splitlines())
+        with raw(srv) as c:
+            c.connect(contexts=["base:allocation"])
+            for i in range(5):  # one at a time, as a walking client sends them
+                c.call(Cmd.BLOCK_STATUS, i * MiB, MiB)
+            c.read(0, 128 * 1024)  # large enough for sendfile
+            c.read(0, 512)
+            c.disc()
+            c.wait_closed()
+        time.sleep(0.5)
+        new = srv.log_text().splitlines()[before:]
+    assert len(new) == 1, new
+    assert re.search(r"connection unix socket export '.*': 7 requests, 131584 bytes read, .*client disconnected",
+                     new[0]), new
