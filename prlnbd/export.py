@@ -111,8 +111,8 @@ class Export:
         self.disk = disk
         self.read_only = read_only or not disk.writable
         self._flush_lock = asyncio.Lock()
-        # (context, window index) -> packed extents; dropped for the windows a write touches.
-        self._status_cache: dict[tuple[str, int], _PackedWindow] = {}
+        # context -> window index -> packed extents; dropped for the windows a write touches.
+        self._status_cache: dict[str, dict[int, _PackedWindow]] = {}
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -122,6 +122,7 @@ class Export:
             if index > 0 and guid
         }
         contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
+        self._status_cache = {context: {} for context in contexts}
         layers = len(disk.layers)
         self.info = ExportInfo(
             name=name,
@@ -175,11 +176,13 @@ class Export:
         """Mark a changed range in every bitmap of the top image (before the reply goes out)."""
         for bitmap in self.bitmaps.values():
             bitmap.set_range(offset, length)
-        if self._status_cache and length:
+        if length:
             # The window before the first also holds that window's first extent.
             first, last = offset // STATUS_WINDOW - 1, (offset + length - 1) // STATUS_WINDOW
-            for key in [k for k in self._status_cache if first <= k[1] <= last]:
-                del self._status_cache[key]
+            for windows in self._status_cache.values():
+                if windows:
+                    for index in range(first, last + 1):
+                        windows.pop(index, None)
 
     async def flush(self) -> None:
         """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
@@ -221,7 +224,7 @@ class Export:
         client walking the disk (see ServerConnection.set_status_sources).
         """
         end = offset + length
-        window = self._status_cache.get((context, offset // STATUS_WINDOW))
+        window = self._status_cache[context].get(offset // STATUS_WINDOW)
         if window is not None and end <= window.ends[-1]:
             payload = window.slice(offset, end)
             if payload is not None:
@@ -267,8 +270,8 @@ class Export:
         return bytes(out)
 
     def _window(self, context: str, index: int) -> _PackedWindow:
-        key = (context, index)
-        window = self._status_cache.get(key)
+        windows = self._status_cache[context]
+        window = windows.get(index)
         if window is None:
             size = self.disk.size
             start = index * STATUS_WINDOW
@@ -283,7 +286,7 @@ class Export:
             extents = merge_extents(items, limit=MAX_CACHED_EXTENTS)
             window = _PackedWindow(start, extents)
             if len(extents) < MAX_CACHED_EXTENTS:
-                self._status_cache[key] = window
+                windows[index] = window
         return window
 
     def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:

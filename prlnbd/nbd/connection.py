@@ -306,7 +306,8 @@ class ServerConnection:
         if self._pos == self._end and not self._shared:
             # Everything received is parsed (the usual case between requests): start over.
             self._pos = self._end = 0
-        elif len(self._in) - self._end < _MIN_ROOM:
+            return self._view
+        if len(self._in) - self._end < _MIN_ROOM:
             self._compact()
         return self._view[self._end :]
 
