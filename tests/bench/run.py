@@ -160,9 +160,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_cmd(cmd: Sequence[str | Path], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cmd(cmd: Sequence[str | Path], timeout: float = 600,
+            preexec_fn: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
     """Run CMD, raising BenchError with its output if it fails."""
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                         preexec_fn=preexec_fn)
     if res.returncode != 0:
         raise BenchError(f"{' '.join(map(str, cmd))[:200]} failed ({res.returncode}):\n"
                          f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
@@ -229,7 +231,9 @@ class Bench:
         self.runtime = 5 if self.quick else 10
         self.warmup = 1 if self.quick else 2
         self.reps: int = args.reps
-        self.map_reps = max(self.reps, 5 if self.quick else 9)
+        # A map takes ~20 ms and its time is bimodal (whether the scheduler keeps client and
+        # server on one CPU): a median needs many of them to settle. Cheap, so take plenty.
+        self.map_reps = max(self.reps, 15 if self.quick else 41)
         self.servers: list[Server] = []
         self._full: Path | None = None
         self.rows: list[Row] = []
@@ -457,14 +461,41 @@ class Bench:
         return path, bm.name
 
     def time_maps(self, row: Row, s: Server, q: Server, option: str) -> None:
-        """Time `nbdinfo OPTION` on both servers, alternating; the maps must be identical."""
+        """Time `nbdinfo OPTION` on both servers, alternating; the maps must be identical.
+
+        Then again with client and servers pinned, on one CPU and on two, as extra
+        rows: each map is a few hundred round trips, and unpinned its time mostly
+        says whether the scheduler happened to keep client and server together.
+        """
+        self._time_maps(row, s, q, option, None)
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 or row.status:
+            return
+        for label, client_cpu in (("1cpu", cpus[0]), ("2cpu", cpus[1])):
+            pinned = Row(f"{row.name}@{label}", row.unit, row.reference, row.target, row.higher_is_better)
+            self.rows.append(pinned)
+            for server in (s, q):
+                pin(server.proc.pid, {cpus[0]})
+            try:
+                self._time_maps(pinned, s, q, option, client_cpu)
+            finally:
+                for server in (s, q):
+                    pin(server.proc.pid, set(cpus))
+
+    def _time_maps(self, row: Row, s: Server, q: Server, option: str, client_cpu: int | None) -> None:
         try:
             outputs: dict[str, str] = {}
+            # CPU time each server spent per map: unlike the wall time, not at the mercy of
+            # where the scheduler puts client and server.
+            cpu: dict[str, list[float]] = {"subject": [], "ref": []}
+            place = None if client_cpu is None else (lambda: os.sched_setaffinity(0, {client_cpu}))
 
             def timed(server: Server, key: str) -> float:
+                c0 = cpu_seconds(server.proc.pid)
                 t0 = time.perf_counter()
-                res = run_cmd(["nbdinfo", option, server.uri()], timeout=600)
+                res = run_cmd(["nbdinfo", option, server.uri()], timeout=600, preexec_fn=place)
                 elapsed = time.perf_counter() - t0
+                cpu[key].append(cpu_seconds(server.proc.pid) - c0)
                 outputs.setdefault(key, res.stdout)
                 return elapsed
 
@@ -473,6 +504,10 @@ class Bench:
             self.alternate(row, lambda _i: timed(s, "subject"), lambda _i: timed(q, "ref"),
                            reps=self.map_reps)
             lines = len(outputs["ref"].splitlines())
+            if all(cpu.values()):
+                row.notes.append(
+                    f"server CPU per map (median): {self.subject} {statistics.median(cpu['subject']) * 1e3:.2f} ms,"
+                    f" {row.reference} {statistics.median(cpu['ref']) * 1e3:.2f} ms")
             if outputs["subject"] == outputs["ref"]:
                 row.notes.append(f"maps identical ({lines} extents)")
             else:
@@ -596,6 +631,24 @@ def is_read_only(server: Server) -> bool:
     res = run_cmd(["nbdinfo", "--json", server.uri()], timeout=60)
     exports = json.loads(res.stdout)["exports"]
     return bool(exports and exports[0].get("is_read_only"))
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Let every thread of process PID run only on CPUS."""
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task), cpus)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) all threads of process PID have used, from /proc schedstat."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total / 1e9
 
 
 def first_difference(a: str, b: str) -> str:
