@@ -14,7 +14,27 @@ from prlnbd.errors import ExtensionError
 from prlnbd.image import format as fmt
 
 _NONZERO = re.compile(rb"[^\x00]")
-_NONZERO_RUN = re.compile(rb"[^\x00]+")
+# What set_runs() steps through, skipping clear bytes: a stretch of all-set bytes, or one
+# byte with both set and clear bits.
+_SET_BYTES = re.compile(rb"(\xff+)|[^\x00\xff]")
+
+
+def _byte_runs(value: int) -> tuple[tuple[int, int], ...]:
+    """The runs [lo, hi) of set bits in one byte, least significant bit first."""
+    runs = []
+    bit = 0
+    while bit < 8:
+        if value >> bit & 1:
+            lo = bit
+            while bit < 8 and value >> bit & 1:
+                bit += 1
+            runs.append((lo, bit))
+        else:
+            bit += 1
+    return tuple(runs)
+
+
+_BYTE_RUNS = tuple(_byte_runs(v) for v in range(256))
 _NOT_ALL_SET = re.compile(rb"[^\xff]")
 
 
@@ -95,23 +115,28 @@ class DirtyBitmap:
     def set_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
         """The maximal runs [start, end) of set bits within bits [first, last), in order.
 
-        A regular expression skips clear bytes at C speed; each stretch of
-        non-zero bytes is decoded as one integer, so the cost follows the
-        number of dirty runs, not the size of the disk.
+        A regular expression skips clear bytes and takes a stretch of all-set
+        bytes whole, at C speed; a byte of mixed bits is looked up in a table.
+        So the cost follows the number of runs, not the size of the disk, and
+        stays linear however the bits alternate.
         """
-        for m in _NONZERO_RUN.finditer(self.bits, first >> 3, (last + 7) >> 3):
-            x = int.from_bytes(m.group(), "little")
+        bits = self.bits
+        start = end = -1  # the run being grown
+        for m in _SET_BYTES.finditer(bits, first >> 3, (last + 7) >> 3):
             at = m.start() << 3
-            while x:
-                low = (x & -x).bit_length() - 1  # clear bits before the next set one
-                x >>= low
-                ones = (x ^ (x + 1)).bit_length() - 1  # how many set bits follow
-                x >>= ones
-                start = max(at + low, first)
-                at += low + ones
-                stop = min(at, last)
-                if start < stop:
-                    yield start, stop
+            for lo, hi in ((0, (m.end() - m.start()) << 3),) if m.lastindex else _BYTE_RUNS[bits[m.start()]]:
+                if at + lo == end:
+                    end = at + hi
+                    continue
+                if start < end:
+                    a, b = max(start, first), min(end, last)
+                    if a < b:
+                        yield a, b
+                start, end = at + lo, at + hi
+        if start < end:
+            a, b = max(start, first), min(end, last)
+            if a < b:
+                yield a, b
 
     def extents(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
         """Split [offset, offset+length) into (length, dirty) runs, aligned to the granularity."""
