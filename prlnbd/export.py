@@ -63,8 +63,9 @@ def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS)
 # the largest request clients send (4 GiB less a sector), so one window is never much more
 # work to compute than one request.
 STATUS_WINDOW = (1 << 32) - 512
-# A window with more extents than this is not cached (it would cost too much memory).
-MAX_CACHED_EXTENTS = 1 << 20
+# A window with more extents than this is not kept (it would cost too much memory and time
+# to build): requests there are computed directly, each as far as its reply reaches.
+MAX_WINDOW_EXTENTS = 2 * 64 * 1024
 _U32 = struct.Struct(">I")
 _pack_u32 = _U32.pack
 U32_MAX = 0xFFFFFFFF
@@ -113,6 +114,8 @@ class Export:
         self._flush_lock = asyncio.Lock()
         # context -> window index -> packed extents; dropped for the windows a write touches.
         self._status_cache: dict[str, dict[int, _PackedWindow]] = {}
+        # context -> indexes of windows found to hold more than MAX_WINDOW_EXTENTS extents.
+        self._dense: dict[str, set[int]] = {}
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -123,6 +126,7 @@ class Export:
         }
         contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
         self._status_cache = {context: {} for context in contexts}
+        self._dense = {context: set() for context in contexts}
         layers = len(disk.layers)
         self.info = ExportInfo(
             name=name,
@@ -183,6 +187,9 @@ class Export:
                 if windows:
                     for index in range(first, last + 1):
                         windows.pop(index, None)
+            for dense in self._dense.values():
+                if dense:
+                    dense.difference_update(range(first, last + 1))
 
     async def flush(self) -> None:
         """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
@@ -242,10 +249,15 @@ class Export:
         limit = MAX_EXTENTS + 1
         while pos < end and count < limit:
             index = pos // STATUS_WINDOW
-            window = self._window(context, index)
             stop = min(end, (index + 1) * STATUS_WINDOW)
+            window = self._window(context, index)
+            if window is None:
+                # Too many extents to keep: just those this reply can hold, and one more.
+                extents = merge_extents(self._status(context, pos, stop - pos), limit=limit - count + 1)
+                window = _PackedWindow(pos, extents)
             ends = window.ends
-            # Extents i..j of the window overlap [pos, stop); the window always reaches stop.
+            # Extents i..j of the window overlap [pos, stop): a whole window reaches stop,
+            # one computed for this reply reaches it or holds more extents than are wanted.
             i = bisect.bisect_right(ends, pos)
             j = min(bisect.bisect_left(ends, stop), i + limit - count - 1)
             piece = bytearray(window.data[8 * i : 8 * (j + 1)])
@@ -269,10 +281,13 @@ class Export:
             del out[-8:]
         return bytes(out)
 
-    def _window(self, context: str, index: int) -> _PackedWindow:
+    def _window(self, context: str, index: int) -> _PackedWindow | None:
+        """Window INDEX of CONTEXT, computed now if need be; None if it holds too many extents."""
         windows = self._status_cache[context]
         window = windows.get(index)
         if window is None:
+            if index in self._dense[context]:
+                return None
             size = self.disk.size
             start = index * STATUS_WINDOW
             stop = min(start + STATUS_WINDOW, size)
@@ -283,10 +298,11 @@ class Export:
                 # byte) end a little past this window, and are still answered by one slice.
                 following = self._status(context, stop, min(STATUS_WINDOW, size - stop))
                 items = itertools.chain(items, merge_extents(following, limit=1))
-            extents = merge_extents(items, limit=MAX_CACHED_EXTENTS)
-            window = _PackedWindow(start, extents)
-            if len(extents) < MAX_CACHED_EXTENTS:
-                windows[index] = window
+            extents = merge_extents(items, limit=MAX_WINDOW_EXTENTS + 1)
+            if len(extents) > MAX_WINDOW_EXTENTS:
+                self._dense[context].add(index)
+                return None
+            window = windows[index] = _PackedWindow(start, extents)
         return window
 
     def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:

@@ -117,3 +117,39 @@ def test_status_walks_are_answered_by_one_window_slice(
                     assert steps > 15 and len(across) <= 2 * writes, (ctx, across, steps, writes)
     finally:
         exp.close()
+
+
+@pytest.mark.parametrize("max_extents", [7, export_mod.MAX_EXTENTS])
+def test_dense_windows_are_answered_directly(bundle: Path, monkeypatch: pytest.MonkeyPatch, max_extents: int) -> None:
+    """A window with more extents than a window may hold is never kept, and every request still gets its answer.
+
+    Requests starting past what such a window could hold, and walks through
+    it, must get the same extents as the plain computation.
+    """
+    window = 3 * 1024 * 1024 + 4096
+    monkeypatch.setattr(export_mod, "STATUS_WINDOW", window)
+    monkeypatch.setattr(export_mod, "MAX_EXTENTS", max_extents)
+    monkeypatch.setattr(export_mod, "MAX_WINDOW_EXTENTS", 5)
+    disk = open_disk(bundle, writable=True)
+    exp = Export("x", disk, read_only=False)
+    rng = random.Random(3)
+    kept = dense = 0
+    try:
+        for ctx in exp.info.contexts:
+            for _ in range(60):
+                off = rng.randrange(SIZE)
+                length = rng.randrange(1, min(SIZE - off, 2 * window) + 1)
+                assert unpack(exp.packed_status(ctx, off, length)) == exp.extents(ctx, off, length), (ctx, off)
+            off = 0
+            while off < SIZE:
+                length = min(SIZE - off, window + 511)
+                got = unpack(exp.packed_status(ctx, off, length))
+                assert got == exp.extents(ctx, off, length), (ctx, off)
+                off += sum(n for n, _ in got)
+            # Dense windows are not kept, and the others hold at most the allowed number of extents.
+            assert all(len(w.ends) <= 5 for w in exp._status_cache[ctx].values())
+            kept += len(exp._status_cache[ctx])
+            dense += len(exp._dense[ctx])
+        assert kept and dense  # both kinds of window were met
+    finally:
+        exp.close()
