@@ -1009,6 +1009,15 @@ def test_sigterm_with_inflight_requests(image, tmp_path):
 
 
 @prlnbd_only
+def test_the_event_loop_asked_for_is_used(image, tmp_path):
+    """PRLNBD_LOOP=asyncio (as tests/run.sh's second pass sets it) really runs plain asyncio."""
+    want = "asyncio" if os.environ.get("PRLNBD_LOOP") == "asyncio" else "uvloop"
+    srv = start_server(tmp_path, image.path)
+    with support.running(srv):
+        assert f"({want} loop)" in srv.log_text(), srv.log_text()
+
+
+@prlnbd_only
 def test_one_log_line_per_connection(image, tmp_path):
     srv = start_server(tmp_path, image.path)
     with support.running(srv):
