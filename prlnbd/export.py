@@ -60,8 +60,8 @@ def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS)
 
 # Block status is cached per window of this many bytes, as packed descriptors: a request
 # inside one window is answered with one slice of them, its two ends re-packed. The size is
-# the largest request clients send (4 GiB less a sector), so one window is never much more
-# work to compute than one request.
+# about the largest request a client can send (nbdinfo asks for 4 GiB less one byte), so one
+# window is never much more work to compute than one request.
 STATUS_WINDOW = (1 << 32) - 512
 # A window with more extents than this is not kept (it would cost too much memory and time
 # to build): requests there are computed directly, each as far as its reply reaches.
