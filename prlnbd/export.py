@@ -112,10 +112,6 @@ class Export:
         self.disk = disk
         self.read_only = read_only or not disk.writable
         self._flush_lock = asyncio.Lock()
-        # context -> window index -> packed extents; dropped for the windows a write touches.
-        self._status_cache: dict[str, dict[int, _PackedWindow]] = {}
-        # context -> indexes of windows found to hold more than MAX_WINDOW_EXTENTS extents.
-        self._dense: dict[str, set[int]] = {}
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -125,8 +121,10 @@ class Export:
             if index > 0 and guid
         }
         contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
-        self._status_cache = {context: {} for context in contexts}
-        self._dense = {context: set() for context in contexts}
+        # context -> window index -> packed extents; dropped for the windows a write touches.
+        self._status_cache: dict[str, dict[int, _PackedWindow]] = {context: {} for context in contexts}
+        # context -> indexes of windows found to hold more than MAX_WINDOW_EXTENTS extents.
+        self._dense: dict[str, set[int]] = {context: set() for context in contexts}
         layers = len(disk.layers)
         self.info = ExportInfo(
             name=name,

@@ -83,7 +83,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
         else:
             peer = self.transport.get_extra_info("peername")
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.server.connections.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
         log.debug("%s: connected", self.peer)

@@ -91,7 +91,6 @@ _DONE_STATUS = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.BLOCK_STATUS))
 _MORE_STATUS = (STRUCTURED_REPLY_MAGIC, 0, int(Chunk.BLOCK_STATUS))
 _DONE_DATA = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.OFFSET_DATA))
 _pack_status_chunk = wire.CHUNK_BLOCK_STATUS.pack
-_CHUNK_STATUS = int(Chunk.BLOCK_STATUS)
 _RANGE_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
 
 
@@ -225,8 +224,8 @@ class ServerConnection:
         self._read_only = True
         # BLOCK_STATUS is valid in transmission (structured replies and a context chosen).
         self._status_ok = False
-        # set_status_sources(): (chunk flags, context id, source) per selected context, in order.
-        self._sources: list[tuple[int, int, StatusSource]] = []
+        # set_status_sources(): (chunk head, context id, source) per selected context, in order.
+        self._sources: list[tuple[tuple[int, int, int], int, StatusSource]] = []
         # A WRITE whose payload is being received into its own buffer: the header fields,
         # the buffer, and how much of it has arrived.
         self._write: tuple[int, int, int, int] | None = None
@@ -328,7 +327,9 @@ class ServerConnection:
             self._sources = []
             return
         last = len(self.contexts) - 1
-        self._sources = [(CHUNK_DONE if i == last else 0, cid, sources[cid]) for i, cid in enumerate(self.contexts)]
+        self._sources = [
+            (_DONE_STATUS if i == last else _MORE_STATUS, cid, sources[cid]) for i, cid in enumerate(self.contexts)
+        ]
 
     def quick_status_reply(self, nbytes: int) -> list[bytes] | None:
         """buffer_updated(), and the reply at once when the bytes are one plain BLOCK_STATUS request.
@@ -341,28 +342,25 @@ class ServerConnection:
         several requests in one read, a source that fails) returns None and
         goes through next_event() as usual.
         """
-        write = self._write
-        if write is not None and self._payload_got < len(self._payload):
-            self._payload_got += nbytes
-            return None
+        self.buffer_updated(nbytes)
         pos = self._pos
-        end = self._end = self._end + nbytes
         sources = self._sources
-        if end - pos != 28 or not sources or write is not None or self._discard or self.state is not _TRANSMISSION:
+        if self._end - pos != 28 or not sources or self._write is not None or self._discard:
+            return None
+        if self.state is not _TRANSMISSION:
             return None
         magic, flags, cmd, cookie, offset, length = _unpack_request(self._in, pos)
         if cmd != _BLOCK_STATUS or flags or not length or magic != REQUEST_MAGIC or offset + length > self._size:
             return None
         reply: list[bytes] = []
         try:
-            for chunk_flags, cid, source in sources:
+            for head, cid, source in sources:
                 payload = source(offset, length)
-                size = 4 + len(payload)
-                reply.append(_pack_status_chunk(STRUCTURED_REPLY_MAGIC, chunk_flags, _CHUNK_STATUS, cookie, size, cid))
+                reply.append(_pack_status_chunk(*head, cookie, 4 + len(payload), cid))
                 reply.append(payload)
         except Exception:  # the usual path asks again, and reports what went wrong
             return None
-        self._pos = end
+        self._pos = pos + 28
         return reply
 
     def next_event(self) -> Event | None:
@@ -807,7 +805,7 @@ class ServerConnection:
         for i, (cid, extents) in enumerate(replies):
             payload = extents if isinstance(extents, bytes) else pack_extents(extents)
             head = _DONE_STATUS if i == last else _MORE_STATUS
-            out.append(wire.CHUNK_BLOCK_STATUS.pack(*head, cookie, 4 + len(payload), cid))
+            out.append(_pack_status_chunk(*head, cookie, 4 + len(payload), cid))
             out.append(payload)
 
 
