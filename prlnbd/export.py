@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from prlnbd.disk.chain import Disk
 from prlnbd.errors import RequestError
 from prlnbd.image.extension import DirtyBitmap
+from prlnbd.image.parallels import ParallelsImage
 from prlnbd.nbd.connection import ExportInfo, pack_extents
 from prlnbd.nbd.constants import (
     ALLOCATION_DEPTH,
@@ -125,6 +126,13 @@ class Export:
         self._status_cache: dict[str, dict[int, _PackedWindow]] = {context: {} for context in contexts}
         # context -> indexes of windows found to hold more than MAX_WINDOW_EXTENTS extents.
         self._dense: dict[str, set[int]] = {context: set() for context in contexts}
+        # A write changes status in whole clusters of the top image and whole granules of
+        # each bitmap, so past the bytes it was given: by at most this much either side.
+        top = disk.top
+        self._touch_margin = max(
+            [top.cluster_size if isinstance(top, ParallelsImage) else 0]
+            + [b.granularity for b in self.bitmaps.values()]
+        )
         layers = len(disk.layers)
         self.info = ExportInfo(
             name=name,
@@ -180,7 +188,9 @@ class Export:
             bitmap.set_range(offset, length)
         if length:
             # The window before the first also holds that window's first extent.
-            first, last = offset // STATUS_WINDOW - 1, (offset + length - 1) // STATUS_WINDOW
+            margin = self._touch_margin
+            first = (offset - margin) // STATUS_WINDOW - 1
+            last = (offset + length - 1 + margin) // STATUS_WINDOW
             for windows in self._status_cache.values():
                 if windows:
                     for index in range(first, last + 1):

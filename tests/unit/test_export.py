@@ -153,3 +153,30 @@ def test_dense_windows_are_answered_directly(bundle: Path, monkeypatch: pytest.M
         assert kept and dense  # both kinds of window were met
     finally:
         exp.close()
+
+
+def test_write_in_a_cluster_across_a_window_edge_shows_in_the_next_window(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write changes status in its whole cluster, also the part of it in the next window.
+
+    Windows are not cluster-aligned (the real one is 4 GiB less 512 bytes), so
+    a cluster can straddle two; both must be computed afresh.
+    """
+    window = 3 * 1024 * 1024 + 4096
+    monkeypatch.setattr(export_mod, "STATUS_WINDOW", window)
+    edge = 2 * window
+    assert edge % CS  # the cluster holding the edge's last byte straddles it
+    disk = open_disk(bundle, writable=True)
+    exp = Export("x", disk, read_only=False)
+    try:
+        depth = "qemu:allocation-depth"
+        for off in range(0, SIZE, window // 2):  # every window kept
+            exp.packed_status(depth, off, min(window, SIZE - off))
+        before = unpack(exp.packed_status(depth, edge, 4096))
+        exp.write(edge - 1, memoryview(b"w"))
+        for ctx in exp.info.contexts:
+            assert unpack(exp.packed_status(ctx, edge, 4096)) == exp.extents(ctx, edge, 4096), ctx
+        assert unpack(exp.packed_status(depth, edge, 4096))[0][1] == 1 != before[0][1]
+    finally:
+        exp.close()
