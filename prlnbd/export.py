@@ -72,6 +72,18 @@ _pack_u32 = _U32.pack
 U32_MAX = 0xFFFFFFFF
 
 
+def final_end(start: int, end: int, known: int) -> int:
+    """Where to end a reply's final extent, which starts at START and must reach END.
+
+    The spec lets the final extent of a reply without REQ_ONE run past the
+    request when the server knows anyway that the status goes on: that much
+    less for a client walking the disk to ask next. It runs on to KNOWN (where
+    the extent is known to end), within a u32 length and, when cut short by
+    that, at a 512-byte boundary.
+    """
+    return min(known, max(end, (start + U32_MAX) & ~511))
+
+
 class _PackedWindow:
     """One window's extents for one context: wire-ready (length, flags) pairs and where each ends."""
 
@@ -86,22 +98,35 @@ class _PackedWindow:
         self.data = flat.tobytes()
         self.ends = array("Q", itertools.accumulate((length for length, _ in extents), initial=start))[1:]
 
-    def slice(self, offset: int, end: int) -> bytes | None:
-        """The descriptors of [offset, end), first and last clipped; None past MAX_EXTENTS of them.
+    def joined(self, following: _PackedWindow) -> _PackedWindow:
+        """This window with the next one's extents after its own last: one slice reaches both.
 
-        The range must start in this window and end by its last extent's end.
+        This window's last extent is the next one's first (the look-ahead), and
+        must end where the status changes.
+        """
+        i = bisect.bisect_right(following.ends, self.ends[-1])
+        both = object.__new__(_PackedWindow)
+        both.data = self.data + following.data[8 * i :]
+        both.ends = self.ends + following.ends[i:]
+        return both
+
+    def slice(self, offset: int, end: int) -> bytes | None:
+        """The descriptors of [offset, end), the first clipped, the last run on (final_end).
+
+        None past MAX_EXTENTS of them. The range must start in this window and
+        end by its last extent's end.
         """
         ends = self.ends
         data = self.data
         i = bisect.bisect_right(ends, offset)
         j = bisect.bisect_left(ends, end, i)
         if i == j:
-            return _pack_u32(end - offset) + data[8 * i + 4 : 8 * i + 8]
+            return _pack_u32(final_end(offset, end, ends[i]) - offset) + data[8 * i + 4 : 8 * i + 8]
         if j - i >= MAX_EXTENTS:
             return None
         # Descriptors i..j: re-pack the first length and the last, keep the bytes in between.
         head = _pack_u32(ends[i] - offset)
-        tail = _pack_u32(end - ends[j - 1])
+        tail = _pack_u32(final_end(ends[j - 1], end, ends[j]) - ends[j - 1])
         return b"".join((head, data[8 * i + 4 : 8 * j], tail, data[8 * j + 4 : 8 * j + 8]))
 
 
@@ -187,9 +212,10 @@ class Export:
         for bitmap in self.bitmaps.values():
             bitmap.set_range(offset, length)
         if length:
-            # The window before the first also holds that window's first extent.
+            # The two windows before the first may hold its extents: the one just before holds
+            # its first extent, and may have been joined with the one before that.
             margin = self._touch_margin
-            first = (offset - margin) // STATUS_WINDOW - 1
+            first = (offset - margin) // STATUS_WINDOW - 2
             last = (offset + length - 1 + margin) // STATUS_WINDOW
             for windows in self._status_cache.values():
                 if windows:
@@ -239,11 +265,29 @@ class Export:
         client walking the disk (see ServerConnection.set_status_sources).
         """
         end = offset + length
-        window = self._status_cache[context].get(offset // STATUS_WINDOW)
-        if window is not None and end <= window.ends[-1]:
-            payload = window.slice(offset, end)
-            if payload is not None:
-                return payload
+        windows = self._status_cache[context]
+        index = offset // STATUS_WINDOW
+        window = windows.get(index)
+        if window is not None:
+            reach = window.ends[-1]
+            if end <= reach:
+                payload = window.slice(offset, end)
+                if payload is not None:
+                    return payload
+            elif reach < (index + 2) * STATUS_WINDOW:
+                # Into the next window, as a walk's steps soon are once final extents run on:
+                # keep this window joined with the next, so such steps are one slice too. Its
+                # last extent ends short of the window after, so where the status changes.
+                following = windows.get(index + 1)
+                if (
+                    following is not None
+                    and end <= following.ends[-1]
+                    and len(window.ends) + len(following.ends) <= MAX_WINDOW_EXTENTS
+                ):
+                    window = windows[index] = window.joined(following)
+                    payload = window.slice(offset, end)
+                    if payload is not None:
+                        return payload
         return self._pack_across(context, offset, end)
 
     def _pack_across(self, context: str, offset: int, end: int) -> bytes:
@@ -251,7 +295,7 @@ class Export:
         out = bytearray()
         count = 0
         last_flags = -1
-        pos = offset
+        pos = known = offset
         # One extent more than a reply holds: only the next one shows where the last one ends,
         # when it goes on past a window boundary.
         limit = MAX_EXTENTS + 1
@@ -285,8 +329,13 @@ class Export:
             count += j - i + 1
             last_flags = _U32.unpack_from(out, len(out) - 4)[0]
             pos = min(stop, ends[j])
+            known = ends[j]
         if count == limit:
             del out[-8:]
+        else:
+            # The whole range is answered: run the final extent on as far as it is known.
+            start = end - _U32.unpack_from(out, len(out) - 8)[0]
+            _U32.pack_into(out, len(out) - 8, final_end(start, end, known) - start)
         return bytes(out)
 
     def _window(self, context: str, index: int) -> _PackedWindow | None:

@@ -662,6 +662,29 @@ def test_flush_and_cache(ro):
         assert c.call(Cmd.CACHE, SIZE - 512, 512).error == 0
 
 
+def test_block_status_final_extent_runs_on(ro):
+    """Without REQ_ONE the final extent runs on as far as its status does (the spec allows it).
+
+    A client walking the disk then needs fewer requests. With REQ_ONE the one
+    extent stays inside the request, as the spec demands.
+    """
+    hole = STATE_HOLE | STATE_ZERO
+    with raw(ro) as c:
+        c.connect(contexts=[BASE, DEPTH])
+        base, depth = c.contexts[BASE], c.contexts[DEPTH]
+        # [1 MiB, 4 MiB) is a hole.
+        status = parse_block_status(c.call(Cmd.BLOCK_STATUS, 2 * MiB, 512, 0))
+        assert status[base] == [(2 * MiB, hole)]
+        assert status[depth] == [(2 * MiB, 0)]
+        status = parse_block_status(c.call(Cmd.BLOCK_STATUS, 2 * MiB, 512, CmdFlag.REQ_ONE))
+        assert status[base] == [(512, hole)] and status[depth] == [(512, 0)]
+        status = parse_block_status(c.call(Cmd.BLOCK_STATUS, 0, MiB + 4096, 0))
+        assert status[base] == [(MiB, 0), (3 * MiB, hole)]
+        # The last extent of the disk ends at the disk's end.
+        status = parse_block_status(c.call(Cmd.BLOCK_STATUS, 20 * MiB, 4096, 0))
+        assert status[base] == [(43 * MiB, hole)]
+
+
 def _overlaps_allocated(a: int, b: int) -> bool:
     return any(x < b and a < y for x, y in ALLOCATED)
 
@@ -687,8 +710,11 @@ def test_block_status(ro, image, offset, length):
             for name, cid in ids.items():
                 extents = status[cid]
                 assert extents and all(n > 0 for n, _ in extents), extents
-                assert sum(n for n, _ in extents) <= length
+                # Only the final extent may run past the request, and never with REQ_ONE.
+                assert sum(n for n, _ in extents[:-1]) < length
+                assert offset + sum(n for n, _ in extents) <= SIZE
                 if flags:
+                    assert sum(n for n, _ in extents) <= length
                     assert len(extents) == 1, f"REQ_ONE gave {len(extents)} extents for {name}"
                 pos = offset
                 for n, state in extents:  # every extent must tell the truth

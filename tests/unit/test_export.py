@@ -24,6 +24,22 @@ def unpack(payload: bytes) -> list[tuple[int, int]]:
     return [struct.unpack_from(">II", payload, i) for i in range(0, len(payload), 8)]
 
 
+def answered(exp: Export, ctx: str, off: int, length: int, payload: bytes) -> list[tuple[int, int]]:
+    """Check a reply without REQ_ONE against the plain computation; return its extents.
+
+    Every extent but the last lies inside the request; the last reaches the
+    request's end (unless the reply holds MAX_EXTENTS extents) and may run past
+    it, but only as far as its status truly goes on.
+    """
+    got = unpack(payload)
+    total = sum(n for n, _ in got)
+    assert sum(n for n, _ in got[:-1]) < length, (ctx, off, length)
+    assert total >= length or len(got) == export_mod.MAX_EXTENTS, (ctx, off, length)
+    assert off + total <= SIZE
+    assert got == exp.extents(ctx, off, total), (ctx, off, length)
+    return got
+
+
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
     """A 3-layer chain with scattered clusters and a bitmap on the top."""
@@ -51,31 +67,38 @@ def test_status_payload_equals_extents(bundle: Path, monkeypatch: pytest.MonkeyP
     disk = open_disk(bundle, writable=True)
     exp = Export("x", disk, read_only=False)
     rng = random.Random(11)
+    extended = 0
     try:
         for round_ in range(3):
             for _ in range(200):
                 ctx = rng.choice(list(exp.info.contexts))
                 off = rng.randrange(SIZE)
                 length = rng.randrange(1, SIZE - off + 1)
-                assert unpack(exp.status_payload(ctx, off, length)) == exp.extents(ctx, off, length)
+                got = answered(exp, ctx, off, length, exp.status_payload(ctx, off, length))
+                extended += sum(n for n, _ in got) > length
+                # REQ_ONE: one extent, never past the request.
                 one = unpack(exp.status_payload(ctx, off, length, req_one=True))
                 assert len(one) == 1 and one == exp.extents(ctx, off, length, req_one=True)
+                assert one[0][0] <= length
             # A write must drop the cached windows it touches.
             exp.write(rng.randrange(SIZE - 8192) + round_, memoryview(b"w" * 5000))
     finally:
         exp.close()
+    # Most requests end inside an extent that goes on: their final extent runs on.
+    assert extended > 300
 
 
 @pytest.mark.parametrize("max_extents", [7, export_mod.MAX_EXTENTS])
 def test_status_walks_are_answered_by_one_window_slice(
     bundle: Path, monkeypatch: pytest.MonkeyPatch, max_extents: int
 ) -> None:
-    """Walks with requests a little longer than a window (as nbdinfo's are) take one slice per step.
+    """Walks with requests a little longer than a window (as nbdinfo's are) are answered from kept windows.
 
     Each window holds the next one's first extent too, so a step that runs a
-    little past it is still one slice once the windows are computed; writes in
-    between must show in the next answer. With a tiny MAX_EXTENTS the replies
-    are cut short instead.
+    little past it is one slice once the windows are computed. Final extents
+    run on past the request, so the steps drift into the next window: those
+    are two slices joined. Writes in between must show in the next answer.
+    With a tiny MAX_EXTENTS the replies are cut short instead.
     """
     window = 3 * 1024 * 1024 + 4096
     monkeypatch.setattr(export_mod, "STATUS_WINDOW", window)
@@ -96,8 +119,7 @@ def test_status_walks_are_answered_by_one_window_slice(
         off, steps, writes = 0, 0, 0
         while off < SIZE:
             length = min(SIZE - off, request)
-            got = unpack(exp.packed_status(ctx, off, length))
-            assert got == exp.extents(ctx, off, length), (ctx, request, off)
+            got = answered(exp, ctx, off, length, exp.packed_status(ctx, off, length))
             off += sum(n for n, _ in got)
             steps += 1
             if write_every and steps % write_every == 0 and off + 700 <= SIZE:
@@ -139,12 +161,11 @@ def test_dense_windows_are_answered_directly(bundle: Path, monkeypatch: pytest.M
             for _ in range(60):
                 off = rng.randrange(SIZE)
                 length = rng.randrange(1, min(SIZE - off, 2 * window) + 1)
-                assert unpack(exp.packed_status(ctx, off, length)) == exp.extents(ctx, off, length), (ctx, off)
+                answered(exp, ctx, off, length, exp.packed_status(ctx, off, length))
             off = 0
             while off < SIZE:
                 length = min(SIZE - off, window + 511)
-                got = unpack(exp.packed_status(ctx, off, length))
-                assert got == exp.extents(ctx, off, length), (ctx, off)
+                got = answered(exp, ctx, off, length, exp.packed_status(ctx, off, length))
                 off += sum(n for n, _ in got)
             # Dense windows are not kept, and the others hold at most the allowed number of extents.
             assert all(len(w.ends) <= 5 for w in exp._status_cache[ctx].values())
@@ -176,7 +197,31 @@ def test_write_in_a_cluster_across_a_window_edge_shows_in_the_next_window(
         before = unpack(exp.packed_status(depth, edge, 4096))
         exp.write(edge - 1, memoryview(b"w"))
         for ctx in exp.info.contexts:
-            assert unpack(exp.packed_status(ctx, edge, 4096)) == exp.extents(ctx, edge, 4096), ctx
+            answered(exp, ctx, edge, 4096, exp.packed_status(ctx, edge, 4096))
         assert unpack(exp.packed_status(depth, edge, 4096))[0][1] == 1 != before[0][1]
+    finally:
+        exp.close()
+
+
+def test_final_end_stays_within_a_u32_length() -> None:
+    u32 = 0xFFFFFFFF
+    assert export_mod.final_end(0, 512, 10 << 30) == u32 - 511  # cut short at a 512-byte boundary
+    assert export_mod.final_end(100, 612, 10 << 30) % 512 == 0
+    assert export_mod.final_end(100, 612, 10 << 30) - 100 <= u32
+    assert export_mod.final_end(0, u32, 10 << 30) == u32  # never short of the request
+    assert export_mod.final_end(4096, 8192, 1 << 20) == 1 << 20  # to where the status is known to end
+
+
+def test_final_extent_of_a_huge_hole(tmp_path: Path) -> None:
+    """A hole longer than a u32 length: the final extent runs on as far as one descriptor can."""
+    size = 12 << 30
+    write_image(tmp_path / "big.hds", size, cluster_size=1 << 20, clusters={(9 << 30) >> 20: b"x"})
+    exp = Export("x", open_disk(tmp_path / "big.hds"), read_only=True)
+    try:
+        for ctx in ("base:allocation", "qemu:allocation-depth"):
+            got = unpack(exp.packed_status(ctx, 4096, 512))
+            assert len(got) == 1 and got[0][0] == 0xFFFFFFFF - 511
+            got = unpack(exp.packed_status(ctx, 8 << 30, 4096))
+            assert got[0][0] == 1 << 30  # up to the data at 9 GiB, not further
     finally:
         exp.close()
