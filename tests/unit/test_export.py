@@ -225,3 +225,30 @@ def test_final_extent_of_a_huge_hole(tmp_path: Path) -> None:
             assert got[0][0] == 1 << 30  # up to the data at 9 GiB, not further
     finally:
         exp.close()
+
+
+def test_write_after_a_window_joined_with_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A joined window holds the next window's extents, up to the first one of the window after.
+
+    A write there must drop it too: else a final extent running on from the
+    joined window would reach past the newly written cluster.
+    """
+    window = 1024 * 1024 + 4096
+    monkeypatch.setattr(export_mod, "STATUS_WINDOW", window)
+    size = 65 * CS
+    # Clusters in window 0, inside window 1, and in window 2; a hole from cluster 21 to 40.
+    write_image(tmp_path / "j.hds", size, cluster_size=CS, clusters={2: b"a", 20: b"b", 40: b"c"})
+    exp = Export("x", open_disk(tmp_path / "j.hds", writable=True), read_only=False)
+    try:
+        ctx = "base:allocation"
+        for off in range(0, size, window):
+            exp.packed_status(ctx, off, min(window, size - off))
+        # From the end of window 0 to the hole in window 1: the two windows are joined.
+        off, length = window - 4096, window
+        assert unpack(exp.packed_status(ctx, off, length))[-1] == (40 * CS - 21 * CS, 3)
+        assert exp._status_cache[ctx][0].ends[-1] == 40 * CS
+        exp.write(2 * window + 100 * 1024, memoryview(b"w"))  # cluster 33, in window 2
+        got = answered(exp, ctx, off, length, exp.packed_status(ctx, off, length))
+        assert got[-1] == (33 * CS - 21 * CS, 3)
+    finally:
+        exp.close()
