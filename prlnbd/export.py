@@ -89,14 +89,31 @@ class _PackedWindow:
 
     __slots__ = ("data", "ends")
 
-    def __init__(self, start: int, extents: list[tuple[int, int]]) -> None:
+    def __init__(self, data: bytes, ends: array[int]) -> None:
+        self.data = data
+        self.ends = ends
+
+    @classmethod
+    def of(cls, start: int, extents: list[tuple[int, int]]) -> _PackedWindow:
+        """The window of EXTENTS, (length, flags) pairs from START on."""
         # An extent too long for a u32 can only be the first or last of a reply, whose
         # lengths are packed afresh from `ends`: its packed length is never sent.
         flat = array("I", [v for length, flags in extents for v in (min(length, U32_MAX), flags)])
         if sys.byteorder == "little":
             flat.byteswap()
-        self.data = flat.tobytes()
-        self.ends = array("Q", itertools.accumulate((length for length, _ in extents), initial=start))[1:]
+        ends = array("Q", itertools.accumulate((length for length, _ in extents), initial=start))[1:]
+        return cls(flat.tobytes(), ends)
+
+    @classmethod
+    def alternating(cls, start: int, ends: list[int], flags: int, other: int) -> _PackedWindow:
+        """The window of extents from START to each of ENDS in turn, of FLAGS, OTHER, FLAGS, ..."""
+        n = len(ends)
+        flat = array("I", bytes(8 * n))
+        flat[0::2] = array("I", [min(end - begin, U32_MAX) for begin, end in itertools.pairwise([start, *ends])])
+        flat[1::2] = array("I", [flags, other] * (n // 2) + [flags] * (n % 2))
+        if sys.byteorder == "little":
+            flat.byteswap()
+        return cls(flat.tobytes(), array("Q", ends))
 
     def joined(self, following: _PackedWindow) -> _PackedWindow:
         """This window with the next one's extents after its own last: one slice reaches both.
@@ -105,10 +122,7 @@ class _PackedWindow:
         must end where the status changes.
         """
         i = bisect.bisect_right(following.ends, self.ends[-1])
-        both = object.__new__(_PackedWindow)
-        both.data = self.data + following.data[8 * i :]
-        both.ends = self.ends + following.ends[i:]
-        return both
+        return _PackedWindow(self.data + following.data[8 * i :], self.ends + following.ends[i:])
 
     def slice(self, offset: int, end: int) -> bytes | None:
         """The descriptors of [offset, end), the first clipped, the last run on (final_end).
@@ -306,7 +320,7 @@ class Export:
             if window is None:
                 # Too many extents to keep: just those this reply can hold, and one more.
                 extents = merge_extents(self._status(context, pos, stop - pos), limit=limit - count + 1)
-                window = _PackedWindow(pos, extents)
+                window = _PackedWindow.of(pos, extents)
             ends = window.ends
             # Extents i..j of the window overlap [pos, stop): a whole window reaches stop,
             # one computed for this reply reaches it or holds more extents than are wanted.
@@ -348,6 +362,16 @@ class Export:
             size = self.disk.size
             start = index * STATUS_WINDOW
             stop = min(start + STATUS_WINDOW, size)
+            bitmap = self.bitmaps.get(context)
+            if bitmap is not None:
+                # The commonest map of all, built straight from where the bits change.
+                dirty, ends = bitmap.changes(start, stop, stop + STATUS_WINDOW, MAX_WINDOW_EXTENTS)
+                if len(ends) > MAX_WINDOW_EXTENTS:
+                    self._dense[context].add(index)
+                    return None
+                flags = (STATE_DIRTY, 0) if dirty else (0, STATE_DIRTY)
+                window = windows[index] = _PackedWindow.alternating(start, ends, *flags)
+                return window
             items = self._status(context, start, stop - start)
             if stop < size:
                 # Run on through the next window's first extent: clients walking the disk with
@@ -359,7 +383,7 @@ class Export:
             if len(extents) > MAX_WINDOW_EXTENTS:
                 self._dense[context].add(index)
                 return None
-            window = windows[index] = _PackedWindow(start, extents)
+            window = windows[index] = _PackedWindow.of(start, extents)
         return window
 
     def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:

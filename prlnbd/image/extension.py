@@ -161,6 +161,36 @@ class DirtyBitmap:
         if pos < end:
             yield end - pos, False
 
+    def changes(self, offset: int, stop: int, horizon: int, limit: int) -> tuple[bool, list[int]]:
+        """Whether guest byte OFFSET is dirty, and where the state changes after it.
+
+        The changes are every offset in (OFFSET, STOP] where it flips, then the
+        first one past STOP, or HORIZON (the last offset given) if it comes
+        first; or more than LIMIT of them, cut short. What extents() says, as
+        boundaries: built in one loop, for callers that want many at once.
+        """
+        g = self.granularity
+        horizon = min(horizon, self.disk_size)
+        points: list[int] = []
+        add = points.append
+        dirty = False
+        for first, last in self.set_runs(offset // g, -(-horizon // g)):
+            lo = first * g
+            if lo > offset:
+                if lo > stop:
+                    add(min(lo, horizon))
+                    return dirty, points
+                add(lo)
+            else:
+                dirty = True
+            hi = min(last * g, horizon)
+            add(hi)
+            if hi > stop or len(points) > limit:
+                return dirty, points
+        if not points or points[-1] < horizon:
+            add(horizon)
+        return dirty, points
+
     def dirty_bytes(self) -> int:
         """How many guest bytes the set bits cover (the last granule clipped to the disk)."""
         total = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import uuid
 from pathlib import Path
 
@@ -547,3 +548,30 @@ def test_set_runs_of_alternating_bits_take_linear_time() -> None:
     elapsed = time.perf_counter() - t0
     assert len(runs) == 4 * n and runs[:2] == [(0, 1), (2, 3)] and runs[-1] == (8 * n - 2, 8 * n - 1)
     assert elapsed < 10, elapsed
+
+
+@settings(max_examples=300, deadline=None)
+@given(bm=bitmaps(), data=st.data())
+def test_changes_say_what_extents_say(bm: DirtyBitmap, data: st.DataObject) -> None:
+    """changes() gives the boundaries of extents(): up to STOP, then one more, or LIMIT reached."""
+    size = bm.disk_size
+    if not size:
+        return
+    offset = data.draw(st.integers(0, size - 1))
+    # STOP anywhere, or on a change or either side of one (where off-by-one slips show).
+    changes = itertools.accumulate((n for n, _ in bm.extents(offset, size)), initial=offset)
+    edges = [e + d for e in changes for d in (-1, 0, 1)]
+    near = sorted(e for e in edges if offset < e <= size)
+    stop = data.draw(st.integers(offset + 1, size) | st.sampled_from(near or [size]))
+    horizon = data.draw(st.integers(stop, size + bm.granularity))
+    limit = data.draw(st.integers(1, 40))
+    dirty, points = bm.changes(offset, stop, horizon, limit)
+    truth = list(bm.extents(offset, min(horizon, size) - offset))
+    ends = list(itertools.accumulate((n for n, _ in truth), initial=offset))[1:]
+    assert dirty == truth[0][1]
+    if len(points) > limit:
+        assert points == ends[: len(points)]
+    else:
+        # Every change up to STOP, then the first past it (the end of the extent holding STOP).
+        cut = next(i for i, end in enumerate(ends) if end > stop or end == ends[-1])
+        assert points == ends[: cut + 1]
