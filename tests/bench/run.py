@@ -67,6 +67,7 @@ TARGETS = {
     "write-seq": 1.5,
     "write-rand": 2.0,
     "bitmap-1t": 1.0,
+    "bitmap-1t-cold": 1.0,
 }
 
 BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand")
@@ -440,6 +441,36 @@ class Bench:
         self.servers.append(ref)
         with self.pair(self.start_subject(image, True), ref) as (s, q):
             self.time_maps(row, s, q, f"--map=qemu:dirty-bitmap:{name}")
+        self.cold_maps(image, name)
+
+    def cold_maps(self, image: Path, name: str) -> None:
+        """bitmap-1t-cold: the first map from a server just started, as a backup run gets it.
+
+        Each repetition starts both servers afresh; only their first map is
+        timed (not the start-up), so nothing a previous map computed helps.
+        """
+        row = self.new_row("bitmap-1t-cold", "s", "qemu-nbd --bitmap", higher=False)
+        option = f"--map=qemu:dirty-bitmap:{name}"
+
+        def first_map(subject: bool) -> float:
+            if subject:
+                server = self.start_subject(image, True)
+            else:
+                server = start_qemu_nbd(self.socks, image, "-r", f"--bitmap={name}")
+                self.servers.append(server)
+            try:
+                t0 = time.perf_counter()
+                run_cmd(["nbdinfo", option, server.uri()], timeout=600)
+                return time.perf_counter() - t0
+            finally:
+                self.stop(server)
+
+        try:
+            self.alternate(row, lambda _i: first_map(True), lambda _i: first_map(False),
+                           reps=max(self.reps, 7 if self.quick else 15))
+        except BenchError as exc:
+            row.status = "ERROR"
+            row.notes.append(str(exc))
 
     def bitmap_image(self) -> tuple[Path, str]:
         """A 1 TiB image whose stored bitmap (64 KiB granularity) has BITMAP_CHUNKS dirty chunks."""
