@@ -1040,7 +1040,12 @@ def test_the_event_loop_asked_for_is_used(image, tmp_path):
     want = "asyncio" if os.environ.get("PRLNBD_LOOP") == "asyncio" else "uvloop"
     srv = start_server(tmp_path, image.path)
     with support.running(srv):
-        assert f"({want} loop)" in srv.log_text(), srv.log_text()
+        # The server may log its first line just after it starts listening.
+        deadline = time.monotonic() + 10
+        while "loop)" not in srv.log_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        log = srv.log_text()
+        assert f"({want} loop)" in log, log
 
 
 @prlnbd_only
