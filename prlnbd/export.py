@@ -12,7 +12,6 @@ import errno
 import itertools
 import os
 import struct
-import sys
 from array import array
 from collections.abc import Iterable, Iterator
 
@@ -98,11 +97,9 @@ class _PackedWindow:
         """The window of EXTENTS, (length, flags) pairs from START on."""
         # An extent too long for a u32 can only be the first or last of a reply, whose
         # lengths are packed afresh from `ends`: its packed length is never sent.
-        flat = array("I", [v for length, flags in extents for v in (min(length, U32_MAX), flags)])
-        if sys.byteorder == "little":
-            flat.byteswap()
+        data = pack_extents([(min(length, U32_MAX), flags) for length, flags in extents])
         ends = array("Q", itertools.accumulate((length for length, _ in extents), initial=start))[1:]
-        return cls(flat.tobytes(), ends)
+        return cls(data, ends)
 
     @classmethod
     def alternating(cls, start: int, ends: list[int], flags: int, other: int) -> _PackedWindow:
@@ -111,9 +108,7 @@ class _PackedWindow:
         flat = array("I", bytes(8 * n))
         flat[0::2] = array("I", [min(end - begin, U32_MAX) for begin, end in itertools.pairwise([start, *ends])])
         flat[1::2] = array("I", [flags, other] * (n // 2) + [flags] * (n % 2))
-        if sys.byteorder == "little":
-            flat.byteswap()
-        return cls(flat.tobytes(), array("Q", ends))
+        return cls(struct.pack(f">{2 * n}I", *flat), array("Q", ends))
 
     def joined(self, following: _PackedWindow) -> _PackedWindow:
         """This window with the next one's extents after its own last: one slice reaches both.

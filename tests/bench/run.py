@@ -250,9 +250,9 @@ class Bench:
         self.servers.append(server)
         return server
 
-    def start_qemu(self, image: Path, read_only: bool) -> Server:
-        """The reference: qemu-nbd -f parallels on IMAGE."""
-        server = start_qemu_nbd(self.socks, image, *(["-r"] if read_only else []))
+    def start_qemu(self, image: Path, read_only: bool, *extra: str) -> Server:
+        """The reference: qemu-nbd -f parallels on IMAGE, with EXTRA options."""
+        server = start_qemu_nbd(self.socks, image, *(["-r"] if read_only else []), *extra)
         self.servers.append(server)
         return server
 
@@ -437,9 +437,7 @@ class Bench:
         """bitmap-1t: nbdinfo --map of a stored dirty bitmap (10 000 dirty chunks) on a 1 TiB image."""
         image, name = self.bitmap_image()
         row = self.new_row("bitmap-1t", "s", "qemu-nbd --bitmap", higher=False)
-        ref = start_qemu_nbd(self.socks, image, "-r", f"--bitmap={name}")
-        self.servers.append(ref)
-        with self.pair(self.start_subject(image, True), ref) as (s, q):
+        with self.pair(self.start_subject(image, True), self.start_qemu(image, True, f"--bitmap={name}")) as (s, q):
             self.time_maps(row, s, q, f"--map=qemu:dirty-bitmap:{name}")
         self.cold_maps(image, name)
 
@@ -453,11 +451,7 @@ class Bench:
         option = f"--map=qemu:dirty-bitmap:{name}"
 
         def first_map(subject: bool) -> float:
-            if subject:
-                server = self.start_subject(image, True)
-            else:
-                server = start_qemu_nbd(self.socks, image, "-r", f"--bitmap={name}")
-                self.servers.append(server)
+            server = self.start_subject(image, True) if subject else self.start_qemu(image, True, f"--bitmap={name}")
             try:
                 t0 = time.perf_counter()
                 run_cmd(["nbdinfo", option, server.uri()], timeout=600)
