@@ -10,8 +10,10 @@ import asyncio
 import bisect
 import errno
 import itertools
+import operator
 import os
 import struct
+import sys
 from array import array
 from collections.abc import Iterable, Iterator
 
@@ -69,6 +71,7 @@ MAX_WINDOW_EXTENTS = 2 * 64 * 1024
 _U32 = struct.Struct(">I")
 _pack_u32 = _U32.pack
 U32_MAX = 0xFFFFFFFF
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def final_end(start: int, end: int, known: int) -> int:
@@ -102,13 +105,18 @@ class _PackedWindow:
         return cls(data, ends)
 
     @classmethod
-    def alternating(cls, start: int, ends: list[int], flags: int, other: int) -> _PackedWindow:
+    def alternating(cls, start: int, ends: array[int], flags: int, other: int) -> _PackedWindow:
         """The window of extents from START to each of ENDS in turn, of FLAGS, OTHER, FLAGS, ..."""
         n = len(ends)
-        flat = array("I", bytes(8 * n))
-        flat[0::2] = array("I", [min(end - begin, U32_MAX) for begin, end in itertools.pairwise([start, *ends])])
-        flat[1::2] = array("I", [flags, other] * (n // 2) + [flags] * (n % 2))
-        return cls(struct.pack(f">{2 * n}I", *flat), array("Q", ends))
+        lengths = list(map(operator.sub, ends, itertools.chain((start,), ends)))
+        # Only the last extent, the one past the window, can be longer than a u32 (see of()).
+        lengths[-1] = min(lengths[-1], U32_MAX)
+        pairs = ([0, flags, 0, other] * ((n + 1) // 2))[: 2 * n]
+        pairs[0::2] = lengths
+        words = array("I", pairs)
+        if _LITTLE_ENDIAN:
+            words.byteswap()
+        return cls(words.tobytes(), ends)
 
     def joined(self, following: _PackedWindow) -> _PackedWindow:
         """This window with the next one's extents after its own last: one slice reaches both.
@@ -148,6 +156,10 @@ class Export:
         self.read_only = read_only or not disk.writable
         self._flush_lock = asyncio.Lock()
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
+        for bitmap in self.bitmaps.values():
+            # Index where each bitmap changes now, before serving, as QEMU summarises a bitmap
+            # when it loads one: so the first map a client asks for is as quick as the next.
+            bitmap.index()
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
         self.since: dict[str, int] = {

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
+import operator
 import os
 import re
 import uuid
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,15 @@ def _byte_runs(value: int) -> tuple[tuple[int, int], ...]:
 
 _BYTE_RUNS = tuple(_byte_runs(v) for v in range(256))
 _NOT_ALL_SET = re.compile(rb"[^\xff]")
+# Per byte value: the bit positions 0..8 where the bits of that byte change, taking the bits
+# before and after the byte as clear (0x10 -> (4, 5), 0xff -> (0, 8)).
+_BYTE_FLIPS = tuple(tuple(b for run in _byte_runs(v) for b in run) for v in range(256))
+# Every non-zero byte to 1, a zero byte to 0: split() on 1 then finds the non-zero bytes.
+_NONZERO_TO_ONE = bytes([0] + [1] * 255)
+# The most change points an index keeps (8 bytes each). A bitmap with more is dense
+# enough that scanning its bytes is as cheap, and an index would cost memory and, on
+# every write, a long move of the points after the one written.
+MAX_FLIPS = 1 << 18
 
 
 @dataclass
@@ -65,9 +78,15 @@ class DirtyBitmap:
     id: bytes
     granularity: int  # bytes per bit
     disk_size: int  # bytes
-    bits: bytearray  # bit i is bit (i % 8) of byte (i // 8)
+    bits: bytearray  # bit i is bit (i % 8) of byte (i // 8); change it through set_range() and clear()
     flags: int = 0
     l1: list[int] = field(default_factory=list)
+    # The index: every guest offset where the state changes, in order (even positions start a
+    # dirty run, odd ones end it; the last granule is clipped to the disk). Built on first
+    # use, kept true by set_range() and clear(); None until then, and while the bitmap has
+    # more than MAX_FLIPS changes (_dense).
+    _flips: array[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _dense: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -89,11 +108,77 @@ class DirtyBitmap:
             return
         first = offset // self.granularity
         last = min(self.nbits, -(-(offset + length) // self.granularity))
+        if first >= last:
+            return
         _set_bits(self.bits, first, last)
+        flips = self._flips
+        if flips is not None:
+            # The changes inside [start, end] go; start starts a run unless a run is already
+            # going on there (an odd number of changes before it), end ends one unless one
+            # goes on past it.
+            start = first * self.granularity
+            end = min(last * self.granularity, self.disk_size)
+            i = bisect.bisect_left(flips, start)
+            j = bisect.bisect_right(flips, end, i)
+            flips[i:j] = array("Q", ([] if i & 1 else [start]) + ([] if j & 1 else [end]))
+            if len(flips) > MAX_FLIPS:
+                self._flips = None
+                self._dense = True
 
     def clear(self) -> None:
         """Mark the whole disk clean."""
         self.bits[:] = bytes(len(self.bits))
+        self._flips = array("Q")
+        self._dense = False
+
+    def index(self) -> array[int] | None:
+        """The guest offsets where the bitmap changes, in order; None for a bitmap with too many.
+
+        Built once from the bytes (ahead of need by a server, as QEMU builds its
+        own summary when it loads a bitmap), then kept true by every change, so
+        finding the dirty runs of any range costs two binary searches.
+        """
+        if self._flips is None and not self._dense:
+            flips = self._build_index()
+            if flips is None:
+                self._dense = True
+            self._flips = flips
+        return self._flips
+
+    def _build_index(self) -> array[int] | None:
+        bits = self.bits
+        nbits = self.nbits
+        set_bytes = bits.translate(None, b"\x00")
+        if len(set_bytes) <= MAX_FLIPS // 8:
+            # Few bytes with a bit set: locate them with split(), which searches at memchr
+            # speed, and take each byte's changes from a table.
+            gaps = bits.translate(_NONZERO_TO_ONE).split(b"\x01")
+            # The k-th set byte is at the length of the gaps before it, plus k. (One gap more
+            # than set bytes: the one after the last.)
+            where = map(operator.add, itertools.accumulate(map(len, gaps)), itertools.count())
+            points = [(at << 3) + b for at, value in zip(where, set_bytes, strict=False) for b in _BYTE_FLIPS[value]]
+            if b"" in gaps[1:-1]:
+                # Neighbouring set bytes: a run over their boundary ends and starts again there.
+                joined: list[int] = []
+                for point in points:
+                    if joined and joined[-1] == point:
+                        joined.pop()
+                    else:
+                        joined.append(point)
+                points = joined
+            # Bits past the disk end carry no meaning.
+            cut = bisect.bisect_left(points, nbits)
+            if cut < len(points):
+                points[cut:] = [nbits] if cut & 1 else []
+        else:
+            # Many: long runs of set bytes, which set_runs() takes whole, or too many changes.
+            points = list(itertools.islice(itertools.chain.from_iterable(self.set_runs(0, nbits)), MAX_FLIPS + 1))
+        if len(points) > MAX_FLIPS:
+            return None
+        flips = array("Q", map(self.granularity.__mul__, points))
+        if points and points[-1] == nbits:
+            flips[-1] = self.disk_size
+        return flips
 
     def _next_bit(self, bit: int, want: bool) -> int:
         """The first bit at or after BIT whose value is WANT, or nbits."""
@@ -161,7 +246,7 @@ class DirtyBitmap:
         if pos < end:
             yield end - pos, False
 
-    def changes(self, offset: int, stop: int, horizon: int, limit: int) -> tuple[bool, list[int]]:
+    def changes(self, offset: int, stop: int, horizon: int, limit: int) -> tuple[bool, array[int]]:
         """Whether guest byte OFFSET is dirty, and where the state changes after it.
 
         The changes are every offset in (OFFSET, STOP] where it flips, then the
@@ -169,8 +254,29 @@ class DirtyBitmap:
         first; or more than LIMIT of them, cut short. What extents() says, as
         boundaries: built in one loop, for callers that want many at once.
         """
-        g = self.granularity
         horizon = min(horizon, self.disk_size)
+        flips = self.index()
+        if flips is not None:
+            i = bisect.bisect_right(flips, offset)
+            j = bisect.bisect_right(flips, stop, i)
+            if j - i > limit:
+                return bool(i & 1), flips[i : i + limit + 1]
+            # The changes up to STOP, and the next one.
+            found = flips[i : j + 1]
+            cut = bisect.bisect_left(found, horizon)
+            if cut < len(found):
+                del found[cut:]
+                found.append(horizon)
+            elif j == len(flips):
+                # No change after STOP: the state holds to the horizon.
+                found.append(horizon)
+            return bool(i & 1), found
+        dirty, points = self._scanned_changes(offset, stop, horizon, limit)
+        return dirty, array("Q", points)
+
+    def _scanned_changes(self, offset: int, stop: int, horizon: int, limit: int) -> tuple[bool, list[int]]:
+        """changes() for a bitmap without an index: from the bytes, run by run."""
+        g = self.granularity
         points: list[int] = []
         add = points.append
         dirty = False

@@ -216,9 +216,14 @@ def test_final_extent_of_a_huge_hole(tmp_path: Path) -> None:
     """A hole longer than a u32 length: the final extent runs on as far as one descriptor can."""
     size = 12 << 30
     write_image(tmp_path / "big.hds", size, cluster_size=1 << 20, clusters={(9 << 30) >> 20: b"x"})
+    img = ParallelsImage.open(tmp_path / "big.hds", writable=True)
+    bm = new_bitmap(size, 64 * 1024)
+    bm.set_range(9 << 30, 1)  # and the bitmap says the same
+    img.extension = Extension(offset=0, bitmaps=[bm])
+    img.close()
     exp = Export("x", open_disk(tmp_path / "big.hds"), read_only=True)
     try:
-        for ctx in ("base:allocation", "qemu:allocation-depth"):
+        for ctx in ("base:allocation", "qemu:allocation-depth", f"qemu:dirty-bitmap:{bm.name}"):
             got = unpack(exp.packed_status(ctx, 4096, 512))
             assert len(got) == 1 and got[0][0] == 0xFFFFFFFF - 511
             got = unpack(exp.packed_status(ctx, 8 << 30, 4096))

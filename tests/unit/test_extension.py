@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import uuid
+from array import array
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prlnbd.errors import CorruptImage, ExtensionError
+from prlnbd.image import extension as extension_mod
 from prlnbd.image.extension import DirtyBitmap, Feature, bitmap_l1_size, encode_extension, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
 from tests.unit.imagebuild import (
@@ -565,7 +567,8 @@ def test_changes_say_what_extents_say(bm: DirtyBitmap, data: st.DataObject) -> N
     stop = data.draw(st.integers(offset + 1, size) | st.sampled_from(near or [size]))
     horizon = data.draw(st.integers(stop, size + bm.granularity))
     limit = data.draw(st.integers(1, 40))
-    dirty, points = bm.changes(offset, stop, horizon, limit)
+    dirty, found = bm.changes(offset, stop, horizon, limit)
+    points = list(found)
     truth = list(bm.extents(offset, min(horizon, size) - offset))
     ends = list(itertools.accumulate((n for n, _ in truth), initial=offset))[1:]
     assert dirty == truth[0][1]
@@ -575,3 +578,79 @@ def test_changes_say_what_extents_say(bm: DirtyBitmap, data: st.DataObject) -> N
         # Every change up to STOP, then the first past it (the end of the extent holding STOP).
         cut = next(i for i, end in enumerate(ends) if end > stop or end == ends[-1])
         assert points == ends[: cut + 1]
+
+
+def naive_index(bm: DirtyBitmap) -> list[int]:
+    """Every guest offset where the bitmap's state changes, from the per-bit model."""
+    points: list[int] = []
+    pos, state = 0, False
+    for n, dirty in naive_extents(bytes(bm.bits), bm.nbits, bm.granularity, bm.disk_size, 0, bm.disk_size):
+        if dirty != state:
+            points.append(pos)
+            state = dirty
+        pos += n
+    if state:
+        points.append(pos)
+    return points
+
+
+# The index caps: the default, and small ones that send bitmaps through the path for many
+# set bytes (more than MAX_FLIPS // 8 of them) and past the cap itself.
+INDEX_CAPS = st.sampled_from([extension_mod.MAX_FLIPS, 24, 8])
+
+
+@settings(max_examples=400, deadline=None)
+@given(bm=bitmaps(), cap=INDEX_CAPS)
+def test_index_lists_where_the_state_changes(bm: DirtyBitmap, cap: int) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(extension_mod, "MAX_FLIPS", cap)
+        got = bm.index()
+    truth = naive_index(bm)
+    if len(truth) > cap:
+        assert got is None
+    else:
+        assert got is not None and list(got) == truth
+
+
+@settings(max_examples=300, deadline=None)
+@given(bm=bitmaps(), cap=INDEX_CAPS, data=st.data())
+def test_index_stays_true_through_changes(bm: DirtyBitmap, cap: int, data: st.DataObject) -> None:
+    """set_range() and clear() keep a built index equal to one built afresh from the bits."""
+    g = bm.granularity
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(extension_mod, "MAX_FLIPS", cap)
+        bm.index()
+        for _ in range(data.draw(st.integers(1, 6))):
+            if data.draw(st.integers(0, 9)) == 0:
+                bm.clear()
+            else:
+                offset = data.draw(st.integers(0, bm.disk_size + g))
+                bm.set_range(offset, data.draw(st.integers(-1, bm.disk_size + g)))
+            truth = naive_index(bm)
+            got = bm.index()
+            if got is not None:
+                assert list(got) == truth
+            elif len(truth) <= cap:
+                # Given up on once it grew too long: only clear() builds it again.
+                assert bm._dense
+            # Either way, changes() answers from the bytes or the index alike.
+            if bm.disk_size:
+                dirty, found = bm.changes(0, bm.disk_size, bm.disk_size, cap + 1000)
+                ends_at_the_disk_end = bool(truth) and truth[-1] == bm.disk_size
+                assert list(found) == [p for p in truth if p > 0] + ([] if ends_at_the_disk_end else [bm.disk_size])
+                assert dirty == bool(truth and truth[0] == 0)
+
+
+def test_a_bitmap_past_the_cap_has_no_index_and_answers_from_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(extension_mod, "MAX_FLIPS", 6)
+    g = 512
+    bm = new_bitmap(64 * g, g)
+    for bit in (1, 5, 9):
+        bm.set_range(bit * g, g)
+    assert bm.index() is not None and list(bm.index() or []) == [g, 2 * g, 5 * g, 6 * g, 9 * g, 10 * g]
+    bm.set_range(20 * g, 1)  # an eighth change: too many to keep
+    assert bm.index() is None
+    expected = [g, 2 * g, 5 * g, 6 * g, 9 * g, 10 * g, 20 * g, 21 * g, 64 * g]
+    assert bm.changes(0, 64 * g, 64 * g, 100) == (False, array("Q", expected))
+    bm.clear()
+    assert bm.index() is not None and len(bm.index() or []) == 0
