@@ -289,6 +289,8 @@ class Export:
         windows = self._status_cache[context]
         index = offset // STATUS_WINDOW
         window = windows.get(index)
+        if window is None:
+            window = self._window(context, index)
         if window is not None:
             reach = window.ends[-1]
             if end <= reach:
@@ -299,7 +301,7 @@ class Export:
                 # Into the next window, as a walk's steps soon are once final extents run on:
                 # keep this window joined with the next, so such steps are one slice too. Its
                 # last extent ends short of the window after, so where the status changes.
-                following = windows.get(index + 1)
+                following = self._window(context, index + 1)
                 if (
                     following is not None
                     and end <= following.ends[-1]
