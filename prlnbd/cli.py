@@ -205,6 +205,7 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     )
     if announce is not None:
         announce()
+    server.start_warm_up()
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
     await server.stop()

@@ -313,6 +313,25 @@ class Export:
                         return payload
         return self._pack_across(context, offset, end)
 
+    def warm_up(self) -> Iterator[None]:
+        """Build each bitmap context's status windows ahead of need, one window per step.
+
+        A server runs these steps while it is idle after starting, so that the
+        backup tool that connects next finds its first map as quick as later
+        ones. Only bitmaps with an index (see DirtyBitmap.index) are done: for
+        those a window costs a few microseconds; the other contexts read the
+        disk's maps, which is better left to when a client asks.
+        """
+        count = -(-self.disk.size // STATUS_WINDOW)
+        for context, bitmap in self.bitmaps.items():
+            if bitmap.index() is None:
+                continue
+            windows = self._status_cache[context]
+            for index in range(count):
+                if index not in windows:
+                    self._window(context, index)
+                yield
+
     def _pack_across(self, context: str, offset: int, end: int) -> bytes:
         """packed_status() for a range over several windows, or a window not computed yet."""
         out = bytearray()

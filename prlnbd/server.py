@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from functools import partial
 from typing import Any, cast
 
@@ -33,6 +34,9 @@ UNIX_SNDBUF = 4 << 20
 SENDFILE_MIN = 64 * 1024
 # Receive buffers kept from closed connections for new ones (each is RECV_BUFFER bytes).
 MAX_SPARE_BUFFERS = 4
+# How long one turn of the warm-up (Export.warm_up) may hold the event loop before it lets
+# requests in: a request arriving meanwhile waits at most this long.
+WARM_UP_TURN = 0.0005
 # NbdProtocol._sock before the socket is looked up, and when there is none to sendfile to.
 _UNKNOWN = -1
 _NO_SOCKET = -2
@@ -419,6 +423,29 @@ class NbdServer:
         else:
             server = await loop.create_server(partial(self._factory, False), sock=sock)
         self._servers.append(server)
+
+    def start_warm_up(self) -> None:
+        """Build the exports' bitmap status windows (Export.warm_up) in turns while nothing else runs."""
+        steps = itertools.chain.from_iterable(export.warm_up() for export in self.exports.values())
+        asyncio.get_running_loop().call_soon(self._warm_up_turn, steps, time.perf_counter(), 0)
+
+    def _warm_up_turn(self, steps: Iterator[None], started: float, done: int) -> None:
+        if self.stopping:
+            return
+        deadline = time.perf_counter() + WARM_UP_TURN
+        try:
+            for _ in steps:
+                done += 1
+                if time.perf_counter() > deadline:
+                    # Let the loop poll for requests first: they come before the warm-up.
+                    asyncio.get_running_loop().call_soon(self._warm_up_turn, steps, started, done)
+                    return
+        except Exception as e:  # the windows are built on demand instead; nothing else is lost
+            log.warning("building bitmap status ahead of need failed: %s", e)
+            return
+        if done:
+            elapsed = (time.perf_counter() - started) * 1e3
+            log.info("bitmap block status ready: %d windows, %.1f ms after serving began", done, elapsed)
 
     def addresses(self) -> list[str]:
         """Where the server listens, for the log."""

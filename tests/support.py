@@ -37,6 +37,13 @@ class Server:
         """Everything the server wrote to stderr so far."""
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The server's log once it holds TEXT (or once TIMEOUT seconds have passed)."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return log
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Stop the server with SIG and return its exit status."""
         if self.proc.poll() is None:

@@ -1041,10 +1041,7 @@ def test_the_event_loop_asked_for_is_used(image, tmp_path):
     srv = start_server(tmp_path, image.path)
     with support.running(srv):
         # The server may log its first line just after it starts listening.
-        deadline = time.monotonic() + 10
-        while "loop)" not in srv.log_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        log = srv.log_text()
+        log = srv.wait_for_log("loop)")
         assert f"({want} loop)" in log, log
 
 

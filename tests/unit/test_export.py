@@ -261,3 +261,40 @@ def test_write_after_a_window_joined_with_the_next(tmp_path: Path, monkeypatch: 
         assert got[-1] == (33 * CS - 21 * CS, 3)
     finally:
         exp.close()
+
+
+def test_warm_up_builds_every_bitmap_window_ahead(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After warm_up() a walk of a bitmap context builds nothing; a write half-way shows all the same."""
+    window = 3 * 1024 * 1024 + 4096
+    monkeypatch.setattr(export_mod, "STATUS_WINDOW", window)
+    exp = Export("x", open_disk(bundle, writable=True), read_only=False)
+    (ctx,) = exp.bitmaps
+    count = -(-SIZE // window)
+    try:
+        steps = exp.warm_up()
+        for _ in range(count // 2):
+            next(steps)
+        exp.write(SIZE // 4, memoryview(b"w" * 3000))  # in a window already built
+        exp.write(3 * SIZE // 4, memoryview(b"w" * 3000))  # in one not built yet
+        assert sum(1 for _ in steps) == count - count // 2
+        assert set(exp._status_cache[ctx]) >= set(range(count)) - set(range(count // 4 - 3, count // 4 + 2))
+        # The other contexts are left for the clients to ask about.
+        assert all(not windows for name, windows in exp._status_cache.items() if name != ctx)
+        built: list[int] = []
+        window_of = exp._window
+
+        def counting(context: str, index: int) -> export_mod._PackedWindow | None:
+            if index not in exp._status_cache[context]:
+                built.append(index)
+            return window_of(context, index)
+
+        monkeypatch.setattr(exp, "_window", counting)
+        off = 0
+        while off < SIZE:
+            length = min(SIZE - off, window + 511)
+            got = answered(exp, ctx, off, length, exp.packed_status(ctx, off, length))
+            off += sum(n for n, _ in got)
+        # Only the windows the first write dropped again were built on demand.
+        assert built and all(count // 4 - 3 <= i < count // 4 + 2 for i in built), built
+    finally:
+        exp.close()
