@@ -252,7 +252,8 @@ class DirtyBitmap:
         The changes are every offset in (OFFSET, STOP] where it flips, then the
         first one past STOP, or HORIZON (the last offset given) if it comes
         first; or more than LIMIT of them, cut short. What extents() says, as
-        boundaries: built in one loop, for callers that want many at once.
+        boundaries, for callers that want many at once: a slice of the index
+        when the bitmap has one.
         """
         horizon = min(horizon, self.disk_size)
         flips = self.index()
