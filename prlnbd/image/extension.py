@@ -50,6 +50,9 @@ _NONZERO_TO_ONE = bytes([0] + [1] * 255)
 # enough that scanning its bytes is as cheap, and an index would cost memory and, on
 # every write, a long move of the points after the one written.
 MAX_FLIPS = 1 << 18
+# The bytes of a bitmap the index is built from at a time (see _sparse_changes).
+_INDEX_SLICE = 1 << 20
+_CLEAR_SLICE = bytes(_INDEX_SLICE)
 
 
 @dataclass
@@ -146,39 +149,58 @@ class DirtyBitmap:
         return self._flips
 
     def _build_index(self) -> array[int] | None:
-        bits = self.bits
         nbits = self.nbits
-        set_bytes = bits.translate(None, b"\x00")
-        if len(set_bytes) <= MAX_FLIPS // 8:
-            # Few bytes with a bit set: locate them with split(), which searches at memchr
-            # speed, and take each byte's changes from a table.
-            gaps = bits.translate(_NONZERO_TO_ONE).split(b"\x01")
-            # The k-th set byte is at the length of the gaps before it, plus k. (One gap more
-            # than set bytes: the one after the last.)
-            where = map(operator.add, itertools.accumulate(map(len, gaps)), itertools.count())
-            points = [(at << 3) + b for at, value in zip(where, set_bytes, strict=False) for b in _BYTE_FLIPS[value]]
-            if b"" in gaps[1:-1]:
-                # Neighbouring set bytes: a run over their boundary ends and starts again there.
-                joined: list[int] = []
-                for point in points:
-                    if joined and joined[-1] == point:
-                        joined.pop()
-                    else:
-                        joined.append(point)
-                points = joined
+        points = self._sparse_changes()
+        if points is None:
+            # Many set bytes: long runs of them, which set_runs() takes whole, or too many changes.
+            points = list(itertools.islice(itertools.chain.from_iterable(self.set_runs(0, nbits)), MAX_FLIPS + 1))
+        else:
             # Bits past the disk end carry no meaning.
             cut = bisect.bisect_left(points, nbits)
             if cut < len(points):
                 points[cut:] = [nbits] if cut & 1 else []
-        else:
-            # Many: long runs of set bytes, which set_runs() takes whole, or too many changes.
-            points = list(itertools.islice(itertools.chain.from_iterable(self.set_runs(0, nbits)), MAX_FLIPS + 1))
         if len(points) > MAX_FLIPS:
             return None
         flips = array("Q", map(self.granularity.__mul__, points))
         if points and points[-1] == nbits:
             flips[-1] = self.disk_size
         return flips
+
+    def _sparse_changes(self) -> list[int] | None:
+        """The bits where the state changes, byte by set byte; None past MAX_FLIPS // 8 set bytes.
+
+        split() locates the set bytes at memchr speed and a table gives each
+        byte's changes. The bitmap is taken a slice at a time, so that a large
+        one is never copied whole, and a clear slice costs one comparison.
+        """
+        bits = self.bits
+        points: list[int] = []
+        budget = MAX_FLIPS // 8
+        neighbours = False  # set bytes side by side: a run over their edge ends and starts there
+        for start in range(0, len(bits), _INDEX_SLICE):
+            piece = bits[start : start + _INDEX_SLICE]
+            if piece == (_CLEAR_SLICE if len(piece) == _INDEX_SLICE else bytes(len(piece))):
+                continue
+            set_bytes = piece.translate(None, b"\x00")
+            budget -= len(set_bytes)
+            if budget < 0:
+                return None
+            gaps = piece.translate(_NONZERO_TO_ONE).split(b"\x01")
+            # The k-th set byte is at the length of the gaps before it, plus k. (One gap more
+            # than set bytes: the one after the last.)
+            where = map(operator.add, itertools.accumulate(map(len, gaps)), itertools.count(start))
+            found = [(at << 3) + b for at, value in zip(where, set_bytes, strict=False) for b in _BYTE_FLIPS[value]]
+            neighbours = neighbours or b"" in gaps[1:-1] or bool(points and found and found[0] == points[-1])
+            points += found
+        if neighbours:
+            joined: list[int] = []
+            for point in points:
+                if joined and joined[-1] == point:
+                    joined.pop()
+                else:
+                    joined.append(point)
+            points = joined
+        return points
 
     def _next_bit(self, bit: int, want: bool) -> int:
         """The first bit at or after BIT whose value is WANT, or nbits."""

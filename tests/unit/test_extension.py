@@ -600,10 +600,13 @@ INDEX_CAPS = st.sampled_from([extension_mod.MAX_FLIPS, 24, 8])
 
 
 @settings(max_examples=400, deadline=None)
-@given(bm=bitmaps(), cap=INDEX_CAPS)
-def test_index_lists_where_the_state_changes(bm: DirtyBitmap, cap: int) -> None:
+@given(bm=bitmaps(), cap=INDEX_CAPS, piece=st.sampled_from([extension_mod._INDEX_SLICE, 1, 3]))
+def test_index_lists_where_the_state_changes(bm: DirtyBitmap, cap: int, piece: int) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(extension_mod, "MAX_FLIPS", cap)
+        # Small slices: runs across slice edges, clear slices skipped.
+        mp.setattr(extension_mod, "_INDEX_SLICE", piece)
+        mp.setattr(extension_mod, "_CLEAR_SLICE", bytes(piece))
         got = bm.index()
     truth = naive_index(bm)
     if len(truth) > cap:
