@@ -158,7 +158,7 @@ class Export:
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         for bitmap in self.bitmaps.values():
             # Index where each bitmap changes now, before serving, as QEMU summarises a bitmap
-            # when it loads one: so the first map a client asks for is as quick as the next.
+            # when it loads one: each status window is then a slice of the index (warm_up()).
             bitmap.index()
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
