@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Coroutine, Iterator, Mapping
 from functools import partial
@@ -37,6 +38,16 @@ MAX_SPARE_BUFFERS = 4
 # How long one turn of the warm-up (Export.warm_up) may hold the event loop before it lets
 # requests in: a request arriving meanwhile waits at most this long.
 WARM_UP_TURN = 0.0005
+# NbdProtocol._walk(), the lane for a lone client walking the disk's block status:
+# - LANE_GAP: a client that asks again sooner than this after a reply shares our CPU
+#   (about 10 us here; one on another CPU takes about 50), and the lane does not help it;
+# - the most steps, and seconds, before the event loop gets its turn again;
+# - how long a blocking read waits for the next request (rounded up to kernel ticks).
+LANE_GAP = 25e-6
+LANE_STEPS = 64
+LANE_BUDGET = 0.005
+_LANE_TIMEVAL = struct.pack("ll", 0, 1000)
+_clock = time.perf_counter
 # NbdProtocol._sock before the socket is looked up, and when there is none to sendfile to.
 _UNKNOWN = -1
 _NO_SOCKET = -2
@@ -61,6 +72,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.peer = "?"
         self.started = time.monotonic()
         self.requests = 0
+        self.lane_steps = 0  # requests _walk() answered
         self.bytes_read = 0
         self.reason = "client closed"
         self._timer: asyncio.TimerHandle | None = None
@@ -72,6 +84,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         # directly rather than through a method of ours (one Python call less per request).
         self.get_buffer = self.conn.get_buffer  # type: ignore[method-assign]
         self.inflight: set[asyncio.Task[None]] = set()
+        self._lane: bool | None = None  # whether the socket has the timeouts _walk() relies on; None: not asked yet
+        self._replied = float("inf")  # when the last quick status reply went out
 
     # ---- asyncio callbacks
 
@@ -105,10 +119,94 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self._process()
             return
         # One step of a block status walk, answered by the protocol core.
+        arrived = _clock()
         self.requests += 1
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.writelines(reply)
+            lane = arrived - self._replied > LANE_GAP and self._lane_open()
+            self._replied = _clock()
+            if lane:
+                self._walk()
+
+    def _lane_open(self) -> bool:
+        """Whether _walk() may take the socket: the only connection, every reply sent, nothing else going on."""
+        transport = self.transport
+        return (
+            transport is not None
+            and not transport.get_write_buffer_size()
+            and len(self.server.connections) == 1
+            and not self.server.stopping
+            and not self._paused
+            and not self._closing
+            and (self._sock if self._sock != _UNKNOWN else self._find_socket()) >= 0
+            and (self._lane if self._lane is not None else self._ready_lane())
+        )
+
+    def _ready_lane(self) -> bool:
+        """Give the socket the timeouts _walk() relies on (once); False if it cannot have them."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        self._lane = False
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LANE_TIMEVAL)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _LANE_TIMEVAL)
+                self._lane = True
+        return self._lane
+
+    def _walk(self) -> None:
+        """Serve the next steps of a lone client's block status walk straight from its socket.
+
+        Through the event loop each request costs a wake-up for readiness, then
+        a read; a blocking read is woken with the bytes. When client and server
+        run on two CPUs (or machines) that is several microseconds less per
+        round trip, a tenth of one here. So while the client takes long to ask
+        again (more than LANE_GAP, which a client sharing our CPU does not), the
+        socket is read blocking and plain status requests answered at once.
+        Each wait is bounded by the socket's SO_RCVTIMEO (the kernel counts it
+        in ticks: a few milliseconds), the lane by LANE_STEPS and LANE_BUDGET.
+        Anything else the client sends goes the usual way, and the event loop
+        gets its turn back.
+        """
+        fd = self._sock
+        conn = self.conn
+        rest: bytes | None = None
+        process = False
+        replied = self._replied
+        deadline = replied + LANE_BUDGET
+        os.set_blocking(fd, True)
+        try:
+            for _ in range(LANE_STEPS):
+                try:
+                    n = os.readv(fd, [conn.get_buffer()])
+                except OSError:
+                    return  # a quiet client (the wait ran out), or a broken socket: the loop finds out
+                arrived = _clock()
+                if not n:
+                    return  # end of file: the loop sees it too
+                reply = conn.quick_status_reply(n)
+                if reply is None:
+                    process = True
+                    return
+                self.requests += 1
+                self.lane_steps += 1
+                try:
+                    sent = os.writev(fd, reply)
+                except OSError:
+                    sent = 0
+                self._replied = _clock()
+                if sent < sum(map(len, reply)):
+                    rest = b"".join(reply)[sent:]  # the client is not reading: the transport keeps the rest
+                    return
+                if arrived - replied <= LANE_GAP or self._replied > deadline:
+                    return  # the client now shares our CPU, or the loop has waited long enough
+                replied = self._replied
+        finally:
+            os.set_blocking(fd, False)
+            if rest is not None and self.transport is not None:
+                self.transport.write(rest)
+            if process:
+                self._process()
 
     def _process(self) -> None:
         """Act on events until the input runs dry or the client stops reading replies."""
@@ -153,13 +251,14 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _log_closed(self) -> None:
         log.info(
-            "connection %s export %r: %d requests, %d bytes read, %.1fs, %s",
+            "connection %s export %r: %d requests, %d bytes read, %.1fs, %s%s",
             self.peer,
             self.export.name if self.export else None,
             self.requests,
             self.bytes_read,
             time.monotonic() - self.started,
             self.reason,
+            f"; {self.lane_steps} of the requests answered in the walk lane" if self.lane_steps else "",
         )
         self.server.connection_closed()
 

@@ -716,22 +716,27 @@ def test_block_status(ro, image, offset, length):
                 if flags:
                     assert sum(n for n, _ in extents) <= length
                     assert len(extents) == 1, f"REQ_ONE gave {len(extents)} extents for {name}"
-                pos = offset
-                for n, state in extents:  # every extent must tell the truth
-                    a, b = pos, pos + n
-                    if name == BASE:
-                        if state & STATE_HOLE:
-                            assert not _overlaps_allocated(a, b), (a, b, state)
-                        else:
-                            assert _inside_allocated(a, b), (a, b, state)
-                        if state & STATE_ZERO:
-                            assert image.data.count(0, a, b) == n, (a, b, state)
-                    else:
-                        want = 1 if _inside_allocated(a, b) else 0
-                        if not want:
-                            assert not _overlaps_allocated(a, b), (a, b, state)
-                        assert state == want, (a, b, state)
-                    pos = b
+                assert_true_extents(image, name, offset, extents)
+
+
+def assert_true_extents(image: Image, name: str, offset: int, extents: list[tuple[int, int]]) -> None:
+    """Every extent from OFFSET tells the truth about the test image, for context NAME."""
+    pos = offset
+    for n, state in extents:
+        a, b = pos, pos + n
+        if name == BASE:
+            if state & STATE_HOLE:
+                assert not _overlaps_allocated(a, b), (a, b, state)
+            else:
+                assert _inside_allocated(a, b), (a, b, state)
+            if state & STATE_ZERO:
+                assert image.data.count(0, a, b) == n, (a, b, state)
+        else:
+            want = 1 if _inside_allocated(a, b) else 0
+            if not want:
+                assert not _overlaps_allocated(a, b), (a, b, state)
+            assert state == want, (a, b, state)
+        pos = b
 
 
 @pytest.mark.parametrize(("offset", "length"), [
@@ -1094,3 +1099,126 @@ def test_connection_summary_counts_every_request(image, tmp_path):
     assert len(new) == 1, new
     assert re.search(r"connection unix socket export '.*': 7 requests, 131584 bytes read, .*client disconnected",
                      new[0]), new
+
+
+# ---- the walk lane: a lone client walking block status, served from its socket
+
+
+def _walk_log(srv: support.Server) -> int:
+    """How many requests the server's closing line says the walk lane answered."""
+    m = re.search(r"; (\d+) of the requests answered in the walk lane", srv.wait_for_log("requests answered in"))
+    return int(m.group(1)) if m else 0
+
+
+@prlnbd_only
+def test_walk_lane_answers_a_walker_and_anything_else_it_sends(image, tmp_path):
+    """A client that pauses between status requests (as one on another CPU does) is served by the lane.
+
+    The answers are true; a READ, a status request with REQ_ONE and one sent
+    in two pieces in between go the usual way and the walk goes on.
+    """
+    srv = start_server(tmp_path, image.path)
+    with support.running(srv), raw(srv) as c:
+        c.connect(contexts=[BASE, DEPTH])
+        ids = c.contexts
+        answers = []
+        for _ in range(3):
+            for off in range(0, SIZE - MiB, 3 * MiB + 4096):
+                time.sleep(0.0005)  # longer than LANE_GAP: the next request comes through the lane
+                status = parse_block_status(c.call(Cmd.BLOCK_STATUS, off, 2 * MiB))
+                for name, cid in ids.items():
+                    assert_true_extents(image, name, off, status[cid])
+                answers.append(status)
+            # Right after a step, so the lane is waiting: it reads the first half of a request
+            # sent in two pieces, and hands it to the event loop, which reads the rest.
+            cookie, data = c.pack(Cmd.BLOCK_STATUS, 0, MiB)
+            c.send(data[:14])
+            time.sleep(0.01)
+            c.send(data[14:])
+            assert parse_block_status(c.collect([cookie])[cookie])[ids[BASE]] == [(MiB, 0)]
+            assert c.read(MiB - 4096, 8192) == image.data[MiB - 4096 : MiB + 4096]
+            one = parse_block_status(c.call(Cmd.BLOCK_STATUS, 0, SIZE, CmdFlag.REQ_ONE))
+            assert all(len(extents) == 1 for extents in one.values())
+        per_round = len(answers) // 3
+        assert answers[:per_round] == answers[per_round : 2 * per_round] == answers[2 * per_round :]
+        # Back in the event loop, every socket is non-blocking again.
+        time.sleep(0.05)
+        assert not any(_socket_blocking(srv.proc.pid))
+        c.disc()
+        c.wait_closed()
+    assert _walk_log(srv) > 10
+
+
+WALKER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from tests.nbdraw import Client, Cmd, parse_block_status
+c = Client.unix(sys.argv[2]).connect(contexts=["base:allocation"])
+steps = 0
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    time.sleep(0.0002)
+    parse_block_status(c.call(Cmd.BLOCK_STATUS, 0, 2 << 20))
+    steps += 1
+    if steps == 50:
+        print("walking", flush=True)
+print(steps, flush=True)
+"""
+
+
+def _socket_blocking(pid: int) -> list[bool]:
+    """For each socket the process has open: whether it is in blocking mode (from /proc)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                flags = re.search(r"^flags:\s+(\d+)", Path(f"/proc/{pid}/fdinfo/{fd}").read_text(), re.M)
+                assert flags is not None
+                out.append(not int(flags.group(1), 8) & os.O_NONBLOCK)
+    return out
+
+
+@prlnbd_only
+def test_walk_lane_lets_other_clients_in(image, tmp_path):
+    """While a client in another process walks without end, another connects and is served at once.
+
+    The lane gives the event loop its turn back every few milliseconds, and
+    leaves the socket non-blocking whenever it does (from /proc).
+    """
+    srv = start_server(tmp_path, image.path)
+    with support.running(srv):
+        walker = subprocess.Popen([support.PYTHON, "-c", WALKER, str(support.ROOT), str(srv.sock), "3"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert walker.stdout is not None and walker.stdout.readline().strip() == "walking"
+            waits = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                with raw(srv) as c:
+                    c.connect()
+                    assert c.read(0, 4096) == image.data[:4096]
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.1)
+            assert walker.wait(20) == 0
+            steps = int(walker.stdout.readline())
+        finally:
+            walker.kill()
+    # The lane hands the event loop back within LANE_BUDGET and a read's wait (kernel ticks).
+    assert max(waits) < 0.1, waits
+    assert steps > 500
+    assert "answered in the walk lane" in srv.log_text()
+
+
+@prlnbd_only
+def test_walk_lane_quiet_client_and_stop(image, tmp_path):
+    """A walker that goes quiet gets its next answer through the event loop; a stop mid-walk is prompt."""
+    srv = start_server(tmp_path, image.path)
+    with support.running(srv), raw(srv) as c:
+        c.connect(contexts=[BASE])
+        for pause in (0.0005, 0.0005, 0.05, 0.0005, 0.05):
+            time.sleep(pause)
+            assert parse_block_status(c.call(Cmd.BLOCK_STATUS, MiB, MiB))[c.contexts[BASE]] == [(3 * MiB, 3)]
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 2
