@@ -326,10 +326,8 @@ class Export:
         for context, bitmap in self.bitmaps.items():
             if bitmap.index() is None:
                 continue
-            windows = self._status_cache[context]
             for index in range(count):
-                if index not in windows:
-                    self._window(context, index)
+                self._window(context, index)  # kept, or built now
                 yield
 
     def _pack_across(self, context: str, offset: int, end: int) -> bytes:

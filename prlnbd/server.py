@@ -84,7 +84,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         # directly rather than through a method of ours (one Python call less per request).
         self.get_buffer = self.conn.get_buffer  # type: ignore[method-assign]
         self.inflight: set[asyncio.Task[None]] = set()
-        self._lane: bool | None = None  # whether the socket has the timeouts _walk() relies on; None: not asked yet
+        self._lane = False  # the socket has the timeouts _walk() relies on (set by _find_socket)
         self._replied = float("inf")  # when the last quick status reply went out
 
     # ---- asyncio callbacks
@@ -140,19 +140,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
             and not self._paused
             and not self._closing
             and (self._sock if self._sock != _UNKNOWN else self._find_socket()) >= 0
-            and (self._lane if self._lane is not None else self._ready_lane())
+            and self._lane
         )
-
-    def _ready_lane(self) -> bool:
-        """Give the socket the timeouts _walk() relies on (once); False if it cannot have them."""
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        self._lane = False
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LANE_TIMEVAL)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _LANE_TIMEVAL)
-                self._lane = True
-        return self._lane
 
     def _walk(self) -> None:
         """Serve the next steps of a lone client's block status walk straight from its socket.
@@ -349,7 +338,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             conn.send_error(req.cookie, Errno.EIO, f"{req.cmd.name} failed: {e.strerror}")
 
     def _find_socket(self) -> int:
-        """Look up the socket's descriptor for sendfile (once); -2 when there is none to use."""
+        """Look up the socket's descriptor for sendfile and _walk() (once); -2 when there is none to use."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         self._sock = _NO_SOCKET
         if sock is not None:
@@ -359,6 +348,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 # the kernel caps this at net.core.wmem_max. TCP tunes its own buffer.
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+            # The waits of _walk()'s blocking reads and writes. They change nothing while the
+            # socket is non-blocking, as it is whenever the event loop has it.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LANE_TIMEVAL)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _LANE_TIMEVAL)
+                self._lane = True
         return self._sock
 
     def _sendfile(self, req: Request, export: Export, fd: int, host: int) -> bool:
@@ -526,16 +521,16 @@ class NbdServer:
     def start_warm_up(self) -> None:
         """Build the exports' bitmap status windows (Export.warm_up) in turns while nothing else runs."""
         steps = itertools.chain.from_iterable(export.warm_up() for export in self.exports.values())
-        asyncio.get_running_loop().call_soon(self._warm_up_turn, steps, time.perf_counter(), 0)
+        asyncio.get_running_loop().call_soon(self._warm_up_turn, steps, _clock(), 0)
 
     def _warm_up_turn(self, steps: Iterator[None], started: float, done: int) -> None:
         if self.stopping:
             return
-        deadline = time.perf_counter() + WARM_UP_TURN
+        deadline = _clock() + WARM_UP_TURN
         try:
             for _ in steps:
                 done += 1
-                if time.perf_counter() > deadline:
+                if _clock() > deadline:
                     # Let the loop poll for requests first: they come before the warm-up.
                     asyncio.get_running_loop().call_soon(self._warm_up_turn, steps, started, done)
                     return
@@ -543,7 +538,7 @@ class NbdServer:
             log.warning("building bitmap status ahead of need failed: %s", e)
             return
         if done:
-            elapsed = (time.perf_counter() - started) * 1e3
+            elapsed = (_clock() - started) * 1e3
             log.info("bitmap block status ready: %d windows, %.1f ms after serving began", done, elapsed)
 
     def addresses(self) -> list[str]:
