@@ -17,7 +17,7 @@ from pathlib import Path
 from prlnbd import __version__
 from prlnbd.disk.chain import Disk, open_disk
 from prlnbd.errors import PrlNbdError
-from prlnbd.export import Export
+from prlnbd.export import CACHE_MODES, Export
 from prlnbd.server import DEFAULT_HANDSHAKE_TIMEOUT, NbdServer
 
 log = logging.getLogger("prlnbd")
@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve disks over NBD")
     _add_listen_options(serve)
     serve.add_argument("--read-only", action="store_true", help="refuse writes")
+    serve.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="writeback",
+        help="writeback: through the page cache, FLUSH syncs (default); none: data I/O with O_DIRECT;"
+        " unsafe: FLUSH is ignored (as qemu-nbd --cache)",
+    )
+    serve.add_argument(
+        "--aio",
+        choices=("threads",),
+        default="threads",
+        help="how disk I/O leaves the event loop: a pool of worker threads (the only choice yet)",
+    )
     serve.add_argument(
         "--snapshot", metavar="GUID", help="export the disk as it was at snapshot GUID (implies --read-only)"
     )
@@ -154,7 +167,9 @@ def inherited_sockets() -> list[socket.socket]:
     return socks
 
 
-def _open_exports(specs: Sequence[str], *, read_only: bool, snapshot: str | None = None) -> dict[str, Export]:
+def _open_exports(
+    specs: Sequence[str], *, read_only: bool, snapshot: str | None = None, cache: str = "writeback"
+) -> dict[str, Export]:
     exports: dict[str, Export] = {}
     try:
         for spec in specs:
@@ -164,7 +179,11 @@ def _open_exports(specs: Sequence[str], *, read_only: bool, snapshot: str | None
             disk = open_disk(path, writable=not read_only and snapshot is None, snapshot=snapshot)
             for warning in disk.warnings:
                 log.warning("%s: %s", disk.path, warning)
-            exports[name] = Export(name, disk, read_only=read_only or snapshot is not None)
+            try:
+                exports[name] = Export(name, disk, read_only=read_only or snapshot is not None, cache=cache)
+            except BaseException:
+                disk.close()
+                raise
     except BaseException:
         for export in exports.values():
             export.close()
@@ -205,7 +224,6 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     )
     if announce is not None:
         announce()
-    server.start_warm_up()
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
     await server.stop()
@@ -231,7 +249,7 @@ async def _make_server(exports: dict[str, Export], timeout: float) -> NbdServer:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """prlnbd serve: export disks over NBD."""
-    exports = _open_exports(args.disks, read_only=args.read_only, snapshot=args.snapshot)
+    exports = _open_exports(args.disks, read_only=args.read_only, snapshot=args.snapshot, cache=args.cache)
     return run_server(exports, args)
 
 
@@ -415,6 +433,8 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
     if args.action == "list":
         if getattr(args, "json", False):
             print(json.dumps(result, indent=2))
+        elif not result:
+            print("no bitmaps")
         else:
             for b in result:
                 print(f"{b['name']}  granularity {_human(int(str(b['granularity'])))}  {b['dirty-bytes']} bytes dirty")

@@ -11,11 +11,10 @@ import bisect
 import errno
 import itertools
 import operator
-import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from prlnbd.disk.chain import Disk
 from prlnbd.errors import RequestError
@@ -33,6 +32,10 @@ from prlnbd.nbd.constants import (
 )
 
 SINCE_PREFIX = DIRTY_BITMAP_PREFIX + "since-"
+# As qemu-nbd's --cache: through the page cache, FLUSH syncs (writeback); data I/O with
+# O_DIRECT (none); FLUSH ignored (unsafe).
+CACHE_MODES = ("writeback", "none", "unsafe")
+Buffer = bytes | bytearray | memoryview
 # How many extents one BLOCK_STATUS chunk may carry; clients loop for the rest.
 MAX_EXTENTS = 64 * 1024
 
@@ -150,10 +153,15 @@ class _PackedWindow:
 class Export:
     """A named disk served over NBD."""
 
-    def __init__(self, name: str, disk: Disk, *, read_only: bool) -> None:
+    def __init__(self, name: str, disk: Disk, *, read_only: bool, cache: str = "writeback") -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
         self.name = name
         self.disk = disk
         self.read_only = read_only or not disk.writable
+        self.cache = cache
+        if cache == "none":
+            disk.open_direct()
         self._flush_lock = asyncio.Lock()
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         for bitmap in self.bitmaps.values():
@@ -188,7 +196,21 @@ class Export:
             contexts=contexts,
         )
 
-    def read(self, offset: int, length: int) -> tuple[bytes | bytearray, list[tuple[int, int]]]:
+    # ---- I/O: read(), write(), zero() and prefetch() may wait on storage and run in worker
+    # threads; read_nowait() and changed() run on the event loop.
+
+    def read_nowait(self, offset: int, length: int) -> tuple[Buffer, list[tuple[int, int]]] | None:
+        """read(), if it can be done without waiting on storage (the data is cached); else None."""
+        try:
+            got = self.disk.read_nowait(offset, length)
+        except OSError as e:
+            raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
+        if got is None:
+            return None
+        buf, runs = got
+        return buf, [(r.offset, r.length) for r in runs if r.zero]
+
+    def read(self, offset: int, length: int) -> tuple[Buffer, list[tuple[int, int]]]:
         """Read guest bytes; also return the (offset, length) stretches that are holes."""
         try:
             buf, runs = self.disk.read(offset, length)
@@ -196,36 +218,33 @@ class Export:
             raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
         return buf, [(r.offset, r.length) for r in runs if r.zero]
 
-    def locate(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, host offset) when the range is one stretch of one file, for zero-copy replies."""
-        return self.disk.locate(offset, length)
-
-    def cache(self, offset: int, length: int) -> None:
-        """Ask the kernel to prefetch the host ranges behind [offset, offset+length)."""
-        for run in self.disk.map(offset, length):
-            if not run.zero and run.layer is not None:
-                os.posix_fadvise(run.layer.fd, run.host, run.length, os.POSIX_FADV_WILLNEED)
+    def prefetch(self, offset: int, length: int) -> None:
+        """Ask the kernel to read the host ranges behind [offset, offset+length) into its cache (NBD CACHE)."""
+        self.disk.prefetch(offset, length)
 
     def write(self, offset: int, data: memoryview) -> None:
-        """Write DATA at OFFSET (copy-on-write into the top layer)."""
+        """Write DATA at OFFSET (copy-on-write into the top layer). The caller then calls changed()."""
         try:
             self.disk.write(offset, data)
         except OSError as e:
             raise _write_error("WRITE", len(data), offset, e) from e
-        finally:
-            # Even a write that failed part-way may have changed some clusters: mark the whole range.
-            self._touched(offset, len(data))
 
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool = False, fast: bool = False) -> None:
-        """WRITE_ZEROES or TRIM over the range."""
+        """WRITE_ZEROES or TRIM over the range. The caller then calls changed()."""
         name = "TRIM" if trim else "WRITE_ZEROES"
         try:
             self.disk.zero(offset, length, trim=trim, no_hole=no_hole, fast=fast)
         except NotImplementedError as e:
             raise RequestError(Errno.ENOTSUP, f"FAST_ZERO: {e}") from e
         except OSError as e:
-            self._touched(offset, length)
             raise _write_error(name, length, offset, e) from e
+
+    def changed(self, offset: int, length: int) -> None:
+        """Note that a write, zeroing or trim of the range finished (or failed part-way): before its reply.
+
+        On the event loop, so the bitmaps and the block status never change
+        under a status request being answered.
+        """
         self._touched(offset, length)
 
     def _touched(self, offset: int, length: int) -> None:
@@ -246,18 +265,20 @@ class Export:
                 if dense:
                     dense.difference_update(range(first, last + 1))
 
-    async def flush(self) -> None:
+    async def flush(self, run: Callable[..., Awaitable[None]]) -> None:
         """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
 
-        Flushes run one at a time: a flush that finished early must not claim
-        durability for BAT entries another flush is still writing.
+        RUN(fn, *args) runs the blocking part in a worker thread. Flushes run
+        one at a time: a flush that finished early must not claim durability
+        for BAT entries another flush is still writing. With cache mode
+        "unsafe" nothing is done.
         """
-        if self.read_only:
+        if self.read_only or self.cache == "unsafe":
             return
         async with self._flush_lock:
             token = self.disk.begin_flush()
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.disk.flush_io, token)
+                await run(self.disk.flush_io, token)
             except OSError as e:
                 self.disk.end_flush(token, False)
                 raise RequestError(Errno.EIO, f"FLUSH failed: {e.strerror}") from e

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
+import errno
+import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +20,10 @@ from prlnbd.image import format as fmt
 from prlnbd.image.extension import DirtyBitmap
 from prlnbd.image.parallels import FlushToken, ParallelsImage, Problem, Segment
 from prlnbd.image.raw import RawImage
+
+# Offsets, lengths and buffers of direct I/O (cache=none) are aligned to this: the largest
+# logical block size of common devices. Anything less aligned goes through the page cache.
+DIRECT_ALIGN = 4096
 
 
 class Layer(Protocol):
@@ -81,7 +91,16 @@ class Disk:
         return list(ext.bitmaps) if ext is not None else []
 
     def close(self) -> None:
-        """Close every layer."""
+        """Close every layer (and the direct I/O twins of their descriptors). No I/O may be running."""
+        top = self.layers[0]
+        if isinstance(top, ParallelsImage) and top.writable:
+            # Nothing reads any more: quarantined clusters are free, and a clean stop cuts
+            # those at the end of the file off.
+            while self._quarantine:
+                top.reuse(self._quarantine.popleft()[1])
+        for dfd in self._direct.values():
+            os.close(dfd)
+        self._direct.clear()
         for layer in self.layers:
             layer.close()
 
@@ -118,43 +137,182 @@ class Disk:
             else:
                 yield Run(seg.offset, seg.length, index + 1, layer, seg.host, seg.zero)
 
-    def read(self, offset: int, length: int) -> tuple[bytes | bytearray, list[Run]]:
-        """Read guest bytes into a new buffer; also return the runs (as map() gives them), for sparse replies."""
-        one = self._read_one_run(offset, length)
-        if one is not None:
-            return one
-        buf = bytearray(length)
-        runs = list(self.map(offset, length))
-        _fill(memoryview(buf), offset, runs)
-        return buf, runs
+    # ---- concurrency
+    #
+    # Reads and writes run at once: in the I/O pool's worker threads and, for reads that
+    # need no waiting on storage, on the event loop. Changes to the top layer's map and
+    # allocation happen under _lock. Lookups take no lock: each BAT or allocation-list
+    # access is atomic under the GIL, and the image changes them in an order a reader can
+    # tolerate (it sees a cluster mapped a little early or late, as a concurrent request may).
+    #
+    # What no reader may see is a released host cluster reused for other data while it still
+    # reads or writes it. Every I/O runs inside an epoch (_enter/_leave); a flush that makes
+    # releases durable puts their host clusters in quarantine under the current epoch and
+    # starts a new one; they become reusable once no I/O of that epoch or older is running.
 
-    def _read_one_run(self, offset: int, length: int) -> tuple[bytes, list[Run]] | None:
-        """The common read, done without the general machinery: the range is one data run.
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._allocating: dict[int, threading.Event] = {}  # guest cluster -> set once it is mapped
+        self._epoch = 0
+        self._active: collections.Counter[int] = collections.Counter()
+        self._quarantine: collections.deque[tuple[int, list[int]]] = collections.deque()
+        self._direct: dict[int, int] = {}  # layer fd -> its O_DIRECT twin (cache=none)
+        self._no_nowait: set[int] = set()  # fds whose file system refuses RWF_NOWAIT reads
 
-        os.pread returns a new bytes object, so no buffer is zero-filled first. None
-        sends the read down the general path (holes, several runs, or bytes past the
-        end of the file, which read as zeros).
+    def _enter(self) -> int:
+        with self._lock:
+            epoch = self._epoch
+            self._active[epoch] += 1
+        return epoch
+
+    def _leave(self, epoch: int) -> None:
+        with self._lock:
+            active = self._active
+            active[epoch] -= 1
+            if not active[epoch]:
+                del active[epoch]
+            if self._quarantine:
+                self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Hand quarantined host clusters back for reuse once no I/O that might use them runs (under _lock)."""
+        oldest = min(self._active) if self._active else self._epoch + 1
+        top = self.layers[0]
+        while self._quarantine and self._quarantine[0][0] < oldest:
+            _, hosts = self._quarantine.popleft()
+            if isinstance(top, ParallelsImage):
+                top.reuse(hosts)
+
+    # ---- cache modes
+
+    @property
+    def direct(self) -> bool:
+        """Whether data I/O bypasses the page cache (O_DIRECT, `--cache=none`)."""
+        return bool(self._direct)
+
+    def open_direct(self) -> None:
+        """Open every layer a second time with O_DIRECT, for data I/O that is aligned to DIRECT_ALIGN.
+
+        Headers, BAT entries and unaligned pieces keep using the buffered
+        descriptor; Linux keeps the two coherent (direct I/O writes back and
+        drops the cached pages it overlaps). Raises ImageError naming the file
+        when its file system refuses direct I/O.
         """
-        found = self._one_run(offset, length)
-        if found is None:
-            return None
-        layer, depth, host = found
-        data = os.pread(layer.fd, length, host)
-        if len(data) != length:
-            return None
-        return data, [Run(offset, length, depth, layer, host, False)]
+        for layer in self.layers:
+            if layer.fd in self._direct:
+                continue
+            mode = os.O_RDWR if layer.writable else os.O_RDONLY
+            try:
+                dfd = os.open(f"/proc/self/fd/{layer.fd}", mode | os.O_DIRECT | os.O_CLOEXEC)
+                # Some file systems accept the flag at open and refuse the I/O: try one read.
+                os.preadv(dfd, [mmap.mmap(-1, DIRECT_ALIGN)], 0)
+            except OSError as e:
+                with contextlib.suppress(NameError, OSError):
+                    os.close(dfd)
+                raise ImageError(
+                    f"{layer.path}: its file system refuses direct I/O (O_DIRECT), which --cache=none needs:"
+                    f" {e.strerror}; serve it with --cache=writeback"
+                ) from e
+            self._direct[layer.fd] = dfd
 
-    def locate(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(file descriptor, host offset) when the range is one run of data in one file, else None.
+    # ---- reading
 
-        For sending the bytes without reading them first (sendfile). Past the end
-        of the file they read as zeros, which the caller learns from a short send.
+    def read(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]]:
+        """Read guest bytes into a new buffer; also return the runs (as map() gives them), for sparse replies.
+
+        May wait on storage: for a worker thread.
         """
+        epoch = self._enter()
+        try:
+            runs = self._runs(offset, length)
+            buf = self._buffer(length)
+            view = memoryview(buf)
+            for run in runs:
+                if not run.zero and run.layer is not None:
+                    start = run.offset - offset
+                    self._pread_into(run.layer.fd, view[start : start + run.length], run.host)
+            return buf, runs
+        finally:
+            self._leave(epoch)
+
+    def read_nowait(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
+        """read(), when every byte can be had without waiting on storage (cached, or a hole); else None.
+
+        For the event loop: a READ of cached data is answered at once, and only
+        a read that would wait goes to a worker thread.
+        """
+        epoch = self._enter()
+        try:
+            runs = self._runs(offset, length)
+            buf: bytearray | None = None
+            for run in runs:
+                if run.zero or run.layer is None:
+                    continue
+                fd = run.layer.fd
+                if fd in self._no_nowait or self._direct:
+                    return None
+                if buf is None:
+                    buf = bytearray(length)
+                start = run.offset - offset
+                if not self._pread_nowait(fd, memoryview(buf)[start : start + run.length], run.host):
+                    return None
+            return (buf if buf is not None else bytearray(length)), runs
+        finally:
+            self._leave(epoch)
+
+    def _runs(self, offset: int, length: int) -> list[Run]:
+        """map() as a list, with the commonest case, one data run, found without the general walk."""
         found = self._one_run(offset, length)
-        if found is None:
-            return None
-        layer, _, host = found
-        return layer.fd, host
+        if found is not None:
+            layer, depth, host = found
+            return [Run(offset, length, depth, layer, host, False)]
+        return list(self.map(offset, length))
+
+    def _buffer(self, length: int) -> bytearray | memoryview:
+        """A buffer for LENGTH bytes read from the layers: page-aligned when direct I/O may fill it."""
+        if self._direct and length:
+            return memoryview(mmap.mmap(-1, length))
+        return bytearray(length)
+
+    def _pread_nowait(self, fd: int, view: memoryview, host: int) -> bool:
+        """Fill VIEW from the page cache without waiting on storage; False when that cannot be done."""
+        try:
+            n = os.preadv(fd, [view], host, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._no_nowait.add(fd)  # this file system cannot say: always use a worker
+                return False
+            raise
+        # Short: part of it is not cached, or the file ends (read() knows how to tell).
+        return n == len(view)
+
+    def _pread_into(self, fd: int, view: memoryview, host: int) -> None:
+        """Fill VIEW from FD at HOST; bytes past the end of the file stay zero."""
+        dfd = self._direct.get(fd)
+        use = dfd if dfd is not None and _aligned(host, len(view)) and _aligned_memory(view) else fd
+        done = 0
+        total = len(view)
+        while done < total:
+            n = os.preadv(use, [view[done:]], host + done)
+            if n <= 0:
+                return
+            done += n
+            if use != fd and not _aligned(host + done, total - done):
+                use = fd  # a short direct read left an unaligned rest: read it through the cache
+    def _pwrite_all(self, fd: int, view: memoryview, host: int) -> None:
+        """Write all of VIEW at HOST (through the direct twin when aligned, from an aligned copy)."""
+        dfd = self._direct.get(fd)
+        if dfd is not None and _aligned(host, len(view)):
+            if not _aligned_memory(view):
+                copy = mmap.mmap(-1, len(view))
+                copy[:] = view
+                view = memoryview(copy)
+            fd = dfd
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], host + done)
 
     def _one_run(self, offset: int, length: int) -> tuple[Layer, int, int] | None:
         """(layer, depth, host offset) when the range is one data run, as map() would find it.
@@ -195,23 +353,21 @@ class Disk:
         return list(self._resolve(1, offset, length))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write DATA at OFFSET into the top layer, copying on write from the layers below."""
+        """Write DATA at OFFSET into the top layer, copying on write from the layers below.
+
+        May wait on storage: for a worker thread. Writes to different clusters
+        run in parallel; a cluster being allocated is waited for.
+        """
+        epoch = self._enter()
+        try:
+            self._write(offset, memoryview(data))
+        finally:
+            self._leave(epoch)
+
+    def _write(self, offset: int, view: memoryview) -> None:
         top = self.layers[0]
-        if type(top) is ParallelsImage:
-            # The commonest write, inline: inside one cluster the top layer already holds.
-            cs = top.cluster_size
-            c = offset // cs
-            bat = top.bat
-            n = len(data)
-            if n and c == (offset + n - 1) // cs and c < len(bat) and bat[c]:
-                host = bat[c] + offset - c * cs
-                done = os.pwrite(top.fd, data, host)
-                if done < n:
-                    _pwrite_all(top.fd, memoryview(data)[done:], host + done)
-                return
-        view = memoryview(data)
         if isinstance(top, RawImage):
-            _pwrite_all(top.fd, view, offset)
+            self._pwrite_all(top.fd, view, offset)
             return
         if not isinstance(top, ParallelsImage):  # pragma: no cover - layers are one of the two kinds
             raise ImageError(f"{top.path}: cannot write to this kind of image")
@@ -226,33 +382,63 @@ class Disk:
             pos += n
 
     def _write_cluster(self, top: ParallelsImage, cluster: int, within: int, piece: memoryview) -> None:
-        host = top.host_offset(cluster)
-        if host:
-            _pwrite_all(top.fd, piece, host + within)
-            return
+        while True:
+            host = top.host_offset(cluster)
+            if host:
+                self._pwrite_all(top.fd, piece, host + within)
+                return
+            with self._lock:
+                if top.host_offset(cluster):
+                    continue  # mapped meanwhile: write into it
+                pending = self._allocating.get(cluster)
+                if pending is None:
+                    pending = self._allocating[cluster] = threading.Event()
+                    try:
+                        new_host, fresh = top.allocate()
+                    except BaseException:
+                        del self._allocating[cluster]
+                        pending.set()
+                        raise
+                    break
+            pending.wait()  # another write is filling this cluster: then write into it
+        try:
+            self._fill_new_cluster(top, cluster, within, piece, new_host, fresh)
+        except BaseException:
+            with self._lock:
+                top.unallocate(new_host)
+                del self._allocating[cluster]
+            pending.set()
+            raise
+        # Mapped only now, after the data is in the file; the entry itself is written at flush.
+        with self._lock:
+            top.map_cluster(cluster, new_host)
+            del self._allocating[cluster]
+        pending.set()
+
+    def _fill_new_cluster(
+        self, top: ParallelsImage, cluster: int, within: int, piece: memoryview, new_host: int, fresh: bool
+    ) -> None:
+        """Write a new cluster: PIECE at WITHIN, the rest copied from the layers below (or zeros)."""
         cs = top.cluster_size
         start = cluster * cs
         below = [r for r in self._below(start, cs) if not r.zero]
-        new_host, fresh = top.allocate()
-        try:
-            if fresh and not below:
-                # The new cluster reads as zeros already: write only the request's bytes.
-                if len(piece) < cs:
-                    # Reserve the whole cluster now: later small writes into it then find one
-                    # extent instead of building the file system's map up block by block.
-                    os.posix_fallocate(top.fd, new_host, cs)
-                _pwrite_all(top.fd, piece, new_host + within)
-            else:
-                buf = bytearray(cs)
-                if below and (within or len(piece) < cs):
-                    _fill(memoryview(buf), start, below)
-                buf[within : within + len(piece)] = piece
-                _pwrite_all(top.fd, memoryview(buf), new_host)
-        except BaseException:
-            top.unallocate(new_host)
-            raise
-        # Mapped only now, after the data is in the file; the entry itself is written at flush.
-        top.map_cluster(cluster, new_host)
+        if fresh and not below:
+            # The new cluster reads as zeros already: write only the request's bytes.
+            if len(piece) < cs:
+                # Reserve the whole cluster now: later small writes into it then find one
+                # extent instead of building the file system's map up block by block.
+                os.posix_fallocate(top.fd, new_host, cs)
+            self._pwrite_all(top.fd, piece, new_host + within)
+            return
+        buf = self._buffer(cs)
+        view = memoryview(buf)
+        if below and (within or len(piece) < cs):
+            for run in below:
+                if run.layer is not None:
+                    at = run.offset - start
+                    self._pread_into(run.layer.fd, view[at : at + run.length], run.host)
+        view[within : within + len(piece)] = piece
+        self._pwrite_all(top.fd, view, new_host)
 
     def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False, fast: bool = False) -> None:
         """Make [offset, offset+length) read as zeros (WRITE_ZEROES), or discard it (TRIM).
@@ -262,7 +448,15 @@ class Disk:
         since a released cluster would expose the parent's bytes. TRIM leaves
         partial clusters alone (it is only a hint). With FAST, nothing is done
         and NotImplementedError is raised if zeroing would have to write data.
+        May wait on storage: for a worker thread.
         """
+        epoch = self._enter()
+        try:
+            self._zero(offset, length, trim=trim, no_hole=no_hole, fast=fast)
+        finally:
+            self._leave(epoch)
+
+    def _zero(self, offset: int, length: int, *, trim: bool, no_hole: bool, fast: bool) -> None:
         top = self.layers[0]
         if isinstance(top, RawImage):
             if fast:
@@ -277,7 +471,8 @@ class Disk:
             raise NotImplementedError("zeroing this range would have to write zeros over data")
         for action, at, n in plan:
             if action == "release":
-                top.release_cluster(at // top.cluster_size)
+                with self._lock:
+                    top.release_cluster(at // top.cluster_size)
             else:
                 self._write_zeros(at, n)
 
@@ -313,16 +508,31 @@ class Disk:
         pos = 0
         while pos < length:
             n = min(chunk, length - pos)
-            self.write(offset + pos, memoryview(zeros)[:n])
+            self._write(offset + pos, memoryview(zeros)[:n])
             pos += n
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Ask the kernel to read the host ranges behind the guest range into its cache (NBD CACHE)."""
+        epoch = self._enter()
+        try:
+            for run in self._runs(offset, length):
+                if not run.zero and run.layer is not None:
+                    os.posix_fadvise(run.layer.fd, run.host, run.length, os.POSIX_FADV_WILLNEED)
+        finally:
+            self._leave(epoch)
+
+    # ---- durability
+
     def begin_flush(self) -> FlushToken | None:
-        """Take what the next flush must make durable (in the owning thread)."""
+        """Take what the next flush must make durable (from the thread that answers requests)."""
         top = self.layers[0]
-        return top.begin_flush() if isinstance(top, ParallelsImage) else None
+        if not isinstance(top, ParallelsImage):
+            return None
+        with self._lock:
+            return top.begin_flush()
 
     def flush_io(self, token: FlushToken | None) -> None:
-        """The blocking part of a flush: safe to run in a worker thread."""
+        """The blocking part of a flush: for a worker thread."""
         top = self.layers[0]
         if isinstance(top, ParallelsImage) and token is not None:
             top.flush_io(token)
@@ -330,37 +540,29 @@ class Disk:
             os.fdatasync(top.fd)
 
     def end_flush(self, token: FlushToken | None, ok: bool) -> None:
-        """Record a flush's outcome (in the owning thread)."""
+        """Record a flush's outcome (from the thread that answers requests)."""
         top = self.layers[0]
-        if isinstance(top, ParallelsImage) and token is not None:
+        if not isinstance(top, ParallelsImage) or token is None:
+            return
+        with self._lock:
+            if ok and token.pending_free:
+                # Durably unmapped now, but I/O that looked them up may still run: see _enter().
+                self._quarantine.append((self._epoch, token.pending_free))
+                token.pending_free = []
+                self._epoch += 1
+                self._reclaim()
             top.end_flush(token, ok)
 
 
-def _fill(view: memoryview, offset: int, runs: list[Run]) -> None:
-    """Read the data RUNS (of a range starting at guest OFFSET) into VIEW; zero runs stay as they are."""
-    for run in runs:
-        if run.zero or run.layer is None:
-            continue
-        start = run.offset - offset
-        _pread_into(run.layer.fd, view[start : start + run.length], run.host)
+def _aligned(host: int, length: int) -> bool:
+    return not (host | length) % DIRECT_ALIGN
 
 
-def _pwrite_all(fd: int, view: memoryview, host: int) -> None:
-    """Write all of VIEW at HOST."""
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], host + done)
-
-
-def _pread_into(fd: int, view: memoryview, host: int) -> None:
-    """Fill VIEW from FD at HOST; bytes past the end of the file stay zero."""
-    done = 0
-    total = len(view)
-    while done < total:
-        n = os.preadv(fd, [view[done:]], host + done)
-        if n <= 0:
-            return
-        done += n
+def _aligned_memory(view: memoryview) -> bool:
+    """Whether VIEW starts at a DIRECT_ALIGN boundary in memory (a requirement of O_DIRECT)."""
+    if view.readonly or not len(view):
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
 
 def _open_layer(path: Path, kind: str, writable: bool) -> Layer:

@@ -290,7 +290,9 @@ class ParallelsImage:
             c = pos // cs
             host = bat[c] if c < nbat else 0
             if not host:
-                nxt = self.next_allocated(c)
+                # From the next cluster on: a writer in another thread may map C meanwhile,
+                # and this piece must still move forward.
+                nxt = self.next_allocated(c + 1)
                 stop = end if nxt is None else min(end, nxt * cs)
                 yield Segment(pos, stop - pos, None)
                 pos = stop
@@ -459,9 +461,12 @@ class ParallelsImage:
         if not 0 <= cluster < len(self.bat):
             raise ImageError(f"{self.path}: cluster {cluster} is beyond the BAT's {len(self.bat)} entries")
         w = self._state()
-        if not self.bat[cluster]:
-            bisect.insort(self.allocated, cluster)
+        was = self.bat[cluster]
+        # BAT entry first, allocation list second (release_cluster the other way round): a
+        # reader in another thread then never finds a listed cluster without its entry.
         self.bat[cluster] = host
+        if not was:
+            bisect.insort(self.allocated, cluster)
         w.dirty.add(cluster)
 
     def release_cluster(self, cluster: int) -> None:
@@ -470,11 +475,15 @@ class ParallelsImage:
         host = int(self.bat[cluster])
         if not host:
             return
-        self.bat[cluster] = 0
         i = bisect.bisect_left(self.allocated, cluster)
         del self.allocated[i]
+        self.bat[cluster] = 0
         w.dirty.add(cluster)
         w.pending_free.append(host)
+
+    def reuse(self, hosts: list[int]) -> None:
+        """Let allocate() hand out HOSTS again: clusters whose release is durable and no longer read."""
+        self._state().free.extend(hosts)
 
     def begin_flush(self) -> FlushToken:
         """Take the BAT changes a flush must make durable (call from the owning thread)."""

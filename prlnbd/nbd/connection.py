@@ -8,18 +8,18 @@ collected with data_to_send(). The class enforces every rule of the
 fixed-newstyle handshake and validates each transmission request, answering
 bad ones itself, so the server only ever sees requests it can act on.
 
-One request is answered inside: a plain BLOCK_STATUS arriving on its own, the
-step of a client walking the disk's block status, gets its reply straight from
-quick_status_reply(), built from functions the server hands in with
-set_status_sources(). The core still does no I/O and knows no disk format.
+Every request header is parsed and validated in one place (_next_request and
+_check_request, by the rules in COMMANDS) before anything is allocated for it:
+a WRITE that is refused has its payload skipped, never buffered.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import NamedTuple
 
 from prlnbd.errors import ProtocolError
 from prlnbd.nbd import wire
@@ -63,35 +63,38 @@ RING_PAYLOAD = 64 * 1024
 # get_buffer() offers at least this much room, so a ring payload or an option always fits.
 _MIN_ROOM = max(RING_PAYLOAD, MAX_OPTION_LENGTH) + 64
 
-# Which flags each command accepts (FUA is valid on every command once SEND_FUA is advertised).
-# Plain ints: ~ on an IntFlag would flip only the named bits and let unknown ones through.
-_ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
-    Cmd.WRITE: int(CmdFlag.FUA),
-    Cmd.DISC: int(CmdFlag.FUA),
-    Cmd.FLUSH: int(CmdFlag.FUA),
-    Cmd.TRIM: int(CmdFlag.FUA),
-    Cmd.CACHE: int(CmdFlag.FUA),
-    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
-    Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
+
+class CommandRule(NamedTuple):
+    """What the protocol allows one command: its flags, and whether it writes or names a range."""
+
+    flags: int  # command flags it accepts (plain int: ~ on an IntFlag keeps unknown bits out)
+    writes: bool  # refused on a read-only export
+    ranged: bool  # offset and length name guest bytes (else both must be 0)
+    past_end: Errno  # the errno for a range past the end of the export
+
+
+# FUA is valid on every command once SEND_FUA is advertised.
+_FUA_FLAG = int(CmdFlag.FUA)
+COMMANDS: dict[int, CommandRule] = {
+    Cmd.READ: CommandRule(int(_FUA_FLAG | CmdFlag.DF), False, True, Errno.EINVAL),
+    Cmd.WRITE: CommandRule(_FUA_FLAG, True, True, Errno.ENOSPC),
+    Cmd.DISC: CommandRule(_FUA_FLAG, False, False, Errno.EINVAL),
+    Cmd.FLUSH: CommandRule(_FUA_FLAG, False, False, Errno.EINVAL),
+    Cmd.TRIM: CommandRule(_FUA_FLAG, True, True, Errno.EINVAL),
+    Cmd.CACHE: CommandRule(_FUA_FLAG, False, True, Errno.EINVAL),
+    Cmd.WRITE_ZEROES: CommandRule(int(_FUA_FLAG | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO), True, True, Errno.ENOSPC),
+    Cmd.BLOCK_STATUS: CommandRule(int(_FUA_FLAG | CmdFlag.REQ_ONE), False, True, Errno.EINVAL),
 }
-_WRITE_COMMANDS = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 _CMDS: dict[int, Cmd] = {int(c): c for c in Cmd}
-_CMD_READ = Cmd.READ
-_CMD_WRITE = Cmd.WRITE
-_CMD_BLOCK_STATUS = Cmd.BLOCK_STATUS
-_unpack_request = wire.REQUEST.unpack_from
-# Plain ints for the per-request fast path (IntEnum arithmetic and lookups cost more).
-_READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
-_FUA = int(CmdFlag.FUA)
+_DISC = int(Cmd.DISC)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-_STATUS_FLAGS = int(CmdFlag.FUA | CmdFlag.REQ_ONE)
+_DF = int(CmdFlag.DF)
+_DATA_COMMANDS = (int(Cmd.READ), _WRITE)  # the two whose length is bounded by MAX_PAYLOAD
 _DONE_STATUS = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.BLOCK_STATUS))
 _MORE_STATUS = (STRUCTURED_REPLY_MAGIC, 0, int(Chunk.BLOCK_STATUS))
 _DONE_DATA = (STRUCTURED_REPLY_MAGIC, CHUNK_DONE, int(Chunk.OFFSET_DATA))
 _pack_status_chunk = wire.CHUNK_BLOCK_STATUS.pack
-_RANGE_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS))
 
 
 @dataclass
@@ -130,12 +133,6 @@ _EXPORT_FLAGS = int(
 _READ_ONLY_FLAG = int(TxFlag.READ_ONLY)
 _MULTI_CONN_FLAG = int(TxFlag.CAN_MULTI_CONN)
 _GREETING = wire.GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
-
-
-# What answers BLOCK_STATUS for one metadata context: (offset, length) -> the packed
-# descriptors of the chunk, as send_block_status() takes them. It may raise (a failed
-# lookup): the request then goes the usual way, as an event, and the server reports it.
-StatusSource = Callable[[int, int], bytes]
 
 
 # Events handed to the server.
@@ -185,9 +182,6 @@ class _Query:
     queries: list[str] = field(default_factory=list)
 
 
-_TRANSMISSION = State.TRANSMISSION
-
-
 class ServerConnection:
     """One NBD connection's protocol state, from greeting to disconnect."""
 
@@ -220,12 +214,6 @@ class ServerConnection:
         self._shared = False
         self._discard = 0
         self._pending_error: ProtocolError | None = None
-        self._size = -1  # the export's size and read-only flag, once transmission starts
-        self._read_only = True
-        # BLOCK_STATUS is valid in transmission (structured replies and a context chosen).
-        self._status_ok = False
-        # set_status_sources(): (chunk head, context id, source) per selected context, in order.
-        self._sources: list[tuple[tuple[int, int, int], int, StatusSource]] = []
         # A WRITE whose payload is being received into its own buffer: the header fields,
         # the buffer, and how much of it has arrived.
         self._write: tuple[int, int, int, int] | None = None
@@ -317,80 +305,11 @@ class ServerConnection:
         else:
             self._end += nbytes
 
-    def set_status_sources(self, sources: Mapping[int, StatusSource]) -> None:
-        """Let quick_status_reply() answer plain BLOCK_STATUS requests: a source per selected context id.
-
-        For the server to call once transmission starts. Ignored unless every
-        selected context has a source (and BLOCK_STATUS is valid at all).
-        """
-        if not self._status_ok or set(sources) != set(self.contexts):
-            self._sources = []
-            return
-        last = len(self.contexts) - 1
-        self._sources = [
-            (_DONE_STATUS if i == last else _MORE_STATUS, cid, sources[cid]) for i, cid in enumerate(self.contexts)
-        ]
-
-    def quick_status_reply(self, nbytes: int) -> list[bytes] | None:
-        """buffer_updated(), and the reply at once when the bytes are one plain BLOCK_STATUS request.
-
-        Tools that walk a disk's block status (backup tools, nbdinfo --map)
-        send one request, wait for its reply, then send the next: every step
-        is a round trip, so the reply is built here, from the sources given to
-        set_status_sources(), as soon as the request is whole. That request
-        never reaches next_event(). Anything else (other commands, flags,
-        several requests in one read, a source that fails) returns None and
-        goes through next_event() as usual.
-        """
-        self.buffer_updated(nbytes)
-        pos = self._pos
-        sources = self._sources
-        if self._end - pos != 28 or not sources or self._write is not None or self._discard:
-            return None
-        if self.state is not _TRANSMISSION:
-            return None
-        magic, flags, cmd, cookie, offset, length = _unpack_request(self._in, pos)
-        if cmd != _BLOCK_STATUS or flags or not length or magic != REQUEST_MAGIC or offset + length > self._size:
-            return None
-        reply: list[bytes] = []
-        try:
-            for head, cid, source in sources:
-                payload = source(offset, length)
-                reply.append(_pack_status_chunk(*head, cookie, 4 + len(payload), cid))
-                reply.append(payload)
-        except Exception:  # the usual path asks again, and reports what went wrong
-            return None
-        self._pos = pos + 28
-        return reply
-
     def next_event(self) -> Event | None:
         """The next event the bytes received so far complete, or None until more arrive.
 
         Raises ProtocolError when the peer broke the protocol, as receive_data().
         """
-        pos = self._pos
-        if self.state is _TRANSMISSION and not self._discard and self._write is None:
-            if self._end - pos < 28:
-                return None  # no whole request header yet
-            magic, flags, cmd, cookie, offset, length = _unpack_request(self._in, pos)
-            if magic == REQUEST_MAGIC and offset + length <= self._size:
-                # The common cases first, checked inline: what _check_request() lets through.
-                if cmd == _READ and not flags and length <= MAX_PAYLOAD:
-                    self._pos = pos + 28
-                    return Request(_CMD_READ, 0, cookie, offset, length)
-                start = pos + 28
-                if cmd == _WRITE and not flags & ~_FUA and not self._read_only and length <= self._end - start:
-                    # The payload is all in the receive buffer: hand it out as a view.
-                    self._pos = start + length
-                    self._shared = True
-                    return Request(_CMD_WRITE, flags, cookie, offset, length, self._view[start : start + length])
-                if cmd == _BLOCK_STATUS and not flags & ~_STATUS_FLAGS and length and self._status_ok:
-                    # Backup tools walk a whole disk with these, one round trip after another.
-                    self._pos = start
-                    return Request(_CMD_BLOCK_STATUS, flags, cookie, offset, length)
-        return self._next_event()
-
-    def _next_event(self) -> Event | None:
         try:
             while self.state is not State.CLOSED:
                 if self._discard:
@@ -519,9 +438,6 @@ class ServerConnection:
             # Contexts chosen for another export do not carry over.
             self.contexts = {}
         self.export = exp
-        self._size = exp.size
-        self._read_only = exp.read_only
-        self._status_ok = self.structured and bool(self.contexts)
         self.state = State.TRANSMISSION
         return ExportSelected(exp)
 
@@ -606,44 +522,53 @@ class ServerConnection:
     # ---- transmission
 
     def _next_request(self) -> Event | bool | None:
+        """The next request: its header parsed and checked here, and only then its payload taken."""
         if self._write is not None:
             return self._finish_write()
         pos = self._pos
-        if self._end - pos < 28:  # wire.REQUEST.size
+        start = pos + wire.REQUEST.size
+        if self._end < start:
             return None
         magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(self._in, pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"request magic is {magic:#x}, expected {REQUEST_MAGIC:#x}")
-        payload: memoryview | None = None
-        start = pos + 28
-        if cmd == _WRITE:
-            if length > MAX_PAYLOAD:
-                if length > MAX_DISCARD:
-                    raise ProtocolError(f"WRITE of {length} bytes is far beyond the {MAX_PAYLOAD}-byte maximum")
-                self._pos = start
-                self._discard = length
-                self.send_error(cookie, Errno.EINVAL, f"WRITE of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
-                return True
-            have = self._end - start
-            if have < length:
-                if length <= RING_PAYLOAD:
-                    return None  # get_buffer() keeps room for it
-                # Receive the rest of the payload straight into a buffer of its own.
-                self._payload = bytearray(length)
-                self._payload_view = memoryview(self._payload)
-                self._payload_view[:have] = self._view[start : self._end]
-                self._payload_got = have
-                self._write = (flags, cookie, offset, length)
-                self._pos = self._end
-                return None
-            payload = self._view[start : start + length]
-            self._shared = True
-            self._pos = start + length
-        else:
+        if cmd == _DISC:
             self._pos = start
-        return self._checked(cmd, flags, cookie, offset, length, payload)
+            self.state = State.CLOSED
+            return Disconnect()
+        problem = self._check_request(cmd, flags, offset, length)
+        if cmd != _WRITE:
+            self._pos = start
+            if problem is not None:
+                self.send_error(cookie, *problem)
+                return True
+            return Request(_CMDS[cmd], flags, cookie, offset, length)
+        if problem is not None:
+            # The payload follows all the same: skip it without buffering it, unless it is so
+            # large that the client is broken or hostile.
+            if length > MAX_DISCARD:
+                raise ProtocolError(f"refused WRITE of {length} bytes carries more than {MAX_DISCARD} to skip")
+            self._pos = start
+            self._discard = length
+            self.send_error(cookie, *problem)
+            return True
+        have = self._end - start
+        if have < length:
+            if length <= RING_PAYLOAD:
+                return None  # get_buffer() keeps room for it
+            # Receive the rest of the payload straight into a buffer of its own.
+            self._payload = bytearray(length)
+            self._payload_view = memoryview(self._payload)
+            self._payload_view[:have] = self._view[start : self._end]
+            self._payload_got = have
+            self._write = (flags, cookie, offset, length)
+            self._pos = self._end
+            return None
+        self._shared = True
+        self._pos = start + length
+        return Request(Cmd.WRITE, flags, cookie, offset, length, self._view[start : start + length])
 
-    def _finish_write(self) -> Event | bool | None:
+    def _finish_write(self) -> Event | None:
         """The WRITE whose payload is received into its own buffer, once all of it is in."""
         if self._write is None or self._payload_got < len(self._payload):
             return None
@@ -653,51 +578,38 @@ class ServerConnection:
         self._payload = bytearray()
         self._payload_view = memoryview(self._payload)
         self._payload_got = 0
-        return self._checked(_WRITE, flags, cookie, offset, length, payload)
-
-    def _checked(
-        self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload: memoryview | None
-    ) -> Event | bool:
-        """The event for a request whose bytes are all in: answered here if it is invalid."""
-        if cmd == Cmd.DISC:
-            self.state = State.CLOSED
-            return Disconnect()
-        problem = self._check_request(cmd, flags, offset, length)
-        if problem is not None:
-            errno, message = problem
-            self.send_error(cookie, errno, message)
-            return True
-        return Request(_CMDS[cmd], flags, cookie, offset, length, payload)
+        return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
 
     def _check_request(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        """Why the request must be refused, as (errno, message); None for a valid one."""
         exp = self.export
         if exp is None:  # pragma: no cover - TRANSMISSION always has an export
             raise ProtocolError("request before an export was chosen")
-        allowed = _ALLOWED_FLAGS.get(cmd)
-        if allowed is None:
+        rule = COMMANDS.get(cmd)
+        if rule is None:
             return Errno.EINVAL, f"unknown command {cmd}"
-        name = Cmd(cmd).name
-        if flags & ~allowed:
-            return Errno.EINVAL, f"flags {flags:#x} are not valid for {name}"
-        if flags & CmdFlag.DF and not self.structured:
+        if flags & ~rule.flags:
+            return Errno.EINVAL, f"flags {flags:#x} are not valid for {Cmd(cmd).name}"
+        if flags & _DF and not self.structured:
             return Errno.EINVAL, "DF needs structured replies"
-        if cmd == Cmd.BLOCK_STATUS:
+        if cmd == _BLOCK_STATUS:
             if not self.structured:
                 return Errno.EINVAL, "BLOCK_STATUS needs structured replies"
             if not self.contexts:
                 return Errno.EINVAL, "BLOCK_STATUS needs a metadata context selected with SET_META_CONTEXT"
             if length == 0:
                 return Errno.EINVAL, "BLOCK_STATUS of length 0"
-        if cmd in _WRITE_COMMANDS and exp.read_only:
-            return Errno.EPERM, f"{name} on a read-only export"
-        if cmd in _RANGE_COMMANDS:
+        if rule.writes and exp.read_only:
+            return Errno.EPERM, f"{Cmd(cmd).name} on a read-only export"
+        if rule.ranged:
+            if length > MAX_PAYLOAD and cmd in _DATA_COMMANDS:
+                return Errno.EINVAL, f"{Cmd(cmd).name} of {length} bytes exceeds the maximum {MAX_PAYLOAD}"
             if offset + length > exp.size:
-                errno = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
-                return errno, f"{name} of {length} bytes at {offset} ends past the export size {exp.size}"
-            if cmd == Cmd.READ and length > MAX_PAYLOAD:
-                return Errno.EINVAL, f"READ of {length} bytes exceeds the maximum {MAX_PAYLOAD}"
+                return rule.past_end, (
+                    f"{Cmd(cmd).name} of {length} bytes at {offset} ends past the export size {exp.size}"
+                )
         elif offset or length:
-            return Errno.EINVAL, f"{name} must have offset and length 0"
+            return Errno.EINVAL, f"{Cmd(cmd).name} must have offset and length 0"
         return None
 
     # ---- replies

@@ -20,6 +20,12 @@ SIZE = 64 * 1024 * 1024
 CS = 64 * 1024
 
 
+def write(exp: Export, offset: int, data: memoryview) -> None:
+    """A WRITE as the server does it: the I/O, then the bookkeeping before the reply."""
+    exp.write(offset, data)
+    exp.changed(offset, len(data))
+
+
 def unpack(payload: bytes) -> list[tuple[int, int]]:
     return [struct.unpack_from(">II", payload, i) for i in range(0, len(payload), 8)]
 
@@ -81,7 +87,7 @@ def test_status_payload_equals_extents(bundle: Path, monkeypatch: pytest.MonkeyP
                 assert len(one) == 1 and one == exp.extents(ctx, off, length, req_one=True)
                 assert one[0][0] <= length
             # A write must drop the cached windows it touches.
-            exp.write(rng.randrange(SIZE - 8192) + round_, memoryview(b"w" * 5000))
+            write(exp, rng.randrange(SIZE - 8192) + round_, memoryview(b"w" * 5000))
     finally:
         exp.close()
     # Most requests end inside an extent that goes on: their final extent runs on.
@@ -124,7 +130,7 @@ def test_status_walks_are_answered_by_one_window_slice(
             steps += 1
             if write_every and steps % write_every == 0 and off + 700 <= SIZE:
                 # Where the next step starts: the windows there must be computed afresh.
-                exp.write(off + rng.randrange(4096), memoryview(b"w" * 700))
+                write(exp, off + rng.randrange(4096), memoryview(b"w" * 700))
                 writes += 1
         return steps, writes
 
@@ -199,7 +205,7 @@ def test_write_in_a_cluster_across_a_window_edge_shows_in_the_next_window(
         for off in range(0, SIZE, window // 2):  # every window kept
             exp.packed_status(depth, off, min(window, SIZE - off))
         before = unpack(exp.packed_status(depth, edge, 4096))
-        exp.write(edge - 1, memoryview(b"w"))
+        write(exp, edge - 1, memoryview(b"w"))
         for ctx in exp.info.contexts:
             answered(exp, ctx, edge, 4096, exp.packed_status(ctx, edge, 4096))
         assert unpack(exp.packed_status(depth, edge, 4096))[0][1] == 1 != before[0][1]
@@ -256,7 +262,7 @@ def test_write_after_a_window_joined_with_the_next(tmp_path: Path, monkeypatch: 
         off, length = window - 4096, window
         assert unpack(exp.packed_status(ctx, off, length))[-1] == (40 * CS - 21 * CS, 3)
         assert exp._status_cache[ctx][0].ends[-1] == 40 * CS
-        exp.write(2 * window + 100 * 1024, memoryview(b"w"))  # cluster 33, in window 2
+        write(exp, 2 * window + 100 * 1024, memoryview(b"w"))  # cluster 33, in window 2
         got = answered(exp, ctx, off, length, exp.packed_status(ctx, off, length))
         assert got[-1] == (33 * CS - 21 * CS, 3)
     finally:
@@ -274,8 +280,8 @@ def test_warm_up_builds_every_bitmap_window_ahead(bundle: Path, monkeypatch: pyt
         steps = exp.warm_up()
         for _ in range(count // 2):
             next(steps)
-        exp.write(SIZE // 4, memoryview(b"w" * 3000))  # in a window already built
-        exp.write(3 * SIZE // 4, memoryview(b"w" * 3000))  # in one not built yet
+        write(exp, SIZE // 4, memoryview(b"w" * 3000))  # in a window already built
+        write(exp, 3 * SIZE // 4, memoryview(b"w" * 3000))  # in one not built yet
         assert sum(1 for _ in steps) == count - count // 2
         assert set(exp._status_cache[ctx]) >= set(range(count)) - set(range(count // 4 - 3, count // 4 + 2))
         # The other contexts are left for the clients to ask about.
