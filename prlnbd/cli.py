@@ -46,10 +46,23 @@ def split_disk_arg(arg: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def tcp_port(text: str) -> int:
+    """A --port value: a whole number from 0 to 65535."""
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535)")
+    return port
+
+
 def _add_listen_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", metavar="PATH", help="listen on a Unix socket")
     p.add_argument("--bind", metavar="ADDR", default=None, help=f"TCP address (default {DEFAULT_BIND})")
-    p.add_argument("--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--port", type=tcp_port, default=None, help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)"
+    )
     p.add_argument(
         "--handshake-timeout",
         type=float,
@@ -211,7 +224,7 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     elif args.socket:
         await server.listen_unix(args.socket)
     else:
-        await server.listen_tcp(args.bind or DEFAULT_BIND, args.port or DEFAULT_PORT)
+        await server.listen_tcp(args.bind or DEFAULT_BIND, DEFAULT_PORT if args.port is None else args.port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1237,3 +1237,31 @@ def test_buffer_of_the_wrong_size_is_not_used() -> None:
     small = bytearray(100)
     conn = ServerConnection(exports(), default="disk", buffer=small)
     assert conn.get_buffer().obj is not small
+
+
+# ---- a refused WRITE's payload is skipped, never buffered
+
+
+@pytest.mark.parametrize(
+    ("export", "offset", "length", "errno"),
+    [
+        ("ro", 0, 32 * MIB, EPERM),  # read-only: refused before its payload arrives
+        ("disk", MIB - 4096, 8192, ENOSPC),  # past the end
+        ("disk", 0, MAX_PAYLOAD + 1, EINVAL),  # larger than the maximum
+    ],
+)
+def test_refused_write_payload_is_skipped_not_buffered(export: str, offset: int, length: int, errno: int) -> None:
+    conn = transmission(export=export)
+    assert conn.receive_data(request(WRITE, cookie=9, offset=offset, length=length)) == []
+    (reply,) = parse_replies(take(conn))
+    assert reply.cookie == 9 and error_of(reply)[0] == errno
+    # Answered from the header alone: nothing was allocated for the payload.
+    assert len(conn._payload) == 0 and conn._write is None
+    # The payload's bytes are skipped as they come, then the connection goes on.
+    chunk = bytes(64 * KIB)
+    for _ in range(length // len(chunk)):
+        assert conn.receive_data(chunk) == []
+    rest = bytes(length % len(chunk))
+    events = conn.receive_data(rest + request(FLUSH, cookie=10))
+    assert [(type(e), getattr(e, "cookie", None)) for e in events] == [(Request, 10)]
+    assert len(conn._payload) == 0

@@ -1,0 +1,412 @@
+"""The data path: disk I/O off the event loop, cache modes, the connection lifecycle and stopping.
+
+Storage that waits is simulated by a disk whose read or write blocks on an
+event the test controls, in a server run in this process (so the test can
+reach the disk); what must or must not have happened is then a matter of
+order, never of time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prlnbd.disk.chain import open_disk
+from prlnbd.export import Export
+from prlnbd.image.parallels import ParallelsImage
+from prlnbd.server import NbdServer
+from tests import support
+from tests.nbdraw import Client, Cmd
+
+nbd = pytest.importorskip("nbd")
+
+pytestmark = pytest.mark.skipif(
+    not all(support.have(t) for t in ("qemu-img", "qemu-io", "qemu-nbd")), reason="qemu-utils is needed"
+)
+
+M1 = 1 << 20
+SIZE = 16 * M1
+SLOW = 5 * M1  # the offset whose I/O waits on the test's gate
+LOOPS = ["uvloop", "asyncio"]
+
+
+def pattern(offset: int, length: int) -> bytes:
+    """What the test image holds at OFFSET: each MiB filled with its own byte."""
+    out = bytearray()
+    pos = offset
+    while pos < offset + length:
+        n = min(offset + length, (pos // M1 + 1) * M1) - pos
+        out += bytes([0x40 + pos // M1]) * n
+        pos += n
+    return bytes(out)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    writes = [(0x40 + i, i * M1, M1) for i in range(SIZE // M1)]
+    return support.make_parallels(tmp_path / "disk.hds", SIZE, writes=writes)
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+class InProcess:
+    """An NbdServer on a Unix socket, its event loop running in a thread of this process."""
+
+    def __init__(self, sock: Path, exports: dict[str, Export], loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.thread = threading.Thread(target=loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: NbdServer = self.call(self._start(exports))
+
+    async def _start(self, exports: dict[str, Export]) -> NbdServer:
+        server = NbdServer(exports)
+        await server.listen_unix(str(self.sock))
+        return server
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def uri(self, export: str = "") -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def close(self) -> None:
+        if not self.server.stopping:
+            self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def in_process(tmp: Path, exports: dict[str, Export], loop: str = "uvloop") -> Iterator[InProcess]:
+    srv = InProcess(tmp / "s.sock", exports, new_loop(loop))
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+class Gate:
+    """Makes a disk method block at one offset until opened; says when a call has arrived there."""
+
+    def __init__(self, real: Callable[..., Any], offset: int = SLOW) -> None:
+        self.real = real
+        self.offset = offset
+        self.arrived = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, offset: int, *args: Any, **kwargs: Any) -> Any:
+        if offset == self.offset:
+            self.arrived.set()
+            if not self.opened.wait(60):
+                raise TimeoutError("the test never opened the gate")
+        return self.real(offset, *args, **kwargs)
+
+
+def handle(uri: str, *contexts: str) -> Any:
+    h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
+    h.connect_uri(uri)
+    return h
+
+
+def wait_done(h: Any, cookie: int) -> None:
+    while not h.aio_command_completed(cookie):
+        h.poll(-1)
+
+
+# ---------------------------------------------------------------- storage that waits
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_read_waiting_on_storage_holds_up_no_other_request(tmp_path: Path, image: Path, loop: str) -> None:
+    """While one READ waits on storage, reads, block status, writes and flushes of every client go on."""
+    disk = open_disk(image, writable=True)
+    gate = Gate(disk.read)
+    disk.read = gate  # type: ignore[method-assign]
+    disk.read_nowait = lambda offset, length: None  # type: ignore[method-assign]  # nothing is cached
+    exp = Export("d", disk, read_only=False)
+    with in_process(tmp_path, {"d": exp}, loop) as srv:
+        h1 = handle(srv.uri())
+        slow = nbd.Buffer(4096)
+        cookie = h1.aio_pread(slow, SLOW)
+        assert gate.arrived.wait(30)
+        h2 = handle(srv.uri(), "base:allocation")
+        assert h2.pread(4096, 0) == pattern(0, 4096)
+        seen: list[tuple[int, int]] = []
+        h2.block_status(SIZE, 0, lambda meta, off, ents, err: seen.extend(zip(ents[::2], ents[1::2], strict=True)))
+        assert seen == [(SIZE, 0)]
+        h2.pwrite(b"w" * 4096, 8 * M1)
+        h2.flush()
+        # The same connection too: its next request is answered before the one that waits.
+        assert h1.pread(4096, M1) == pattern(M1, 4096)
+        assert not h1.aio_command_completed(cookie)
+        gate.opened.set()
+        wait_done(h1, cookie)
+        assert slow.to_bytearray() == pattern(SLOW, 4096)
+        assert h1.pread(4096, 8 * M1) == b"w" * 4096
+        h1.shutdown()
+        h2.shutdown()
+
+
+def test_a_write_waiting_on_storage_lets_reads_of_cached_data_through(tmp_path: Path, image: Path) -> None:
+    disk = open_disk(image, writable=True)
+    gate = Gate(disk.write)
+    disk.write = gate  # type: ignore[method-assign]
+    exp = Export("d", disk, read_only=False)
+    with in_process(tmp_path, {"d": exp}) as srv:
+        h = handle(srv.uri())
+        cookie = h.aio_pwrite(b"s" * 4096, SLOW)
+        assert gate.arrived.wait(30)
+        for i in range(8):
+            assert h.pread(4096, i * M1 + 512) == pattern(i * M1 + 512, 4096)
+        assert not h.aio_command_completed(cookie)
+        gate.opened.set()
+        wait_done(h, cookie)
+        assert h.pread(4096, SLOW) == b"s" * 4096
+        h.shutdown()
+
+
+class LogEvent(logging.Handler):
+    """Sets an event when a log record matching a pattern is emitted."""
+
+    def __init__(self, regex: str) -> None:
+        super().__init__()
+        self.regex = re.compile(regex)
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.regex.search(record.getMessage()):
+            self.event.set()
+
+
+def test_stop_never_closes_an_image_under_io_still_running(tmp_path: Path, image: Path) -> None:
+    """A stop aborts a connection that does not finish in time, then waits for its I/O before closing."""
+    disk = open_disk(image, writable=True)
+    gate = Gate(disk.write)
+    disk.write = gate  # type: ignore[method-assign]
+    exp = Export("d", disk, read_only=False)
+    aborted = LogEvent(r"did not finish .*: aborting them")
+    logging.getLogger("prlnbd").addHandler(aborted)
+    try:
+        with in_process(tmp_path, {"d": exp}) as srv:
+            h = handle(srv.uri())
+            h.aio_pwrite(b"s" * 4096, SLOW)
+            assert gate.arrived.wait(30)
+            stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(timeout=0.1), srv.loop)
+            assert aborted.event.wait(30)
+            # The connection is gone, but its write still runs: the image must stay open.
+            top = disk.layers[0]
+            assert isinstance(top, ParallelsImage)
+            assert top.fd >= 0 and not stopping.done()
+            gate.opened.set()
+            stopping.result(30)
+            assert top.fd == -1
+    finally:
+        logging.getLogger("prlnbd").removeHandler(aborted)
+    # Closed cleanly, with the write that finished after the abort in it.
+    assert ParallelsImage.open(image).in_use is False
+    assert support.nbd_pread  # the reference reading below goes through qemu-nbd
+    with support.running(support.start_qemu_nbd(tmp_path / "q", image)) as ref:
+        assert support.nbd_pread(ref.uri(), SLOW, 4096) == b"s" * 4096
+
+
+def test_a_request_that_crashes_is_answered_and_its_connection_closed(tmp_path: Path, image: Path) -> None:
+    """A bug in a handler: the request gets EIO, the connection ends cleanly, other clients go on."""
+    disk = open_disk(image, writable=True)
+
+    def broken(offset: int, length: int) -> None:
+        raise ZeroDivisionError("a bug")
+
+    disk.prefetch = broken  # type: ignore[method-assign]
+    exp = Export("d", disk, read_only=False)
+    with in_process(tmp_path, {"d": exp}) as srv:
+        other = handle(srv.uri())
+        with Client.unix(srv.sock) as c:
+            c.connect()
+            res = c.call(Cmd.CACHE, 0, 4096)
+            assert res.error == 5  # EIO
+            assert c.is_closed(timeout=10)
+        assert other.pread(4096, 0) == pattern(0, 4096)
+        other.shutdown()
+
+
+# ---------------------------------------------------------------- connection lifecycle
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_large_reads_then_disc_end_the_connection_once(tmp_path: Path, image: Path, loop: str) -> None:
+    """Large READs, then DISC at once, over TCP: one closing line per connection, no traceback.
+
+    The replies fill the transport's buffer (pause_writing); a client reading
+    fast lets one send empty it, and the transport then calls resume_writing
+    and, being closed, connection_lost itself: closing from inside
+    resume_writing made plain asyncio call connection_lost twice.
+    """
+    env = dict(os.environ, PRLNBD_LOOP=loop)
+    log = tmp_path / "tcp.log"
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(
+            [support.PYTHON, "-m", "prlnbd", "serve", "--read-only", "--bind", "127.0.0.1", "--port", "0", str(image)],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=support.ROOT, env=env,
+        )
+    srv = support.Server(proc, tmp_path / "none", log)
+    with support.running(srv):
+        m = re.search(r"serving .* on \('127\.0\.0\.1', (\d+)\)", srv.wait_for_log("serving", timeout=60))
+        assert m is not None, srv.log_text()
+        rounds = 10
+        for _ in range(rounds):
+            h = nbd.NBD()
+            h.connect_uri(f"nbd://127.0.0.1:{m.group(1)}/")
+            for _ in range(2):
+                h.aio_pread(nbd.Buffer(SIZE), 0)
+            h.aio_disconnect()
+            while h.aio_in_flight():
+                h.poll(-1)
+            del h
+    # Stopped: every connection's closing line is written before the server exits.
+    assert srv.stop() == 0
+    text = srv.log_text()
+    assert "Traceback" not in text and "Error" not in text, text
+    assert text.count("client disconnected") == rounds, text
+
+
+# ---------------------------------------------------------------- cache modes
+
+
+def bat_entry(image: Path, cluster: int) -> int:
+    with image.open("rb") as f:
+        f.seek(64 + 4 * cluster)
+        value: int = struct.unpack("<I", f.read(4))[0]
+        return value
+
+
+def fd_flags(pid: int, path: Path) -> list[int]:
+    """The open flags of every descriptor PID holds on PATH (from /proc)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                m = re.search(r"^flags:\s+(\d+)", text, re.M)
+                assert m is not None
+                out.append(int(m.group(1), 8))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["writeback", "unsafe"])
+def test_flush_makes_bat_entries_durable_unless_unsafe(tmp_path: Path, mode: str) -> None:
+    image = support.make_parallels(tmp_path / "d.hds", SIZE)
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], f"--cache={mode}")
+    with support.running(srv):
+        h = handle(srv.uri("d"))
+        h.pwrite(b"x" * 4096, 3 * M1)
+        h.flush()
+        on_disk = bat_entry(image, 3)
+        h.shutdown()
+    assert bool(on_disk) == (mode == "writeback")
+    # A clean stop writes everything in either mode.
+    assert bat_entry(image, 3) != 0
+    assert support.run("qemu-img", "check", "-f", "parallels", image, check=False).returncode == 0
+
+
+def test_cache_none_reads_and_writes_with_o_direct(tmp_path: Path, image: Path) -> None:
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], "--cache=none")
+    with support.running(srv):
+        flags = fd_flags(srv.proc.pid, image.resolve())
+        assert any(f & os.O_DIRECT for f in flags) and any(not f & os.O_DIRECT for f in flags), flags
+        h = handle(srv.uri("d"))
+        assert h.pread(M1, 2 * M1) == pattern(2 * M1, M1)  # aligned: direct
+        assert h.pread(1000, 2 * M1 + 7) == pattern(2 * M1 + 7, 1000)  # unaligned: through the cache
+        h.pwrite(b"a" * 8192, 20 * 4096)  # aligned, into an allocated cluster
+        h.pwrite(b"b" * 100, 3 * M1 + 5)  # unaligned
+        h.flush()
+        assert h.pread(8192, 20 * 4096) == b"a" * 8192
+        assert h.pread(100, 3 * M1 + 5) == b"b" * 100
+        h.shutdown()
+    expected = bytearray(pattern(0, SIZE))
+    expected[20 * 4096 : 22 * 4096] = b"a" * 8192
+    expected[3 * M1 + 5 : 3 * M1 + 105] = b"b" * 100
+    with support.running(support.start_qemu_nbd(tmp_path / "q", image)) as ref:
+        assert support.nbd_pread(ref.uri()) == bytes(expected)
+    assert support.run("qemu-img", "check", "-f", "parallels", image, check=False).returncode == 0
+
+
+def test_cache_none_on_a_file_system_without_direct_io_is_a_clear_error(
+    tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_direct(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    disk = open_disk(image, writable=False)
+    monkeypatch.setattr(os, "open", no_direct)
+    try:
+        with pytest.raises(Exception, match=r"disk\.hds: its file system refuses direct I/O .* --cache=writeback"):
+            Export("d", disk, read_only=True, cache="none")
+    finally:
+        disk.close()
+
+
+def test_serve_with_an_unknown_cache_mode_is_refused(tmp_path: Path, image: Path) -> None:
+    res = subprocess.run(
+        [support.PYTHON, "-m", "prlnbd", "serve", "--cache=fast", str(image)], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "invalid choice: 'fast'" in res.stderr
+
+
+# ---------------------------------------------------------------- the socket
+
+
+def test_socket_path_holding_a_file_or_a_live_server_is_not_replaced(tmp_path: Path, image: Path) -> None:
+    busy = tmp_path / "busy.sock"
+    other = support.start_prlnbd(tmp_path / "o", [f"d={image}"], "--read-only")
+    with support.running(other):
+        for path, why in ((other.sock, "another server is listening"), (image, "is not a socket")):
+            res = subprocess.run(
+                [support.PYTHON, "-m", "prlnbd", "serve", "--read-only", "--socket", str(path), str(image)],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert res.returncode != 0 and why in res.stderr, res.stderr
+            assert "Traceback" not in res.stderr
+        # Both still there: the other server still answers, the image is untouched.
+        assert support.nbd_pread(other.uri("d"), 0, 4096) == pattern(0, 4096)
+    # A stale socket (nobody listening) is replaced.
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(busy))
+    s.close()
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], "--read-only")
+    srv.stop()
+    res = subprocess.Popen(
+        [support.PYTHON, "-m", "prlnbd", "serve", "--read-only", "--socket", str(busy), str(image)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        support.wait_for_socket(busy, res, tmp_path / "none.log")
+    finally:
+        res.send_signal(signal.SIGTERM)
+        assert res.wait(30) == 0
