@@ -100,7 +100,7 @@ def test_read_nowait_answers_cached_data_and_holes(disk: Disk) -> None:
     got = disk.read_nowait(CS, 8192)
     # Just written, so cached (or a file system that cannot say: then None, and a worker reads).
     if got is not None:
-        buf, runs = got
+        buf, _ = got
         assert bytes(buf) == b"x" * 4096 + bytes(4096)
     hole = disk.read_nowait(20 * CS, CS)
     assert hole is not None and bytes(hole[0]) == bytes(CS) and all(r.zero for r in hole[1])
