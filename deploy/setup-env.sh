@@ -26,6 +26,8 @@ APT_PACKAGES=(
     qemu-system-x86
     nbdkit
     python3-venv
+    # nbdinfo calls file(1) to describe what an export holds.
+    file
 )
 STAMP="$VENV/.prlnbd-setup-stamp"
 

@@ -146,15 +146,16 @@ class Disk:
     # tolerate (it sees a cluster mapped a little early or late, as a concurrent request may).
     #
     # What no reader may see is a released host cluster reused for other data while it still
-    # reads or writes it. Every I/O runs inside an epoch (_enter/_leave); a flush that makes
-    # releases durable puts their host clusters in quarantine under the current epoch and
-    # starts a new one; they become reusable once no I/O of that epoch or older is running.
+    # reads or writes it. Every I/O in a worker runs inside an epoch (_enter/_leave); a flush
+    # that makes releases durable puts their host clusters in quarantine under the current
+    # epoch and starts a new one (end_flush, on the thread that answers requests); they become
+    # reusable once no I/O of that epoch or older is running.
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._allocating: dict[int, threading.Event] = {}  # guest cluster -> set once it is mapped
         self._epoch = 0
-        self._active: collections.Counter[int] = collections.Counter()
+        self._active: dict[int, int] = {}  # epoch -> I/O of it still running
         self._quarantine: collections.deque[tuple[int, list[int]]] = collections.deque()
         self._direct: dict[int, int] = {}  # layer fd -> its O_DIRECT twin (cache=none)
         self._no_nowait: set[int] = set()  # fds whose file system refuses RWF_NOWAIT reads
@@ -162,17 +163,19 @@ class Disk:
     def _enter(self) -> int:
         with self._lock:
             epoch = self._epoch
-            self._active[epoch] += 1
+            self._active[epoch] = self._active.get(epoch, 0) + 1
         return epoch
 
     def _leave(self, epoch: int) -> None:
         with self._lock:
             active = self._active
-            active[epoch] -= 1
-            if not active[epoch]:
+            left = active[epoch] - 1
+            if left:
+                active[epoch] = left
+            else:
                 del active[epoch]
-            if self._quarantine:
-                self._reclaim()
+                if self._quarantine:
+                    self._reclaim()
 
     def _reclaim(self) -> None:
         """Hand quarantined host clusters back for reuse once no I/O that might use them runs (under _lock)."""
@@ -239,26 +242,24 @@ class Disk:
         """read(), when every byte can be had without waiting on storage (cached, or a hole); else None.
 
         For the event loop: a READ of cached data is answered at once, and only
-        a read that would wait goes to a worker thread.
+        a read that would wait goes to a worker thread. It needs no epoch: a
+        released cluster becomes reusable only in end_flush(), which runs on
+        this same thread, so not between this read's lookup and its preadv.
         """
-        epoch = self._enter()
-        try:
-            runs = self._runs(offset, length)
-            buf: bytearray | None = None
-            for run in runs:
-                if run.zero or run.layer is None:
-                    continue
-                fd = run.layer.fd
-                if fd in self._no_nowait or self._direct:
-                    return None
-                if buf is None:
-                    buf = bytearray(length)
-                start = run.offset - offset
-                if not self._pread_nowait(fd, memoryview(buf)[start : start + run.length], run.host):
-                    return None
-            return (buf if buf is not None else bytearray(length)), runs
-        finally:
-            self._leave(epoch)
+        runs = self._runs(offset, length)
+        buf: bytearray | None = None
+        for run in runs:
+            if run.zero or run.layer is None:
+                continue
+            fd = run.layer.fd
+            if fd in self._no_nowait or self._direct:
+                return None
+            if buf is None:
+                buf = bytearray(length)
+            start = run.offset - offset
+            if not self._pread_nowait(fd, memoryview(buf)[start : start + run.length], run.host):
+                return None
+        return (buf if buf is not None else bytearray(length)), runs
 
     def _runs(self, offset: int, length: int) -> list[Run]:
         """map() as a list, with the commonest case, one data run, found without the general walk."""
