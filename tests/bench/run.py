@@ -266,9 +266,8 @@ def build_chain(bundle: Path, size: int, layers: Sequence[Sequence[tuple[int, in
 
 def warm(path: Path) -> None:
     """Pull PATH (a file, or every image of a bundle) into the page cache."""
-    paths = sorted(path.glob("*.hds")) if path.is_dir() else [path]
     buf = bytearray(8 * MiB)
-    for p in paths:
+    for p in image_files(path):
         with p.open("rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
@@ -285,21 +284,17 @@ def evict(path: Path) -> None:
     /proc/sys/vm/drop_caches is not writable here; POSIX_FADV_DONTNEED drops
     a file's clean, unmapped pages, whoever else has the file open.
     """
+    fsync_file(path, drop=True)
+
+
+def fsync_file(path: Path, drop: bool = False) -> None:
+    """Write PATH's dirty pages out (so their writeback lands in no later run); DROP: evict them."""
     for p in image_files(path):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Write PATH's dirty pages out, so their writeback does not disturb the next measurement."""
-    for p in image_files(path):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
+            if drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
@@ -386,6 +381,8 @@ class CopyLoop:
                     ["nbdcopy", f"--progress={w}", self.uri, "null:"], pass_fds=(w,),
                     stdout=subprocess.DEVNULL, stderr=errf)
             os.close(w)
+            if self._stop.is_set():  # stopped while this pass was starting
+                proc.terminate()
             with os.fdopen(r) as progress:
                 for line in progress:
                     percent = int(line.split("/")[0])
@@ -421,15 +418,11 @@ class CopyLoop:
 
 # Client of `newcomer` that walks base:allocation over the whole disk, again and
 # again, on one connection, the way nbdinfo --map does (requests of 4 GiB less a
-# byte, or less a minimum block). It prints "walking" after its first map, and the number of maps when
-# SIGTERM stops it.
+# byte, or less a minimum block). It prints "walking" after its first map, and
+# "MAPS SECONDS" once its stdin is closed (checked after each map: a signal
+# could interrupt libnbd in the middle of a request).
 WALKER = r"""
-import signal, sys, time, nbd
-stop = False
-def on_term(*_):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, on_term)
+import select, sys, time, nbd
 h = nbd.NBD()
 h.add_meta_context("base:allocation")
 h.connect_uri(sys.argv[1])
@@ -443,7 +436,7 @@ def extents(context, offset, entries, err):
     return 0
 maps = 0
 t0 = time.perf_counter()
-while not stop:
+while not select.select([sys.stdin], [], [], 0)[0]:
     offset = 0
     while offset < size:
         h.block_status(min(size - offset, step), offset, extents)
@@ -1225,10 +1218,10 @@ class Bench:
         walks: dict[bool, list[float]] = {True: [], False: []}
 
         def measure(server: Server, subject: bool, i: int) -> float:
-            walker = subprocess.Popen([PYTHON, "-c", WALKER, server.uri()], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+            walker = subprocess.Popen([PYTHON, "-c", WALKER, server.uri()], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                assert walker.stdout is not None
+                assert walker.stdout is not None and walker.stdin is not None
                 if walker.stdout.readline().strip() != "walking":
                     raise BenchError(f"the block status walker failed: {walker.communicate()[1][-1000:]}")
                 res = subprocess.run([PYTHON, "-c", NEWCOMER, server.uri(), str(count), str(i)],
@@ -1237,8 +1230,11 @@ class Bench:
                     raise BenchError(f"newcomer clients failed: {res.stderr[-1000:]}")
                 times = [t * 1e3 for t in json.loads(res.stdout)]
             finally:
-                walker.terminate()
-                out, err = walker.communicate(timeout=60)
+                try:
+                    out, err = walker.communicate(timeout=60)  # closes its stdin: stop
+                except subprocess.TimeoutExpired:
+                    walker.kill()
+                    out, err = walker.communicate()
             try:
                 maps, elapsed = out.split()
                 walks[subject].append(int(maps) / float(elapsed))
