@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import datetime
 import errno
+import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -25,11 +27,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -54,6 +58,11 @@ MAP_CLUSTERS = 2000
 MAP_LAYERS = 3
 WRITE_SIZE = GiB
 BITMAP_CHUNKS = 10_000
+COLD_SIZE = 8 * GiB  # the fully allocated image behind cold-read-* and vm-backup-*
+COLD_IMAGE = "cold-8g.v1.hds"  # its name in the cache directory; bump v1 when its recipe changes
+VM_LEAD = 1.0  # seconds the backup (client B) runs before the VM's reads (client A) start
+VM_TAIL = 1.0  # and after they end, so B covers A's whole window
+LOG_MS = 100  # fio bandwidth log interval for the vm-backup windows
 
 # Ratio a benchmark must reach to PASS (the targets of the project's issues):
 # prlnbd / qemu-nbd for throughput, qemu-nbd time / prlnbd time for the maps,
@@ -68,12 +77,35 @@ TARGETS = {
     "write-rand": 2.0,
     "bitmap-1t": 1.0,
     "bitmap-1t-cold": 1.0,
+    # Issue 14: the scenes (see tests/bench/README.md). Rows not named here
+    # (p50, p99.9, other references) are shown for information, with no verdict.
+    "cold-read-rand": 2.5,
+    "cold-read-rand/device": 0.6,
+    "cold-read-rand/prlnbd-cache-none": 2.5,
+    "cold-read-rand-qd1": 1.0,
+    "cold-read-seq": 1.0,
+    **{f"vm-backup-{mode}-{temp}{part}": 1.0 for mode in ("write", "copy")
+       for temp in ("hot", "cold") for part in ("", "/B")},
+    "newcomer": 1.0,
+    "many-8x4": 1.5,
+    "many-32x1": 1.5,
+    "durable-write": 1.0,
 }
 
-BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand")
+COLD_READS = ("cold-read-rand", "cold-read-rand-qd1", "cold-read-seq")
+VM_BACKUPS = ("vm-backup-write-hot", "vm-backup-write-cold", "vm-backup-copy-hot",
+              "vm-backup-copy-cold")
+MANY = ("many-8x4", "many-32x1")
+SCENES = (*COLD_READS, *VM_BACKUPS, "newcomer", *MANY, "durable-write")
+BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand",
+              *SCENES)
 GROUPS = {
     "reads": ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t"),
     "writes": ("write-seq", "write-rand"),
+    "cold-read": COLD_READS,
+    "vm-backup": VM_BACKUPS,
+    "many": MANY,
+    "scenes": SCENES,
     "all": BENCHMARKS,
 }
 DEFAULT_GROUP = "reads"
@@ -94,7 +126,7 @@ class Row:
     name: str
     unit: str
     reference: str
-    target: float
+    target: float | None  # None: a figure shown for information, with no verdict
     higher_is_better: bool = True
     prlnbd: list[float] = field(default_factory=list)
     ref: list[float] = field(default_factory=list)
@@ -134,6 +166,8 @@ class Row:
         ratio = self.ratio
         if ratio is None:
             self.status = "ERROR"
+        elif self.target is None:
+            self.status = "info"
         else:
             self.status = "PASS" if ratio >= self.target else "FAIL"
 
@@ -154,6 +188,27 @@ class Row:
             "status": self.status,
             "notes": self.notes,
         }
+
+
+@dataclass
+class FioRun:
+    """A fio process started in the background, and where its report goes."""
+
+    proc: subprocess.Popen[str]
+    out: Path
+    rw: str
+    what: str
+
+
+def nbd_target(uri: str) -> list[str]:
+    """fio options that point a job at an NBD export."""
+    return ["--ioengine=nbd", f"--uri={uri}"]
+
+
+def fio_side(job: dict[str, Any], rw: str) -> dict[str, Any]:
+    """The part of a fio job report that counts RW's direction."""
+    side: dict[str, Any] = job["write" if "write" in rw else "read"]
+    return side
 
 
 def log(msg: str) -> None:
@@ -184,7 +239,7 @@ def create_image(path: Path, size: int) -> Path:
     return path
 
 
-def qemu_io_write(path: Path, writes: Sequence[tuple[int, int, int]]) -> None:
+def qemu_io_write(path: Path, writes: Sequence[tuple[int, int, int]], timeout: float = 600) -> None:
     """Apply (offset, length, pattern byte) writes in one qemu-io process."""
     if not writes:
         return
@@ -192,7 +247,7 @@ def qemu_io_write(path: Path, writes: Sequence[tuple[int, int, int]]) -> None:
     for offset, length, byte in writes:
         cmd += ["-c", f"write -q -P {byte} {offset} {length}"]
     cmd.append(path)
-    run_cmd(cmd)
+    run_cmd(cmd, timeout=timeout)
 
 
 def build_chain(bundle: Path, size: int, layers: Sequence[Sequence[tuple[int, int, int]]]) -> Path:
@@ -211,12 +266,209 @@ def build_chain(bundle: Path, size: int, layers: Sequence[Sequence[tuple[int, in
 
 def warm(path: Path) -> None:
     """Pull PATH (a file, or every image of a bundle) into the page cache."""
-    paths = sorted(path.glob("*.hds")) if path.is_dir() else [path]
     buf = bytearray(8 * MiB)
-    for p in paths:
+    for p in image_files(path):
         with p.open("rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+
+
+def image_files(path: Path) -> list[Path]:
+    """PATH itself, or every image of a bundle."""
+    return sorted(path.glob("*.hds")) if path.is_dir() else [path]
+
+
+def evict(path: Path) -> None:
+    """Write PATH's dirty pages out and drop all its pages from the page cache.
+
+    /proc/sys/vm/drop_caches is not writable here; POSIX_FADV_DONTNEED drops
+    a file's clean, unmapped pages, whoever else has the file open.
+    """
+    fsync_file(path, drop=True)
+
+
+def fsync_file(path: Path, drop: bool = False) -> None:
+    """Write PATH's dirty pages out (so their writeback lands in no later run); DROP: evict them."""
+    for p in image_files(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident(path: Path) -> str:
+    """How much of PATH is in the page cache, as fincore(1) says (or "?")."""
+    if shutil.which("fincore") is None:
+        return "?"
+    res = subprocess.run(["fincore", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    return res.stdout.strip() or "?"
+
+
+def read_bw_log(path: Path) -> list[tuple[float, float]]:
+    """(unix time in ms, KiB/s) entries of a fio bandwidth log written with log_unix_epoch."""
+    entries = []
+    for line in path.read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) >= 2:
+            entries.append((float(fields[0]), float(fields[1])))
+    if not entries:
+        raise BenchError(f"{path.name}: empty fio bandwidth log")
+    return entries
+
+
+def window_bytes(entries: Sequence[tuple[float, float]], w0: float, w1: float,
+                 what: str) -> tuple[float, float]:
+    """Bytes a fio bandwidth log says moved between unix ms W0 and W1, and the longest stall.
+
+    Entry i covers the LOG_MS (or so) before its time stamp. Raises BenchError
+    unless the log covers the whole window.
+    """
+    starts = [entries[0][0] - LOG_MS, *(t for t, _ in entries[:-1])]
+    if starts[0] > w0 or entries[-1][0] < w1:
+        raise BenchError(f"{what} ran from {starts[0]:.0f} to {entries[-1][0]:.0f} (unix ms), "
+                         f"not over the whole window {w0:.0f}-{w1:.0f}")
+    total = 0.0
+    stall = longest = 0.0
+    for start, (end, kib_s) in zip(starts, entries, strict=True):
+        overlap = min(end, w1) - max(start, w0)
+        if overlap <= 0:
+            continue
+        total += kib_s * KiB * overlap / 1000
+        stall = stall + overlap if kib_s == 0 else 0.0
+        longest = max(longest, stall)
+    return total, longest
+
+
+class CopyLoop:
+    """Client B of vm-backup-copy-*: nbdcopy pulling the whole disk to null:, again and again.
+
+    Each pass reports its progress through a pipe (`--progress=FD`: one
+    `PERCENT/100` line as the percentage moves); samples holds (unix ms,
+    bytes moved since the first pass started).
+    """
+
+    def __init__(self, uri: str, size: int, log_path: Path) -> None:
+        self.uri = uri
+        self.size = size
+        self.log_path = log_path
+        self.samples: list[tuple[float, float]] = []
+        self.error: str | None = None
+        self.passes = 0
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CopyLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        done = 0
+        while not self._stop.is_set():
+            r, w = os.pipe()
+            with self.log_path.open("ab") as errf:
+                self._proc = proc = subprocess.Popen(
+                    ["nbdcopy", f"--progress={w}", self.uri, "null:"], pass_fds=(w,),
+                    stdout=subprocess.DEVNULL, stderr=errf)
+            os.close(w)
+            if self._stop.is_set():  # stopped while this pass was starting
+                proc.terminate()
+            with os.fdopen(r) as progress:
+                for line in progress:
+                    percent = int(line.split("/")[0])
+                    self.samples.append((time.time() * 1000, done + self.size * percent / 100))
+            proc.wait()
+            if self._stop.is_set():
+                return
+            if proc.returncode != 0:
+                self.error = (f"nbdcopy exited with {proc.returncode}: "
+                              f"{self.log_path.read_text(errors='replace')[-500:]}")
+                return
+            done += self.size
+            self.passes += 1
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        """Wait until READY() holds; BenchError if nbdcopy failed or TIMEOUT seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.error:
+                raise BenchError(self.error)
+            if time.monotonic() > deadline:
+                raise BenchError(f"nbdcopy: {what} within {timeout:.0f} s")
+            time.sleep(0.01)
+
+    def moved_at(self, t: float) -> float:
+        """Bytes moved by unix ms T, interpolated between progress samples."""
+        samples = self.samples
+        for (t0, b0), (t1, b1) in itertools.pairwise(samples):
+            if t0 <= t <= t1:
+                return b0 + (b1 - b0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1.0)
+        raise BenchError(f"nbdcopy progress does not cover unix ms {t:.0f}")
+
+
+# Client of `newcomer` that walks base:allocation over the whole disk, again and
+# again, on one connection, the way nbdinfo --map does (requests of 4 GiB less a
+# byte, or less a minimum block). It prints "walking" after its first map, and
+# "MAPS SECONDS" once its stdin is closed (checked after each map: a signal
+# could interrupt libnbd in the middle of a request).
+WALKER = r"""
+import select, sys, time, nbd
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+align = max(1, h.get_block_size(nbd.SIZE_MINIMUM))
+step = 0xFFFFFFFF // align * align
+got = [0]
+def extents(context, offset, entries, err):
+    if context == "base:allocation":
+        got[0] = sum(entries[0::2])
+    return 0
+maps = 0
+t0 = time.perf_counter()
+while not select.select([sys.stdin], [], [], 0)[0]:
+    offset = 0
+    while offset < size:
+        h.block_status(min(size - offset, step), offset, extents)
+        offset += got[0]
+    maps += 1
+    if maps == 1:
+        print("walking", flush=True)
+print(maps, time.perf_counter() - t0, flush=True)
+h.shutdown()
+"""
+
+# The new clients of `newcomer`: each connects, reads 4 KiB of data, and
+# disconnects; prints the connect + first read times (s) as a JSON list.
+# argv: URI, count, seed; stdin: JSON list of offsets that hold data.
+NEWCOMER = r"""
+import json, random, sys, time, nbd
+uri, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+offsets = json.load(sys.stdin)
+rng = random.Random(seed)
+times = []
+for _ in range(count):
+    offset = rng.choice(offsets)
+    t0 = time.perf_counter()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pread(4096, offset)
+    times.append(time.perf_counter() - t0)
+    h.shutdown()
+    del h
+    time.sleep(rng.uniform(0.002, 0.010))
+print(json.dumps(times))
+"""
 
 
 class Bench:
@@ -237,16 +489,22 @@ class Bench:
         self.map_reps = max(self.reps, 15 if self.quick else 41)
         self.servers: list[Server] = []
         self._full: Path | None = None
+        self._map1: Path | None = None
+        self._cold: Path | None = None
+        # Built images too dear to build every run (the 8 GiB cold image) live here.
+        self.cache_dir: Path = args.cache_dir or (args.workdir or Path("/tmp")) / "prlnbd-bench-cache"
         self.rows: list[Row] = []
         self.subject = "qemu-nbd (self-test)" if self.self_test else "prlnbd"
 
     # ---- servers --------------------------------------------------------------
 
-    def start_subject(self, disk: Path, read_only: bool, stand_in: Path | None = None) -> Server:
-        """prlnbd on DISK; with --self-test, qemu-nbd on STAND_IN (or DISK) instead."""
+    def start_subject(self, disk: Path, read_only: bool, stand_in: Path | None = None,
+                      extra: Sequence[str] = ()) -> Server:
+        """prlnbd on DISK with EXTRA options; with --self-test, qemu-nbd on STAND_IN (or DISK)."""
         if self.self_test:
             return self.start_qemu(stand_in or disk, read_only)
-        server = start_prlnbd(self.socks, [str(disk)], *(["--read-only"] if read_only else []))
+        server = start_prlnbd(self.socks, [str(disk)], *(["--read-only"] if read_only else []),
+                              *extra)
         self.servers.append(server)
         return server
 
@@ -300,6 +558,58 @@ class Bench:
             layers[rng.randrange(CHAIN_LAYERS)].append((c * CLUSTER, CLUSTER, pattern(c)))
         return build_chain(self.work / "chain4.hdd", READ_SIZE, layers)
 
+    def map_single(self) -> Path:
+        """1 TiB, one layer, the first 4 KiB of MAP_CLUSTERS clusters (map_clusters()) written."""
+        if self._map1 is None:
+            self._map1 = create_image(self.work / "map1.hds", MAP_SIZE)
+            qemu_io_write(self._map1, [(c * CLUSTER, 4 * KiB, pattern(c)) for c in map_clusters()])
+        return self._map1
+
+    def cold_image(self) -> Path:
+        """COLD_SIZE, every cluster allocated and filled with pattern(c); built once, kept.
+
+        It lives in the cache directory, not the run's work directory, so later
+        runs reuse it (building it writes 8 GiB: about a minute here).
+        """
+        if self._cold is None:
+            path = self.cache_dir / COLD_IMAGE
+            if path.exists() and path.stat().st_size > COLD_SIZE:
+                log(f"reusing {path}")
+            else:
+                log(f"building a fully allocated {COLD_SIZE // GiB} GiB image in {path}")
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                part = path.with_name(path.name + ".part")
+                part.unlink(missing_ok=True)
+                create_image(part, COLD_SIZE)
+                qemu_io_write(part, [(c * CLUSTER, CLUSTER, pattern(c))
+                                     for c in range(COLD_SIZE // CLUSTER)], timeout=3600)
+                evict(part)
+                part.rename(path)
+            self._cold = path
+        return self._cold
+
+    def cold_copy(self) -> Path:
+        """A writable copy of cold_image() for vm-backup-write-*, kept beside it.
+
+        Client B overwrites it with fio's data, so it is no longer the pattern;
+        both servers serve it in turn. A copy that qemu-img check does not find
+        clean (a server killed while writing) is made again.
+        """
+        src = self.cold_image()
+        path = src.with_name(src.stem + ".rw.hds")
+        if path.exists():
+            res = subprocess.run(["qemu-img", "check", "-q", "-f", "parallels", path],
+                                 capture_output=True, text=True, timeout=600)
+            if res.returncode == 0:
+                return path
+            log(f"{path.name} is not clean ({(res.stdout + res.stderr).strip()[:200]}); copying again")
+        log(f"copying {src.name} to {path.name}")
+        part = path.with_name(path.name + ".part")
+        shutil.copyfile(src, part)
+        evict(part)
+        part.rename(path)
+        return path
+
     def map_images(self) -> tuple[Path, Path]:
         """A 1 TiB 3-layer chain with 2000 allocated clusters, and one layer holding them all.
 
@@ -309,8 +619,7 @@ class Bench:
         log(f"building 1 TiB images with {MAP_CLUSTERS} allocated clusters")
         rng = random.Random(2000)
         clusters = sorted(rng.sample(range(MAP_SIZE // CLUSTER), MAP_CLUSTERS))
-        single = create_image(self.work / "map1.hds", MAP_SIZE)
-        qemu_io_write(single, [(c * CLUSTER, 4 * KiB, pattern(c)) for c in clusters])
+        single = self.map_single()
         layers: list[list[tuple[int, int, int]]] = [[] for _ in range(MAP_LAYERS)]
         for c in clusters:
             depth = rng.randrange(MAP_LAYERS)
@@ -324,49 +633,86 @@ class Bench:
 
     def fio(self, uri: str, rw: str, bs: str, iodepth: int,
             runtime: float | None = None, size: int | None = None,
-            extra: Sequence[str] = ()) -> tuple[float, float]:
+            extra: Sequence[str] = (), jobs: int = 1) -> tuple[float, float]:
         """Run one fio job over NBD; return (MiB/s, IOPS)."""
-        out = self.work / "fio.json"
+        side = fio_side(self.fio_job(nbd_target(uri), rw, bs, iodepth, runtime, size, extra, jobs),
+                        rw)
+        return side["bw_bytes"] / MiB, float(side["iops"])
+
+    def fio_job(self, target: Sequence[str], rw: str, bs: str, iodepth: int,
+                runtime: float | None = None, size: int | None = None,
+                extra: Sequence[str] = (), jobs: int = 1, tag: str = "fio") -> dict[str, Any]:
+        """Run one fio job (TARGET: its engine and file options) and return its JSON report."""
+        return self.fio_finish(self.fio_start(target, rw, bs, iodepth, runtime, size, extra,
+                                              jobs, tag))
+
+    def fio_start(self, target: Sequence[str], rw: str, bs: str, iodepth: int,
+                  runtime: float | None = None, size: int | None = None,
+                  extra: Sequence[str] = (), jobs: int = 1,
+                  tag: str = "fio") -> FioRun:
+        """Start fio in the background; fio_finish() waits for it and reads its report."""
+        out = self.work / f"{tag}.json"
         out.unlink(missing_ok=True)
-        cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
-               f"--bs={bs}", f"--iodepth={iodepth}", "--numjobs=1",
+        cmd = ["fio", "--name=bench", *target, f"--rw={rw}",
+               f"--bs={bs}", f"--iodepth={iodepth}", f"--numjobs={jobs}",
                "--output-format=json", f"--output={out}", *extra]
+        if jobs > 1:
+            cmd.append("--group_reporting")
         if runtime is not None:
             cmd += ["--time_based", f"--runtime={runtime}"]
         else:
             cmd += [f"--size={size}", "--runtime=300"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=360)
-        text = f"{res.stdout}\n{res.stderr}"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return FioRun(proc, out, rw, f"fio {rw} on {' '.join(target)}")
+
+    def fio_finish(self, run: FioRun) -> dict[str, Any]:
+        """Wait for a fio started by fio_start() and return its job's JSON report."""
+        proc, out, what = run.proc, run.out, run.what
         try:
-            job = json.loads(out.read_text())["jobs"][0]
+            stdout, stderr = proc.communicate(timeout=360)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise BenchError(f"{what} ran for more than 360 s") from None
+        text = f"{stdout}\n{stderr}"
+        try:
+            job: dict[str, Any] | None = json.loads(out.read_text())["jobs"][0]
         except (OSError, ValueError, KeyError, IndexError):
             job = None
         err = job["error"] if job else None
-        if res.returncode != 0 or err:
+        if proc.returncode != 0 or err:
             if err == errno.EPERM or "Operation not permitted" in text:
                 raise SkipBench("the server answered EPERM (read-only export)")
-            raise BenchError(f"fio {rw} on {uri} failed (rc {res.returncode}, "
+            raise BenchError(f"{what} failed (rc {proc.returncode}, "
                              f"error {err}):\n{text[-2000:]}")
         if job is None:
             raise BenchError(f"fio wrote no JSON report:\n{text[-2000:]}")
-        side = job["write" if "write" in rw else "read"]
-        if not side["io_bytes"]:
-            raise BenchError(f"fio {rw} on {uri} moved no data:\n{text[-2000:]}")
-        return side["bw_bytes"] / MiB, float(side["iops"])
+        if not fio_side(job, run.rw)["io_bytes"]:
+            raise BenchError(f"{what} moved no data:\n{text[-2000:]}")
+        return job
 
     def alternate(self, row: Row, subject: Callable[[int], float], ref: Callable[[int], float],
                   reps: int | None = None) -> None:
         """Measure both sides REPS times, swapping which goes first every time."""
+        self.rotate(row.name, row.unit, [(self.subject, subject, row.prlnbd),
+                                         (row.reference, ref, row.ref)], reps)
+
+    def rotate(self, label: str, unit: str,
+               sides: Sequence[tuple[str, Callable[[int], float], list[float]]],
+               reps: int | None = None) -> None:
+        """Measure every side REPS times, each repetition starting one side further on.
+
+        A side is (name, measure, list its figures are appended to). With two
+        sides this is A then B, then B then A, ...
+        """
         reps = reps or self.reps
         for i in range(reps):
-            sides = [("subject", subject), ("ref", ref)]
-            if i % 2:
-                sides.reverse()
-            for which, measure in sides:
-                value = measure(i)
-                (row.prlnbd if which == "subject" else row.ref).append(value)
-            log(f"  {row.name} rep {i + 1}/{reps}: {self.subject} {fmt(row.prlnbd[-1], row.unit)}"
-                f", {row.reference} {fmt(row.ref[-1], row.unit)} {row.unit}")
+            k = i % len(sides)
+            for _name, measure, figures in [*sides[k:], *sides[:k]]:
+                figures.append(measure(i))
+            log(f"  {label} rep {i + 1}/{reps}: "
+                + ", ".join(f"{name} {fmt(figures[-1], unit)}" for name, _m, figures in sides)
+                + f" {unit}")
 
     def compare(self, row: Row, a: Server, b: Server) -> None:
         """Check both servers return the same bytes (qemu-img compare over NBD)."""
@@ -382,23 +728,27 @@ class Bench:
         else:
             row.notes.append(f"qemu-img compare failed: {res.stderr.strip()[-300:]}")
 
-    def fio_rows(self, specs: Sequence[tuple[str, str, str, int, str]],
+    def fio_rows(self, specs: Sequence[tuple[str, str, str, int, str] | tuple[str, str, str, int, str, int]],
                  subject: Server, ref: Server, reference: str) -> list[Row]:
-        """Run fio specs (name, rw, bs, iodepth, unit) against both servers."""
+        """Run fio specs (name, rw, bs, iodepth, unit[, jobs]) against both servers.
+
+        With jobs > 1, each job is its own connection and the figure is their sum.
+        """
         rows = []
-        for name, rw, bs, qd, unit in specs:
+        for name, rw, bs, qd, unit, *more in specs:
+            jobs = more[0] if more else 1
             row = self.new_row(name, unit, reference)
             rows.append(row)
             try:
                 for server in (subject, ref):
-                    self.fio(server.uri(), rw, bs, qd, runtime=self.warmup)
+                    self.fio(server.uri(), rw, bs, qd, runtime=self.warmup, jobs=jobs)
                 pick = 0 if unit == "MiB/s" else 1
                 self.alternate(
                     row,
-                    lambda _i, rw=rw, bs=bs, qd=qd, p=pick: self.fio(
-                        subject.uri(), rw, bs, qd, runtime=self.runtime)[p],
-                    lambda _i, rw=rw, bs=bs, qd=qd, p=pick: self.fio(
-                        ref.uri(), rw, bs, qd, runtime=self.runtime)[p],
+                    lambda _i, rw=rw, bs=bs, qd=qd, p=pick, j=jobs: self.fio(
+                        subject.uri(), rw, bs, qd, runtime=self.runtime, jobs=j)[p],
+                    lambda _i, rw=rw, bs=bs, qd=qd, p=pick, j=jobs: self.fio(
+                        ref.uri(), rw, bs, qd, runtime=self.runtime, jobs=j)[p],
                 )
             except (BenchError, SkipBench) as exc:
                 row.status = "SKIP" if isinstance(exc, SkipBench) else "ERROR"
@@ -408,7 +758,7 @@ class Bench:
 
     def new_row(self, name: str, unit: str, reference: str, higher: bool = True) -> Row:
         """Register a row for NAME with its target."""
-        row = Row(name, unit, reference, self.args.targets.get(name, TARGETS[name]), higher)
+        row = Row(name, unit, reference, self.args.targets.get(name, TARGETS.get(name)), higher)
         self.rows.append(row)
         return row
 
@@ -560,9 +910,18 @@ class Bench:
                 self.compare(rows[0], c, s)
 
     def bench_write(self, name: str) -> None:
-        """write-seq / write-rand: each measurement on a fresh image per server."""
+        """write-seq / write-rand / durable-write: each measurement on a fresh image per server.
+
+        durable-write sends a FLUSH every 32 writes (fio fsync=32), so its
+        images go on the work directory's disk: on tmpfs a flush costs nothing.
+        """
         rw, bs, qd, unit = {"write-seq": ("write", "1M", 8, "MiB/s"),
-                            "write-rand": ("randwrite", "4k", 32, "IOPS")}[name]
+                            "write-rand": ("randwrite", "4k", 32, "IOPS"),
+                            "durable-write": ("randwrite", "4k", 16, "IOPS")}[name]
+        durable = name == "durable-write"
+        extra = ["--fsync=32"] if durable else []
+        where = self.work if durable else self.write_dir
+        flushes: dict[bool, list[int]] = {True: [], False: []}
         row = self.new_row(name, unit, "qemu-nbd")
         pick = 0 if unit == "MiB/s" else 1
         # Sequential writes fill the fresh image once (every write allocates);
@@ -571,14 +930,17 @@ class Bench:
         check_failures: list[str] = []
 
         def measure(i: int, subject: bool) -> float:
-            image = create_image(self.write_dir / f"w-{'s' if subject else 'q'}{i}.hds",
-                                 WRITE_SIZE)
+            image = create_image(where / f"w-{'s' if subject else 'q'}{i}.hds", WRITE_SIZE)
             server = self.start_subject(image, False) if subject else self.start_qemu(image, False)
             try:
                 if subject and is_read_only(server):
                     raise SkipBench(f"{self.subject} exports the image read-only "
                                     "without --read-only (this version does not write yet)")
-                return self.fio(server.uri(), rw, bs, qd, runtime=runtime, size=WRITE_SIZE)[pick]
+                job = self.fio_job(nbd_target(server.uri()), rw, bs, qd, runtime=runtime,
+                                   size=WRITE_SIZE, extra=extra)
+                flushes[subject].append(job["sync"]["total_ios"])
+                side = fio_side(job, rw)
+                return float(side["iops"]) if pick else side["bw_bytes"] / MiB
             finally:
                 self.stop(server)
                 # Only prlnbd's images: this project promises qemu-img check stays clean.
@@ -606,6 +968,10 @@ class Bench:
             row.notes.append("qemu-img check failed: " + "; ".join(check_failures)[:500])
         elif row.prlnbd:
             row.notes.append("qemu-img check clean on every written image")
+        if durable and flushes[True]:
+            row.notes.append(f"flushes sent per run (median): {self.subject} "
+                             f"{statistics.median(flushes[True]):.0f}, qemu-nbd "
+                             f"{statistics.median(flushes[False] or [0]):.0f}; images on {where}")
 
     def verify_writes(self, row: Row, rw: str, bs: str, iodepth: int) -> None:
         """Write 256 MiB with checksummed blocks through prlnbd, then read them back."""
@@ -621,6 +987,282 @@ class Bench:
         finally:
             self.stop(server)
             image.unlink(missing_ok=True)
+
+    # ---- scenes (issue 14) ----------------------------------------------------------
+
+    def prlnbd_serve_help(self) -> str:
+        """`prlnbd serve --help`, to see which options this version has."""
+        res = subprocess.run([PYTHON, "-m", "prlnbd", "serve", "--help"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        return res.stdout
+
+    def direct_engine(self, image: Path) -> str:
+        """The fio engine for O_DIRECT reads of a file: io_uring when it works here, else libaio."""
+        for engine in ("io_uring", "libaio"):
+            try:
+                self.fio_job([f"--filename={image}", "--direct=1", f"--ioengine={engine}",
+                              "--readonly"], "randread", "4k", 1, runtime=1)
+                return engine
+            except BenchError:
+                continue
+        raise BenchError("fio can read the image with neither io_uring nor libaio")
+
+    def bench_cold(self, names: Sequence[str]) -> None:
+        """cold-read-*: reads from an 8 GiB image evicted from the page cache before every run.
+
+        Each repetition measures, in rotating order: prlnbd, qemu-nbd, qemu-nbd
+        --cache=none --aio=native, for cold-read-rand also fio with direct=1 on
+        the file itself (the device limit) and, when prlnbd has it, prlnbd
+        --cache=none. The row's reference is whichever qemu-nbd did better.
+        """
+        specs = {"cold-read-rand": ("randread", "4k", 32, "IOPS"),
+                 "cold-read-rand-qd1": ("randread", "4k", 1, "IOPS"),
+                 "cold-read-seq": ("read", "1M", 8, "MiB/s")}
+        image = self.cold_image()
+        evict(image)
+        fincore_note = f"page cache after eviction: {resident(image)} of {COLD_SIZE // GiB}G resident"
+        has_cache = not self.self_test and "--cache" in self.prlnbd_serve_help()
+        engine = self.direct_engine(image)
+        s = self.start_subject(image, True)
+        q = self.start_qemu(image, True)
+        qn = self.start_qemu(image, True, "--cache=none", "--aio=native")
+        sn = self.start_subject(image, True, extra=["--cache=none"]) if has_cache else None
+        try:
+            for name in names:
+                rw, bs, qd, unit = specs[name]
+                pick = 0 if unit == "MiB/s" else 1
+                # Sequential reads run through the image once (the device here reads it
+                # in about 6 s: a time-based run would wrap round onto cached data).
+                runtime = None if rw == "read" else self.runtime
+                size = COLD_SIZE // 2 if self.quick else COLD_SIZE
+
+                def cold_nbd(server: Server, rw: str = rw, bs: str = bs, qd: int = qd,
+                             pick: int = pick, runtime: float | None = runtime,
+                             size: int = size) -> Callable[[int], float]:
+                    def measure(_i: int) -> float:
+                        evict(image)
+                        return self.fio(server.uri(), rw, bs, qd, runtime=runtime, size=size)[pick]
+                    return measure
+
+                def device(_i: int, rw: str = rw, bs: str = bs, qd: int = qd) -> float:
+                    evict(image)
+                    job = self.fio_job([f"--filename={image}", "--direct=1", f"--ioengine={engine}",
+                                        "--readonly"], rw, bs, qd, runtime=self.runtime)
+                    return float(fio_side(job, rw)["iops"])
+
+                figures: dict[str, list[float]] = {k: [] for k in ("s", "q", "qn", "dev", "sn")}
+                sides = [(self.subject, cold_nbd(s), figures["s"]),
+                         ("qemu-nbd", cold_nbd(q), figures["q"]),
+                         ("qemu-nbd none/native", cold_nbd(qn), figures["qn"])]
+                if name == "cold-read-rand":
+                    sides.append((f"fio direct=1 {engine}", device, figures["dev"]))
+                    if sn is not None:
+                        sides.append((f"{self.subject} --cache=none", cold_nbd(sn), figures["sn"]))
+                error = None
+                try:
+                    self.rotate(name, unit, sides)
+                except (BenchError, SkipBench) as exc:
+                    error = str(exc)
+                    log(f"  {name}: ERROR: {exc}")
+                qemu_label = {"q": "qemu-nbd", "qn": "qemu-nbd --cache=none --aio=native"}
+                med = {k: statistics.median(v) if v else 0.0 for k, v in figures.items()}
+                best = "qn" if med["qn"] > med["q"] else "q"
+                row = self.new_row(name, unit, qemu_label[best])
+                row.prlnbd, row.ref = figures["s"], figures[best]
+                rows = [row]
+                other = "q" if best == "qn" else "qn"
+                row.notes.append(f"{qemu_label[other]}: {fmt(med[other], unit)} {unit} (median)")
+                if name == "cold-read-rand":
+                    row.notes.append(fincore_note)
+                    dev = self.new_row(f"{name}/device", unit, f"fio direct=1 {engine} on the file")
+                    dev.prlnbd, dev.ref = figures["s"], figures["dev"]
+                    rows.append(dev)
+                    if sn is None:
+                        row.notes.append(f"{self.subject} serve has no --cache option: "
+                                         "no --cache=none row")
+                    else:
+                        none = self.new_row(f"{name}/prlnbd-cache-none", unit, qemu_label[best])
+                        none.prlnbd, none.ref = figures["sn"], figures[best]
+                        rows.append(none)
+                if runtime is None:
+                    row.notes.append(f"each run reads {size // GiB} GiB once, from the start")
+                if error is not None:
+                    for r in rows:
+                        r.status = "ERROR"
+                        r.notes.append(error)
+        finally:
+            for server in (s, q, qn, sn):
+                if server is not None:
+                    self.stop(server)
+
+    def bench_vm_backup(self, name: str) -> None:
+        """vm-backup-{write,copy}-{hot,cold}: a VM's small reads while a backup runs.
+
+        Client A: fio 4 KiB random reads at QD1 (its completion latency
+        percentiles). Client B, on its own connection(s) to the same server
+        process: fio 1 MiB sequential writes at QD8 (write) or nbdcopy pulling
+        the whole disk to null: (copy). B starts first and runs until after A
+        ends; B's throughput is counted over A's window only.
+        """
+        _, _, mode, temp = name.split("-")
+        writable = mode == "write"
+        image = self.cold_copy() if writable else self.cold_image()
+        ref = "qemu-nbd"
+        p99 = self.new_row(name, "µs", ref, higher=False)
+        p50 = self.new_row(f"{name}/p50", "µs", ref, higher=False)
+        p999 = self.new_row(f"{name}/p99.9", "µs", ref, higher=False)
+        bput = self.new_row(f"{name}/B", "MiB/s", ref)
+        rows = (p99, p50, p999, bput)
+        stalls: dict[bool, list[float]] = {True: [], False: []}
+        worst: dict[bool, list[float]] = {True: [], False: []}
+
+        def measure(subject: bool, server: Server | None) -> float:
+            # Two writable servers may not hold one image at once (each marks it in
+            # use): for the write scenes, each measurement starts its own server.
+            own = server is None
+            if server is None:
+                server = (self.start_subject(image, False) if subject
+                          else self.start_qemu(image, False))
+            try:
+                if temp == "cold":
+                    evict(image)
+                else:
+                    fsync_file(image)
+                    warm(image)
+                fig = self.vm_and_backup(server, mode)
+            finally:
+                if own:
+                    self.stop(server)
+            for row, key in ((p50, "p50"), (p999, "p99.9"), (bput, "B")):
+                (row.prlnbd if subject else row.ref).append(fig[key])
+            stalls[subject].append(fig["B stall"])
+            worst[subject].append(fig["max"])
+            return fig["p99"]
+
+        try:
+            if writable:
+                self.alternate(p99, lambda _i: measure(True, None), lambda _i: measure(False, None))
+            else:
+                with self.pair(self.start_subject(image, True),
+                               self.start_qemu(image, True)) as (s, q):
+                    self.alternate(p99, lambda _i: measure(True, s), lambda _i: measure(False, q))
+        except (BenchError, SkipBench, RuntimeError) as exc:
+            for row in rows:
+                row.status = "SKIP" if isinstance(exc, SkipBench) else "ERROR"
+            p99.notes.append(str(exc))
+            log(f"  {name}: {p99.status}: {exc}")
+        if stalls[True]:
+            gap = ("B's longest stretch with nothing written (fio's 100 ms bandwidth log)"
+                   if writable else "the longest gap between nbdcopy's progress lines "
+                   "(about 80 MiB each, so not necessarily a stall)")
+            p99.notes.append(
+                f"A's slowest read (median over runs): {self.subject} "
+                f"{statistics.median(worst[True]) / 1e3:.1f} ms, qemu-nbd "
+                f"{statistics.median(worst[False] or [0]) / 1e3:.1f} ms; {gap}: {self.subject} "
+                f"{max(stalls[True]):.0f} ms, qemu-nbd {max(stalls[False] or [0]):.0f} ms")
+        client_b = ("fio write 1M QD8, writable export of a copy" if writable
+                    else "nbdcopy to null:, read-only exports")
+        p99.notes.append(f"B: {client_b}; A: fio randread 4k QD1, {self.runtime} s; image {temp}")
+
+    def vm_and_backup(self, server: Server, mode: str) -> dict[str, float]:
+        """One vm-backup run on SERVER: A's latency percentiles (µs) and B's MiB/s over A's window."""
+        uri = server.uri()
+        for old in self.work.glob("vm?_bw*.log"):
+            old.unlink()
+        logging_opts = [f"--log_avg_msec={LOG_MS}", "--log_unix_epoch=1"]
+        a_log = self.work / "vmA"
+
+        def run_a() -> tuple[dict[str, Any], float, float]:
+            job = self.fio_job(nbd_target(uri), "randread", "4k", 1, runtime=self.runtime,
+                               extra=[f"--write_bw_log={a_log}", *logging_opts], tag="vmA")
+            entries = read_bw_log(self.work / "vmA_bw.1.log")
+            return job, entries[0][0], entries[-1][0]
+
+        if mode == "write":
+            b_log = self.work / "vmB"
+            b = self.fio_start(nbd_target(uri), "write", "1M", 8,
+                               runtime=VM_LEAD + self.runtime + VM_TAIL,
+                               extra=[f"--write_bw_log={b_log}", *logging_opts], tag="vmB")
+            try:
+                time.sleep(VM_LEAD)
+                job, w0, w1 = run_a()
+            finally:
+                self.fio_finish(b)
+            moved, stall = window_bytes(read_bw_log(self.work / "vmB_bw.1.log"), w0, w1, "B (fio)")
+        else:
+            size = COLD_SIZE
+            with CopyLoop(uri, size, self.work / "nbdcopy.log") as copy:
+                time.sleep(VM_LEAD)
+                copy.wait_until(lambda: any(b > 0 for _t, b in copy.samples),
+                                "no data moved", 60)
+                job, w0, w1 = run_a()
+                copy.wait_until(lambda: bool(copy.samples) and copy.samples[-1][0] >= w1,
+                                "no progress after A ended", 60)
+                moved = copy.moved_at(w1) - copy.moved_at(w0)
+                times = [t for t, _b in copy.samples if w0 <= t <= w1]
+                gaps = [b - a for a, b in itertools.pairwise([w0, *times, w1])]
+                stall = max(gaps)  # longest time without a progress line, an upper bound
+        return {"p50": percentile_us(job, "randread", "50.000000"),
+                "p99": percentile_us(job, "randread", "99.000000"),
+                "p99.9": percentile_us(job, "randread", "99.900000"),
+                "max": float(job["read"]["clat_ns"]["max"]) / 1e3,
+                "B": moved / MiB / ((w1 - w0) / 1000), "B stall": stall}
+
+    def bench_newcomer(self) -> None:
+        """newcomer: connect + first 4 KiB read of new clients while another walks block status."""
+        image = self.map_single()
+        offsets = json.dumps([c * CLUSTER for c in map_clusters()])
+        count = 200 if self.quick else 500
+        p99 = self.new_row("newcomer", "ms", "qemu-nbd", higher=False)
+        p50 = self.new_row("newcomer/p50", "ms", "qemu-nbd", higher=False)
+        walks: dict[bool, list[float]] = {True: [], False: []}
+
+        def measure(server: Server, subject: bool, i: int) -> float:
+            walker = subprocess.Popen([PYTHON, "-c", WALKER, server.uri()], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert walker.stdout is not None and walker.stdin is not None
+                if walker.stdout.readline().strip() != "walking":
+                    raise BenchError(f"the block status walker failed: {walker.communicate()[1][-1000:]}")
+                res = subprocess.run([PYTHON, "-c", NEWCOMER, server.uri(), str(count), str(i)],
+                                     input=offsets, capture_output=True, text=True, timeout=600)
+                if res.returncode != 0:
+                    raise BenchError(f"newcomer clients failed: {res.stderr[-1000:]}")
+                times = [t * 1e3 for t in json.loads(res.stdout)]
+            finally:
+                try:
+                    out, err = walker.communicate(timeout=60)  # closes its stdin: stop
+                except subprocess.TimeoutExpired:
+                    walker.kill()
+                    out, err = walker.communicate()
+            try:
+                maps, elapsed = out.split()
+                walks[subject].append(int(maps) / float(elapsed))
+            except ValueError:
+                raise BenchError(f"the walker stopped badly: {out!r} {err[-500:]}") from None
+            (p50.prlnbd if subject else p50.ref).append(statistics.median(times))
+            return quantile(times, 0.99)
+
+        with self.pair(self.start_subject(image, True), self.start_qemu(image, True)) as (s, q):
+            try:
+                self.alternate(p99, lambda i: measure(s, True, i), lambda i: measure(q, False, i))
+            except BenchError as exc:
+                p99.status = p50.status = "ERROR"
+                p99.notes.append(str(exc))
+        if walks[True] and walks[False]:
+            p99.notes.append(f"{count} new clients per run; the walker's whole-disk maps per second "
+                             f"(median): {self.subject} {statistics.median(walks[True]):.1f}, "
+                             f"qemu-nbd {statistics.median(walks[False]):.1f}")
+
+    def bench_many(self, names: Sequence[str]) -> None:
+        """many-8x4 / many-32x1: random 4 KiB reads from 8 connections x QD4, 32 x QD1 (hot)."""
+        image = self.full_image()
+        warm(image)
+        specs = [s for s in (("many-8x4", "randread", "4k", 4, "IOPS", 8),
+                             ("many-32x1", "randread", "4k", 1, "IOPS", 32)) if s[0] in names]
+        with self.pair(self.start_subject(image, True),
+                       self.start_qemu(image, True, "--shared=32")) as (s, q):
+            self.fio_rows(specs, s, q, "qemu-nbd -e 32")
 
     def run(self, selected: Sequence[str]) -> None:
         """Run the SELECTED benchmarks in a fixed order."""
@@ -638,6 +1280,19 @@ class Bench:
         for name in ("write-seq", "write-rand"):
             if name in wanted:
                 steps.append((name, lambda n=name: self.bench_write(n)))
+        cold = [n for n in COLD_READS if n in wanted]
+        if cold:
+            steps.append((" + ".join(cold), lambda: self.bench_cold(cold)))
+        for name in VM_BACKUPS:
+            if name in wanted:
+                steps.append((name, lambda n=name: self.bench_vm_backup(n)))
+        if "newcomer" in wanted:
+            steps.append(("newcomer", self.bench_newcomer))
+        many = [n for n in MANY if n in wanted]
+        if many:
+            steps.append((" + ".join(many), lambda: self.bench_many(many)))
+        if "durable-write" in wanted:
+            steps.append(("durable-write", lambda: self.bench_write("durable-write")))
         for label, step in steps:
             t0 = time.monotonic()
             log(f"== {label}")
@@ -649,6 +1304,22 @@ class Bench:
             log(f"== {label} took {time.monotonic() - t0:.0f} s")
         for row in self.rows:
             row.finish()
+
+
+def map_clusters() -> list[int]:
+    """The MAP_CLUSTERS clusters the 1 TiB map images hold (the first draw of map_images' rng)."""
+    return sorted(random.Random(2000).sample(range(MAP_SIZE // CLUSTER), MAP_CLUSTERS))
+
+
+def percentile_us(job: dict[str, Any], rw: str, pct: str) -> float:
+    """A completion latency percentile (fio's key, e.g. "99.000000") of a fio job, in µs."""
+    return float(fio_side(job, rw)["clat_ns"]["percentile"][pct]) / 1e3
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The Q quantile of VALUES (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def is_read_only(server: Server) -> bool:
@@ -690,6 +1361,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit == "s":
         return f"{value:.3f}"
+    if unit in ("ms", "µs") and value < 100:
+        return f"{value:.2f}"
     return f"{value:,.0f}"
 
 
@@ -703,7 +1376,8 @@ def table(rows: Sequence[Row], subject: str) -> str:
         pairs = r.pair_ratios
         spread = f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
         lines.append((r.name, r.unit, fmt(r.prlnbd_median, r.unit), fmt(r.ref_median, r.unit),
-                      r.reference, ratio, spread, f">= {r.target:.2f}", r.status))
+                      r.reference, ratio, spread,
+                      "-" if r.target is None else f">= {r.target:.2f}", r.status))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
            for line in lines]
@@ -744,6 +1418,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where the write benchmarks put their fresh images (default: "
                         "/dev/shm when it has room, else the workdir)")
     p.add_argument("--keep", action="store_true", help="keep the images afterwards")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where images too dear to build every run are kept (the 8 GiB cold "
+                        "image; default: WORKDIR/prlnbd-bench-cache)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the data and maps the two sides serve")
     p.add_argument("--target", action="append", default=[], metavar="NAME=RATIO",
