@@ -28,6 +28,8 @@ APT_PACKAGES=(
     python3-venv
     # nbdinfo calls file(1) to describe what an export holds.
     file
+    # as and ld: the VM boot test assembles its boot sector.
+    binutils
 )
 STAMP="$VENV/.prlnbd-setup-stamp"
 

@@ -43,6 +43,11 @@ class IoPool:
         self._closed = False
 
     @property
+    def workers(self) -> int:
+        """How many worker threads the pool may run."""
+        return self._max
+
+    @property
     def busy(self) -> int:
         """How many jobs are queued or running (their callbacks not yet run)."""
         return self._busy

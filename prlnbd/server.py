@@ -12,6 +12,7 @@ _failed(). The event loop itself never waits on storage.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -26,7 +27,7 @@ from typing import Any, cast
 
 from prlnbd.errors import PrlNbdError, ProtocolError, RequestError
 from prlnbd.export import Export
-from prlnbd.iopool import DEFAULT_WORKERS, IoPool
+from prlnbd.iopool import DEFAULT_WORKERS, Callback, IoPool
 from prlnbd.nbd.connection import Disconnect, ExportSelected, Request, ServerConnection, State
 from prlnbd.nbd.constants import Cmd, CmdFlag, Errno
 
@@ -46,6 +47,12 @@ UNIX_SNDBUF = 4 << 20
 # client that pipelines without end holds at most this much (plus one request arriving).
 MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 << 20
+# One connection's turn on the event loop: at most this many requests, or this many bytes
+# of reads answered from the cache, before other clients get theirs.
+TURN_REQUESTS = 16
+TURN_BYTES = 2 << 20
+# No client gets fewer workers of the I/O pool than this, however many share it.
+MIN_POOL_SHARE = 4
 # Receive buffers kept from closed connections for new ones (each is RECV_BUFFER bytes).
 MAX_SPARE_BUFFERS = 4
 # How long a stop waits for connections to finish what they have in flight before it
@@ -85,6 +92,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self._writes: list[Request] = []  # WRITEs taken in this pass, for one pool job
         self._resume_pending = False
+        self._deferred = False  # requests are left for the next turn (_process)
+        self._jobs = 0  # jobs of this connection in the I/O pool
+        self._backlog: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], Callback]] = collections.deque()
 
     # ---- asyncio callbacks
 
@@ -152,14 +162,26 @@ class NbdProtocol(asyncio.BufferedProtocol):
     # ---- taking requests
 
     def _process(self) -> None:
-        """Act on events until the input runs dry, the client stops reading, or too much is in flight."""
+        """Act on events until the input runs dry, the client stops reading, or too much is in flight.
+
+        A turn takes at most TURN_REQUESTS requests or TURN_BYTES of reads: the
+        rest waits for the next turn of the loop, after other clients' requests.
+        """
         conn = self.conn
+        self._deferred = False
+        taken = 0
+        start = self.bytes_read
         try:
             while not self._paused and not self._closing and not self._throttled():
+                if taken >= TURN_REQUESTS or self.bytes_read - start >= TURN_BYTES:
+                    self._deferred = True
+                    asyncio.get_running_loop().call_soon(self._process)
+                    break
                 ev = conn.next_event()
                 if ev is None:
                     break
                 if type(ev) is Request:
+                    taken += 1
                     self._dispatch(ev)
                 elif isinstance(ev, ExportSelected):
                     self._selected(ev)
@@ -182,7 +204,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._closed:
             return
-        want = not self._paused and not self._closing and not self._throttled()
+        want = not self._paused and not self._closing and not self._deferred and not self._throttled()
         if want != self._reading:
             self._reading = want
             with contextlib.suppress(Exception):
@@ -227,7 +249,30 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """Run FN(*ARGS) in the I/O pool; THEN(req, result) answers the request back on the loop."""
         self.inflight += 1
         self._inflight_bytes += len(req.payload) if req.payload is not None else 0
-        self.server.pool.submit(fn, args, partial(self._completed, req, then))
+        self._pool(fn, args, partial(self._completed, req, then))
+
+    def _pool(self, fn: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> None:
+        """Hand a job to the I/O pool, or keep it back while this client has its fair share there.
+
+        The pool's workers are shared out between the clients that have work
+        for them: a backup with hundreds of reads queued takes no more workers
+        than a VM with one, and the VM's read never waits behind its queue.
+        """
+        if self._jobs < self.server.pool_share(self):
+            self._jobs += 1
+            self.server.pool.submit(fn, args, partial(self._job_done, callback))
+        else:
+            self._backlog.append((fn, args, callback))
+
+    def _job_done(self, callback: Callback, result: Any, exc: BaseException | None) -> None:
+        self._jobs -= 1
+        callback(result, exc)
+        while self._backlog and self._jobs < self.server.pool_share(self):
+            fn, args, then = self._backlog.popleft()
+            self._jobs += 1
+            self.server.pool.submit(fn, args, partial(self._job_done, then))
+        if not self._jobs:
+            self.server.pool_users.discard(self)
 
     def _completed(self, req: Request, then: Done, result: Any, exc: BaseException | None) -> None:
         self._finish(req, then, result, exc)
@@ -325,7 +370,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         batch = self._writes
         self._writes = []
         export = cast(Export, self.export)
-        self.server.pool.submit(_write_all, (export, batch), partial(self._writes_done, batch))
+        self._pool(_write_all, (export, batch), partial(self._writes_done, batch))
 
     def _writes_done(self, batch: list[Request], outcomes: Any, exc: BaseException | None) -> None:
         for i, req in enumerate(batch):
@@ -489,6 +534,7 @@ class NbdServer:
         self.handshake_timeout = handshake_timeout
         self.connections: set[NbdProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # flushes in flight, of every connection
+        self.pool_users: set[NbdProtocol] = set()  # connections with jobs in the I/O pool
         self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
@@ -501,6 +547,12 @@ class NbdServer:
         self.connections.add(proto)
         self._idle.clear()
         return proto
+
+    def pool_share(self, conn: NbdProtocol) -> int:
+        """How many jobs CONN may have in the I/O pool: the workers shared out between its users."""
+        users = self.pool_users
+        users.add(conn)
+        return max(MIN_POOL_SHARE, self.pool.workers // len(users))
 
     def spare_buffer(self) -> bytearray | None:
         """A receive buffer a closed connection left, if any."""

@@ -24,6 +24,10 @@ from prlnbd.image.raw import RawImage
 # Offsets, lengths and buffers of direct I/O (cache=none) are aligned to this: the largest
 # logical block size of common devices. Anything less aligned goes through the page cache.
 DIRECT_ALIGN = 4096
+# read_nowait() stops asking the page cache after this many misses in a row, and then asks
+# once in NOWAIT_PROBE reads until one finds its data cached.
+NOWAIT_GIVE_UP = 8
+NOWAIT_PROBE = 16
 
 
 class Layer(Protocol):
@@ -159,6 +163,8 @@ class Disk:
         self._quarantine: collections.deque[tuple[int, list[int]]] = collections.deque()
         self._direct: dict[int, int] = {}  # layer fd -> its O_DIRECT twin (cache=none)
         self._no_nowait: set[int] = set()  # fds whose file system refuses RWF_NOWAIT reads
+        self._misses = 0  # read_nowait() calls in a row that found their data not cached
+        self._skipped = 0
 
     def _enter(self) -> int:
         with self._lock:
@@ -255,10 +261,18 @@ class Disk:
             if fd in self._no_nowait or self._direct:
                 return None
             if buf is None:
+                if self._misses >= NOWAIT_GIVE_UP:
+                    # Reads keep missing the cache: an attempt only costs the loop time (and it
+                    # starts the disk read there). Ask again now and then, to notice a warm cache.
+                    self._skipped += 1
+                    if self._skipped % NOWAIT_PROBE:
+                        return None
                 buf = bytearray(length)
             start = run.offset - offset
             if not self._pread_nowait(fd, memoryview(buf)[start : start + run.length], run.host):
+                self._misses += 1
                 return None
+        self._misses = 0
         return (buf if buf is not None else bytearray(length)), runs
 
     def _runs(self, offset: int, length: int) -> list[Run]:
