@@ -12,6 +12,7 @@ from pathlib import Path
 from lxml import etree
 
 from prlnbd.errors import DescriptorError, SnapshotChainError
+from prlnbd.image.format import MAX_DISK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,11 @@ def parse_descriptor(path: str | Path) -> Descriptor:
     disk_size = _int(p, params, "Disk_size", w)
     if disk_size == 0:
         raise DescriptorError(f"{p}: Disk_Parameters/Disk_size is 0")
+    if disk_size * 512 > MAX_DISK_SIZE:
+        raise DescriptorError(
+            f"{p}: Disk_Parameters/Disk_size {disk_size} sectors is more than {MAX_DISK_SIZE} bytes,"
+            " the largest disk QEMU and NBD clients accept"
+        )
     cylinders = _int(p, params, "Cylinders", w, optional=0)
     heads = _int(p, params, "Heads", w, optional=0)
     sectors = _int(p, params, "Sectors", w, optional=0)

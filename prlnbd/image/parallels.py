@@ -141,9 +141,17 @@ class ParallelsImage:
             raise InvalidHeader(f"{p}: truncated: {len(raw)} bytes, a header needs {fmt.HEADER_SIZE}")
         h = fmt.Header.unpack(raw)
         if h.magic not in (fmt.MAGIC_V1, fmt.MAGIC_V2):
-            raise InvalidHeader(f"{p}: bad magic {h.magic!r}: not a Parallels expandable image")
+            # The bytes are not quoted: the file may be anything (a descriptor can name any file).
+            raise InvalidHeader(
+                f"{p}: not a Parallels expandable image (the magic is neither WithoutFreeSpace nor WithouFreSpacExt)"
+            )
         if h.version != fmt.VERSION:
             raise InvalidHeader(f"{p}: version is {h.version}, must be {fmt.VERSION}")
+        if h.disk_sectors * fmt.SECTOR > fmt.MAX_DISK_SIZE:
+            raise InvalidHeader(
+                f"{p}: nb_sectors {h.disk_sectors} gives a disk of {h.disk_sectors * fmt.SECTOR} bytes,"
+                f" more than {fmt.MAX_DISK_SIZE} (the largest QEMU and NBD clients accept)"
+            )
         cluster_size = h.tracks * fmt.SECTOR
         if h.tracks == 0:
             raise InvalidHeader(f"{p}: tracks (cluster size in sectors) is 0")

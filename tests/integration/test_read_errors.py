@@ -144,7 +144,13 @@ def size_mismatch(tmp: Path) -> tuple[Path, str]:
     return bundle, "bigger.hds"
 
 
+def huge_size(tmp: Path) -> tuple[Path, str]:
+    # nb_sectors 2^55: a 2^64-byte disk, which no NBD reply can carry.
+    return patch(good_image(tmp / "huge.hds"), 36, (1 << 55).to_bytes(8, "little")), "huge.hds"
+
+
 BAD: dict[str, Maker] = {
+    "huge-size": huge_size,
     "truncated-header": truncated_header,
     "truncated-bat": truncated_bat,
     "empty-file": empty_file,

@@ -171,3 +171,13 @@ def test_check_bad_header_and_chain(tmp_path: Path) -> None:
     rc, report = check_json(bundle)
     assert rc == 2 and kinds(report) == ["chain"]
     assert "missing" in json.dumps(report) or "No such" in json.dumps(report)
+
+
+def test_check_refuses_a_size_nbd_cannot_carry(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    with img.open("r+b") as f:
+        f.seek(36)
+        f.write(struct.pack("<Q", 1 << 55))  # 2^64 bytes
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["header"], report
+    assert "nb_sectors" in json.dumps(report)

@@ -141,7 +141,7 @@ BAD_IMAGES: dict[str, tuple[Callable[[], bytes], type[Exception], list[str]]] = 
     "bad-magic": (
         lambda: Spec(magic=b"WithoutFreeSpacX", bat=[0] * 4).build(),
         InvalidHeader,
-        ["magic", "WithoutFreeSpacX"],
+        ["magic", "not a Parallels expandable image"],
     ),
     "qcow-magic": (lambda: b"QFI\xfb" + bytes(60), InvalidHeader, ["magic"]),
     "version-3": (lambda: Spec(hdr_version=3, bat=[0] * 4).build(), InvalidHeader, ["version", "3"]),
@@ -178,6 +178,23 @@ BAD_IMAGES: dict[str, tuple[Callable[[], bytes], type[Exception], list[str]]] = 
         lambda: Spec(bat=[0] * 4, data_off=1000, file_size=4096).build(),
         InvalidHeader,
         ["data_off 1000", "4096"],
+    ),
+    # 2^64 bytes and more: NBD cannot carry the size (struct.error once served).
+    "size-2^64": (
+        lambda: Spec(bat=[0] * 4, nb_sectors=1 << 55).build(),
+        InvalidHeader,
+        ["nb_sectors", str(1 << 55), str((1 << 63) - (1 << 30))],
+    ),
+    "size-max-u64-sectors": (
+        lambda: Spec(bat=[0] * 4, nb_sectors=(1 << 64) - 1).build(),
+        InvalidHeader,
+        ["nb_sectors", str((1 << 64) - 1)],
+    ),
+    # One sector past QEMU's largest disk (2^63 - 2^30 bytes), which qemu-img 7.2 refuses too.
+    "size-past-qemu-max": (
+        lambda: Spec(bat=[0] * 4, nb_sectors=((1 << 63) - (1 << 30)) // SECTOR + 1).build(),
+        InvalidHeader,
+        ["nb_sectors", str(((1 << 63) - (1 << 30)) // SECTOR + 1)],
     ),
     "v2-data-off-0": (
         lambda: Spec(version=2, bat=[0] * 4, data_off=0).build(),
@@ -346,6 +363,20 @@ def test_nb_sectors_beyond_the_bat_reach(tmp_path: Path, opened, version: int) -
         Segment(4 * cs, cs, None),
     ]
     assert read_guest(img, 3 * cs, 3 * cs) == b"\x13" * cs + bytes(2 * cs)
+
+
+def test_the_largest_disk_qemu_accepts_opens(tmp_path: Path, opened) -> None:
+    spec = Spec(version=2, tracks=8, bat=[0] * 4, nb_sectors=((1 << 63) - (1 << 30)) // SECTOR)
+    img = opened(spec.write(tmp_path / "max.hds"))
+    assert img.size == (1 << 63) - (1 << 30)
+
+
+def test_bad_magic_does_not_quote_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "shadow"
+    path.write_bytes(b"root:*:20228:0:99999:7:::\n" * 4)
+    with pytest.raises(InvalidHeader) as info:
+        ParallelsImage.open(path)
+    assert "20228" not in str(info.value) and "99999" not in str(info.value)
 
 
 def test_v1_uses_only_the_low_32_bits_of_nb_sectors(tmp_path: Path, opened) -> None:
