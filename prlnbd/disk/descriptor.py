@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,10 +136,20 @@ def parse_descriptor(path: str | Path) -> Descriptor:
     """Parse and validate DiskDescriptor.xml at PATH (or in the bundle directory PATH)."""
     p = descriptor_path(Path(path))
     try:
-        with p.open("rb") as f:
+        # O_NONBLOCK: a FIFO must not hang open(2); only a regular file is read.
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise DescriptorError(f"{p}: cannot read descriptor: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DescriptorError(f"{p}: is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_DESCRIPTOR_SIZE + 1)
     except OSError as e:
         raise DescriptorError(f"{p}: cannot read descriptor: {e.strerror}") from e
+    finally:
+        os.close(fd)
     if len(data) > MAX_DESCRIPTOR_SIZE:
         raise DescriptorError(f"{p}: descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
     try:

@@ -53,16 +53,36 @@ class Segment:
 
 
 def open_file(path: str | os.PathLike[str], *, writable: bool) -> tuple[Path, int]:
-    """Open an image file (never a directory); raise ImageError naming it when that fails."""
+    """Open an image file (a regular file only); raise ImageError naming it when that fails.
+
+    O_NONBLOCK keeps open(2) from waiting forever on a FIFO with no writer; anything
+    but a regular file (FIFO, socket, device, directory) is then refused.
+    """
     p = Path(path)
     try:
-        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise ImageError(f"{p}: is a directory, not an image file")
+        what = "a directory" if stat.S_ISDIR(mode) else _file_kind(mode)
+        raise ImageError(f"{p}: is {what}, not an image file (only regular files are served)")
+    os.set_blocking(fd, True)
     return p, fd
+
+
+def _file_kind(mode: int) -> str:
+    """What kind of file MODE describes, for messages."""
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _read_exact(fd: int, length: int, offset: int) -> bytes:

@@ -4,6 +4,7 @@ and bad disks, human and JSON."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -149,7 +150,37 @@ def huge_size(tmp: Path) -> tuple[Path, str]:
     return patch(good_image(tmp / "huge.hds"), 36, (1 << 55).to_bytes(8, "little")), "huge.hds"
 
 
+def fifo_image(tmp: Path) -> tuple[Path, str]:
+    # Nothing ever writes to it: an open(2) without O_NONBLOCK waits forever.
+    os.mkfifo(tmp / "pipe.hds")
+    return tmp / "pipe.hds", "pipe.hds"
+
+
+def fifo_in_bundle(tmp: Path) -> tuple[Path, str]:
+    bundle, (a, _) = chain_dir(tmp)
+    os.mkfifo(bundle / "pipe.hds")
+    support.write_descriptor(bundle, [a, DescImage("pipe.hds", "Compressed")], SIZE, blocksize=128)
+    return bundle, "pipe.hds"
+
+
+def fifo_plain_root(tmp: Path) -> tuple[Path, str]:
+    bundle, (_, b) = chain_dir(tmp)
+    os.mkfifo(bundle / "root.raw")
+    support.write_descriptor(bundle, [DescImage("root.raw", "Plain"), b], SIZE)
+    return bundle, "root.raw"
+
+
+def fifo_descriptor(tmp: Path) -> tuple[Path, str]:
+    bundle, _ = chain_dir(tmp)
+    os.mkfifo(bundle / "DiskDescriptor.xml")
+    return bundle, "DiskDescriptor.xml"
+
+
 BAD: dict[str, Maker] = {
+    "fifo-image": fifo_image,
+    "fifo-in-bundle": fifo_in_bundle,
+    "fifo-plain-root": fifo_plain_root,
+    "fifo-descriptor": fifo_descriptor,
     "huge-size": huge_size,
     "truncated-header": truncated_header,
     "truncated-bat": truncated_bat,
@@ -218,7 +249,7 @@ def test_harness_good_disk_serves(tmp_path: Path) -> None:
 def test_info_on_bad_disk(tmp_path: Path, case: str, as_json: bool) -> None:
     disk, name = BAD[case](tmp_path)
     res = support.run(support.PYTHON, "-m", "prlnbd", "info", *(["--json"] if as_json else []),
-                      disk, check=False)
+                      disk, check=False, timeout=60)
     out = res.stdout + res.stderr
     assert res.returncode != 0, out
     assert_clear(out, name)
@@ -283,3 +314,13 @@ def test_info_good(tmp_path: Path, kind: str) -> None:
             continue
         sizes = [v for k, v in walk(item) if "cluster" in k and isinstance(v, int)]
         assert cluster in sizes or cluster // 512 in sizes, (item, cluster)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD if c.startswith("fifo")])
+def test_check_on_fifo_ends(tmp_path: Path, case: str) -> None:
+    disk, name = BAD[case](tmp_path)
+    for extra in ([], ["--repair"]):
+        res = support.run(support.PYTHON, "-m", "prlnbd", "check", disk, *extra, check=False, timeout=60)
+        out = res.stdout + res.stderr
+        assert res.returncode == 2, out
+        assert_clear(out, name)

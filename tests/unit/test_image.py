@@ -270,6 +270,33 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert str(tmp_path) in str(info.value)
 
 
+@pytest.fixture
+def hang_guard() -> Iterator[None]:
+    """Fail a test that blocks (an open(2) on a FIFO would) instead of hanging the suite."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise AssertionError("blocked: open(2) waited on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("writable", [False, True], ids=["ro", "rw"])
+def test_fifo_is_refused_without_blocking(tmp_path: Path, hang_guard: None, writable: bool) -> None:
+    from prlnbd.image.raw import RawImage
+
+    fifo = tmp_path / "pipe.hds"
+    os.mkfifo(fifo)
+    for opener in (ParallelsImage.open, RawImage.open):
+        with pytest.raises(ImageError) as info:
+            opener(fifo, writable=writable)
+        assert str(fifo) in str(info.value) and "FIFO" in str(info.value)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file(tmp_path: Path) -> None:
     path = Spec(bat=[0] * 4).write(tmp_path / "secret.hds")
