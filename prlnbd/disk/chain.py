@@ -15,6 +15,11 @@ from prlnbd.image.extension import DirtyBitmap
 from prlnbd.image.parallels import FlushToken, ParallelsImage, Problem, Segment
 from prlnbd.image.raw import RawImage
 
+# The most layers a disk's chain may have (the top image and its snapshots down to the root).
+# Checked before any image is opened: each layer holds an open file, and every read walks the
+# chain down to the first layer that holds the bytes. Parallels Desktop chains are far shorter.
+MAX_CHAIN_LENGTH = 256
+
 
 class Layer(Protocol):
     """What the chain needs of one image, expandable or plain."""
@@ -108,15 +113,28 @@ class Disk:
             yield pending
 
     def _resolve(self, index: int, offset: int, length: int) -> Iterator[Run]:
-        if index == len(self.layers):
+        """The runs of [offset, offset+length) as layers INDEX and below resolve it, in order.
+
+        Iterative, with one segment iterator per layer the range falls through, so
+        the depth of the chain costs no Python recursion.
+        """
+        layers = self.layers
+        count = len(layers)
+        if index >= count:
             yield Run(offset, length, 0, None, 0, True)
             return
-        layer = self.layers[index]
-        for seg in layer.segments(offset, length):
-            if seg.host is None:
-                yield from self._resolve(index + 1, seg.offset, seg.length)
+        stack = [(index, layers[index].segments(offset, length))]
+        while stack:
+            i, segments = stack[-1]
+            seg = next(segments, None)
+            if seg is None:
+                stack.pop()
+            elif seg.host is not None:
+                yield Run(seg.offset, seg.length, i + 1, layers[i], seg.host, seg.zero)
+            elif i + 1 == count:
+                yield Run(seg.offset, seg.length, 0, None, 0, True)
             else:
-                yield Run(seg.offset, seg.length, index + 1, layer, seg.host, seg.zero)
+                stack.append((i + 1, layers[i + 1].segments(seg.offset, seg.length)))
 
     def read(self, offset: int, length: int) -> tuple[bytes | bytearray, list[Run]]:
         """Read guest bytes into a new buffer; also return the runs (as map() gives them), for sparse replies."""
@@ -390,6 +408,11 @@ def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot:
 
 def _open_bundle(desc: Descriptor, *, writable: bool, snapshot: str | None) -> Disk:
     entries = desc.chain(snapshot)
+    if len(entries) > MAX_CHAIN_LENGTH:
+        raise DescriptorError(
+            f"{desc.path}: the snapshot chain from {entries[0].guid} has {len(entries)} layers,"
+            f" more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+        )
     layers: list[Layer] = []
     try:
         for i, entry in enumerate(entries):

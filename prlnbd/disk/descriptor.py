@@ -84,10 +84,13 @@ class Descriptor:
         if guid not in self.parents:
             raise SnapshotChainError(f"{self.path}: snapshot {guid} is not in Snapshots")
         seen: list[str] = []
+        # Position of each GUID in seen: a list lookup per step made the walk quadratic.
+        where: dict[str, int] = {}
         while guid != ZERO_GUID:
-            if guid in seen:
-                loop = " -> ".join([*seen[seen.index(guid) :], guid])
+            if guid in where:
+                loop = " -> ".join([*seen[where[guid] :], guid])
                 raise SnapshotChainError(f"{self.path}: snapshot chain has a cycle: {loop}")
+            where[guid] = len(seen)
             seen.append(guid)
             parent = self.parents.get(guid)
             if parent is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from prlnbd.disk.chain import open_disk
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
     build_descriptor,
@@ -151,6 +151,10 @@ def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
             entries = desc.chain()
         except PrlNbdError as e:
             report.findings.append(Finding(str(dpath), "chain", str(e)))
+            return report
+        if len(entries) > MAX_CHAIN_LENGTH:
+            msg = f"the snapshot chain has {len(entries)} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+            report.findings.append(Finding(str(dpath), "chain", msg))
             return report
         for entry in entries:
             if not entry.file.exists():

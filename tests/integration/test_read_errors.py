@@ -176,7 +176,15 @@ def fifo_descriptor(tmp: Path) -> tuple[Path, str]:
     return bundle, "DiskDescriptor.xml"
 
 
+def long_chain(tmp: Path) -> tuple[Path, str]:
+    # One layer more than prlnbd opens; refused before any image file is looked at.
+    bundle = tmp / "bad.hdd"
+    layers = [DescImage(f"bad.hdd.{i}.hds", "Compressed") for i in range(257)]
+    return support.write_descriptor(bundle, layers, SIZE, blocksize=128).parent, "DiskDescriptor.xml"
+
+
 BAD: dict[str, Maker] = {
+    "long-chain": long_chain,
     "fifo-image": fifo_image,
     "fifo-in-bundle": fifo_in_bundle,
     "fifo-plain-root": fifo_plain_root,

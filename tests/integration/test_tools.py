@@ -181,3 +181,11 @@ def test_check_refuses_a_size_nbd_cannot_carry(tmp_path: Path) -> None:
     rc, report = check_json(img)
     assert rc == 2 and kinds(report) == ["header"], report
     assert "nb_sectors" in json.dumps(report)
+
+
+def test_check_refuses_a_chain_longer_than_the_limit(tmp_path: Path) -> None:
+    bundle = tmp_path / "long.hdd"
+    layers = [support.DescImage(f"long.hdd.{i}.hds", "Compressed") for i in range(257)]
+    support.write_descriptor(bundle, layers, SIZE, blocksize=128)
+    rc, report = check_json(bundle)
+    assert rc == 2 and kinds(report) == ["chain"] and "257 layers" in json.dumps(report), report
