@@ -86,9 +86,15 @@ class Disk:
         return list(ext.bitmaps) if ext is not None else []
 
     def close(self) -> None:
-        """Close every layer."""
+        """Close every layer, even when closing one fails; then raise the first failure."""
+        error: BaseException | None = None
         for layer in self.layers:
-            layer.close()
+            try:
+                layer.close()
+            except BaseException as e:  # re-raised below, once the other layers are closed
+                error = error or e
+        if error is not None:
+            raise error
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
         """Resolve [offset, offset+length) into merged runs, walking the chain once.

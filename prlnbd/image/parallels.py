@@ -555,10 +555,33 @@ class ParallelsImage:
         self.end_flush(token, True)
 
     def _finish_writing(self) -> None:
-        """Clean stop: BAT durable, free tail cut off, in_use restored to its closed value."""
+        """Clean stop: BAT durable, free tail cut off, in_use restored to its closed value.
+
+        When the bitmaps cannot be stored (the file cannot grow: disk full, quota, file
+        size limit), the image is still closed consistently, with the bitmaps left as
+        they have been on disk since the open (all dirty, which is safe), and then an
+        ImageError says what happened.
+        """
         w = self._state()
         self.flush()
-        self._store_extension()
+        had_extension = bool(self.header.ext_off)
+        data_end, saved_free = w.data_end, list(w.free)
+        failed: OSError | None = None
+        try:
+            self._store_extension()
+        except OSError as e:
+            failed = e
+            # Whatever was appended for the bitmaps is cut off below, so make sure the extension
+            # cluster on disk is the invalidated one again (it may have been rewritten already).
+            w.data_end, w.free = data_end, saved_free
+            ext = self.extension
+            if had_extension and ext is not None:
+                self.header.ext_off = ext.offset // fmt.SECTOR
+                pairs = [(bm, [fmt.L1_ALL_SET] * len(bm.l1)) for bm in ext.bitmaps]
+                os.pwrite(self.fd, encode_extension(pairs, kept_features(ext), self.cluster_size), ext.offset)
+                os.fdatasync(self.fd)
+            else:
+                self.header.ext_off = 0
         # Freed clusters at the very end are space leaked past the last cluster: cut them off.
         free = set(w.free)
         end = w.data_end
@@ -569,6 +592,16 @@ class ParallelsImage:
             self.file_size = end
         self._set_in_use(w.closed_in_use)
         self._writer = None
+        if failed is not None:
+            kept = (
+                "left marked all dirty (the next backup from them copies everything)"
+                if had_extension
+                else "not stored"
+            )
+            raise ImageError(
+                f"{self.path}: closed cleanly, but the dirty bitmaps could not be stored"
+                f" ({failed.strerror or failed}): they are {kept}"
+            ) from failed
 
 
 @dataclass
