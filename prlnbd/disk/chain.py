@@ -393,10 +393,17 @@ def _open_layer(path: Path, kind: str, writable: bool) -> Layer:
     return ParallelsImage.open(path, writable=writable)
 
 
-def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot: str | None = None) -> Disk:
+def open_disk(
+    path: str | os.PathLike[str],
+    *,
+    writable: bool = False,
+    snapshot: str | None = None,
+    allow_outside_bundle: bool = False,
+) -> Disk:
     """Open a disk: a bundle directory, a DiskDescriptor.xml, or a single expandable image.
 
-    Only the top image is ever opened for writing; every parent is read-only.
+    Only the top image is ever opened for writing; every parent is read-only. Images
+    outside the bundle directory are refused unless ALLOW_OUTSIDE_BUNDLE.
     """
     p = Path(path)
     if not p.exists():
@@ -405,7 +412,8 @@ def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot:
         dpath = descriptor_path(p)
         if not dpath.exists():
             raise DescriptorError(f"{p}: directory has no {dpath.name}")
-        return _open_bundle(parse_descriptor(dpath), writable=writable, snapshot=snapshot)
+        desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
+        return _open_bundle(desc, writable=writable, snapshot=snapshot)
     if snapshot is not None:
         raise DescriptorError(f"{p}: a single image has no snapshots to choose from")
     image = ParallelsImage.open(p, writable=writable)

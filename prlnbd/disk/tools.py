@@ -141,13 +141,13 @@ class CheckReport:
         }
 
 
-def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
-    """Check every layer of the disk at PATH and the chain itself."""
+def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool = False) -> CheckReport:
+    """Check every layer of the disk at PATH and the chain itself (outside the bundle only if allowed)."""
     report = CheckReport(str(path), repaired=repair)
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         try:
-            desc = parse_descriptor(dpath)
+            desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
             entries = desc.chain()
         except PrlNbdError as e:
             report.findings.append(Finding(str(dpath), "chain", str(e)))
@@ -163,7 +163,7 @@ def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
                 report.findings.extend(check_image(entry.file, repair=repair))
         if not any(f.corruption and not f.fixed for f in report.findings):
             try:
-                open_disk(path).close()
+                open_disk(path, allow_outside_bundle=allow_outside_bundle).close()
             except PrlNbdError as e:
                 report.findings.append(Finding(str(dpath), "chain", str(e)))
         return report

@@ -183,7 +183,42 @@ def long_chain(tmp: Path) -> tuple[Path, str]:
     return support.write_descriptor(bundle, layers, SIZE, blocksize=128).parent, "DiskDescriptor.xml"
 
 
+def dotdot_outside(tmp: Path) -> tuple[Path, str]:
+    bundle, (a, _) = chain_dir(tmp)
+    good_image(tmp / "elsewhere.hds")
+    support.write_descriptor(bundle, [a, DescImage("../elsewhere.hds", "Compressed")], SIZE, blocksize=128)
+    return bundle, "outside the bundle"
+
+
+def absolute_outside(tmp: Path) -> tuple[Path, str]:
+    bundle, (a, _) = chain_dir(tmp)
+    other = good_image(tmp / "elsewhere.hds")
+    support.write_descriptor(bundle, [a, DescImage(str(other.resolve()), "Compressed")], SIZE, blocksize=128)
+    return bundle, "outside the bundle"
+
+
+def symlink_outside(tmp: Path) -> tuple[Path, str]:
+    bundle, (a, _) = chain_dir(tmp)
+    other = good_image(tmp / "elsewhere.hds")
+    (bundle / "link.hds").symlink_to(other)
+    support.write_descriptor(bundle, [a, DescImage("link.hds", "Compressed")], SIZE, blocksize=128)
+    return bundle, "symlink"
+
+
+def shadow_plain(tmp: Path) -> tuple[Path, str]:
+    # A secret served as a Plain root: the descriptor must not be a way to read it.
+    secret = tmp / "shadow"
+    secret.write_text("root:*:20228:0:99999:7:::\n" * 100)
+    bundle, (_, b) = chain_dir(tmp)
+    support.write_descriptor(bundle, [DescImage(str(secret), "Plain"), b], SIZE, blocksize=128)
+    return bundle, "outside the bundle"
+
+
 BAD: dict[str, Maker] = {
+    "dotdot-outside": dotdot_outside,
+    "absolute-outside": absolute_outside,
+    "symlink-outside": symlink_outside,
+    "shadow-plain": shadow_plain,
     "long-chain": long_chain,
     "fifo-image": fifo_image,
     "fifo-in-bundle": fifo_in_bundle,
@@ -332,3 +367,34 @@ def test_check_on_fifo_ends(tmp_path: Path, case: str) -> None:
         out = res.stdout + res.stderr
         assert res.returncode == 2, out
         assert_clear(out, name)
+
+
+@pytest.mark.parametrize("case", ["dotdot-outside", "absolute-outside", "symlink-outside", "shadow-plain"])
+def test_outside_bundle_needs_the_option(tmp_path: Path, case: str) -> None:
+    disk, _ = BAD[case](tmp_path)
+    res = support.run(support.PYTHON, "-m", "prlnbd", "check", disk, "--json", check=False, timeout=60)
+    assert res.returncode == 2 and "outside the bundle" in res.stdout, res.stdout + res.stderr
+    assert "20228" not in res.stdout + res.stderr
+    if case == "shadow-plain":
+        return  # its size is not the disk's: it fails on that once allowed
+    with support.running(support.start_prlnbd(tmp_path, [f"d={disk}"], "--read-only",
+                                              "--allow-outside-bundle")) as srv:
+        assert support.nbd_pread(srv.uri("d"), 1000, 200000) == b"\x42" * 200000
+    res = support.run(support.PYTHON, "-m", "prlnbd", "info", disk, "--allow-outside-bundle", timeout=60)
+    assert "elsewhere.hds" in res.stdout or "link.hds" in res.stdout
+
+
+def test_moved_bundle_finds_absolute_files_in_the_bundle(tmp_path: Path) -> None:
+    bundle, (a, b) = chain_dir(tmp_path)
+    old = Path("/Users/someone/Parallels/vm.pvm") / bundle.name
+    support.write_descriptor(bundle, [DescImage(str(old / a.name), "Compressed"),
+                                      DescImage(str(old / "gone" / "elsewhere" / b.name), "Compressed")],
+                             SIZE, blocksize=128)
+    res = support.run(support.PYTHON, "-m", "prlnbd", "info", bundle, timeout=60)
+    assert "Traceback" not in res.stderr
+    for name, stored in ((a.name, old / a.name), (b.name, old / "gone" / "elsewhere" / b.name)):
+        warning = [line for line in res.stdout.splitlines() if "warning" in line and str(stored) in line]
+        assert warning and str(bundle / name) in warning[0], res.stdout
+    with support.running(support.start_prlnbd(tmp_path, [f"d={bundle}"], "--read-only")) as srv:
+        assert support.nbd_pread(srv.uri("d"), 1000, 200000) == b"\x42" * 200000
+        assert str(old / a.name) in srv.log_text()
