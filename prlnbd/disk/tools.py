@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
@@ -74,7 +74,7 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if bitmaps:
         new_top = ParallelsImage.open(image, writable=True)
         try:
-            new_top.extension = Extension(offset=0, bitmaps=[replace(b, bits=bytearray(b.bits)) for b in bitmaps])
+            new_top.extension = Extension(offset=0, bitmaps=[b.copy() for b in bitmaps])
         finally:
             new_top.close()
     root = desc.tree.getroot()
@@ -202,7 +202,7 @@ def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) 
     try:
         ext = img.extension
         if action == "add":
-            bm = new_bitmap(img.size, granularity, name)
+            bm = new_bitmap(img.size, granularity, name, chunk=img.cluster_size)
             if ext is None:
                 ext = img.extension = Extension(offset=0)
             if any(b.id == bm.id for b in ext.bitmaps):
