@@ -607,3 +607,19 @@ def test_ext_off_sharing_a_data_cluster_is_refused_or_reported(tmp_path: Path) -
         assert "duplicate" in kinds(img)
     finally:
         img.close()
+
+
+@pytest.mark.parametrize("value", [b"pd17", b"pd22", b"v2.1", b"\0\0\0\0"], ids=["pd17", "pd22", "v2.1", "zero"])
+def test_in_use_values_of_other_writers_are_kept_on_a_clean_close(tmp_path: Path, value: bytes) -> None:
+    # Parallels Desktop writes its own closed values; ploop writes "v2.1". Only "Ynot" means open.
+    import struct
+
+    code = struct.unpack("<I", value)[0]
+    path = Spec(bat=[0] * 4, in_use=code).write(tmp_path / "closed.hds")
+    img = ParallelsImage.open(path, writable=True)
+    assert struct.unpack_from("<I", path.read_bytes(), 44)[0] == IN_USE_OPEN
+    img.close()
+    assert path.read_bytes()[44:48] == value
+    again = ParallelsImage.open(path)
+    assert not again.in_use and again.problems == []
+    again.close()
