@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", metavar="PATH")
     check.add_argument("--repair", action="store_true", help="fix what can be fixed without losing data")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (serve, info, check):
+        p.add_argument(
+            "--allow-outside-bundle",
+            action="store_true",
+            help="open images a descriptor names outside its bundle directory (.., absolute paths, symlinks)",
+        )
 
     bitmap = sub.add_parser("bitmap", help="manage the dirty bitmaps of the top image (offline)")
     bitmap.add_argument("path", metavar="PATH")
@@ -181,7 +187,12 @@ def inherited_sockets() -> list[socket.socket]:
 
 
 def _open_exports(
-    specs: Sequence[str], *, read_only: bool, snapshot: str | None = None, cache: str = "writeback"
+    specs: Sequence[str],
+    *,
+    read_only: bool,
+    snapshot: str | None = None,
+    cache: str = "writeback",
+    allow_outside_bundle: bool = False,
 ) -> dict[str, Export]:
     exports: dict[str, Export] = {}
     try:
@@ -189,7 +200,12 @@ def _open_exports(
             name, path = split_disk_arg(spec)
             if name in exports:
                 raise PrlNbdError(f"two disks share the export name {name!r}; name them NAME=PATH")
-            disk = open_disk(path, writable=not read_only and snapshot is None, snapshot=snapshot)
+            disk = open_disk(
+                path,
+                writable=not read_only and snapshot is None,
+                snapshot=snapshot,
+                allow_outside_bundle=allow_outside_bundle,
+            )
             for warning in disk.warnings:
                 log.warning("%s: %s", disk.path, warning)
             try:
@@ -262,7 +278,13 @@ async def _make_server(exports: dict[str, Export], timeout: float) -> NbdServer:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """prlnbd serve: export disks over NBD."""
-    exports = _open_exports(args.disks, read_only=args.read_only, snapshot=args.snapshot, cache=args.cache)
+    exports = _open_exports(
+        args.disks,
+        read_only=args.read_only,
+        snapshot=args.snapshot,
+        cache=args.cache,
+        allow_outside_bundle=args.allow_outside_bundle,
+    )
     return run_server(exports, args)
 
 
@@ -327,7 +349,7 @@ def describe(disk: Disk) -> dict[str, object]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """prlnbd info: print what a disk is made of."""
-    disk = open_disk(args.path, writable=False)
+    disk = open_disk(args.path, writable=False, allow_outside_bundle=args.allow_outside_bundle)
     try:
         d = describe(disk)
     finally:
@@ -423,7 +445,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """prlnbd check: report (and with --repair fix) problems; exit codes as qemu-img check."""
     from prlnbd.disk.tools import check_disk
 
-    report = check_disk(Path(args.path), repair=args.repair)
+    report = check_disk(Path(args.path), repair=args.repair, allow_outside_bundle=args.allow_outside_bundle)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return report.exit_code

@@ -28,6 +28,10 @@ DIRECT_ALIGN = 4096
 # once in NOWAIT_PROBE reads until one finds its data cached.
 NOWAIT_GIVE_UP = 8
 NOWAIT_PROBE = 16
+# The most layers a disk's chain may have (the top image and its snapshots down to the root).
+# Checked before any image is opened: each layer holds an open file, and every read walks the
+# chain down to the first layer that holds the bytes. Parallels Desktop chains are far shorter.
+MAX_CHAIN_LENGTH = 256
 
 
 class Layer(Protocol):
@@ -95,7 +99,10 @@ class Disk:
         return list(ext.bitmaps) if ext is not None else []
 
     def close(self) -> None:
-        """Close every layer (and the direct I/O twins of their descriptors). No I/O may be running."""
+        """Close every layer (and the direct I/O twins of their descriptors), even when closing one fails.
+
+        No I/O may be running. The first failure is raised once every layer is closed.
+        """
         top = self.layers[0]
         if isinstance(top, ParallelsImage) and top.writable:
             # Nothing reads any more: quarantined clusters are free, and a clean stop cuts
@@ -105,8 +112,14 @@ class Disk:
         for dfd in self._direct.values():
             os.close(dfd)
         self._direct.clear()
+        error: BaseException | None = None
         for layer in self.layers:
-            layer.close()
+            try:
+                layer.close()
+            except BaseException as e:  # re-raised below, once the other layers are closed
+                error = error or e
+        if error is not None:
+            raise error
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
         """Resolve [offset, offset+length) into merged runs, walking the chain once.
@@ -131,15 +144,28 @@ class Disk:
             yield pending
 
     def _resolve(self, index: int, offset: int, length: int) -> Iterator[Run]:
-        if index == len(self.layers):
+        """The runs of [offset, offset+length) as layers INDEX and below resolve it, in order.
+
+        Iterative, with one segment iterator per layer the range falls through, so
+        the depth of the chain costs no Python recursion.
+        """
+        layers = self.layers
+        count = len(layers)
+        if index >= count:
             yield Run(offset, length, 0, None, 0, True)
             return
-        layer = self.layers[index]
-        for seg in layer.segments(offset, length):
-            if seg.host is None:
-                yield from self._resolve(index + 1, seg.offset, seg.length)
+        stack = [(index, layers[index].segments(offset, length))]
+        while stack:
+            i, segments = stack[-1]
+            seg = next(segments, None)
+            if seg is None:
+                stack.pop()
+            elif seg.host is not None:
+                yield Run(seg.offset, seg.length, i + 1, layers[i], seg.host, seg.zero)
+            elif i + 1 == count:
+                yield Run(seg.offset, seg.length, 0, None, 0, True)
             else:
-                yield Run(seg.offset, seg.length, index + 1, layer, seg.host, seg.zero)
+                stack.append((i + 1, layers[i + 1].segments(seg.offset, seg.length)))
 
     # ---- concurrency
     #
@@ -586,10 +612,17 @@ def _open_layer(path: Path, kind: str, writable: bool) -> Layer:
     return ParallelsImage.open(path, writable=writable)
 
 
-def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot: str | None = None) -> Disk:
+def open_disk(
+    path: str | os.PathLike[str],
+    *,
+    writable: bool = False,
+    snapshot: str | None = None,
+    allow_outside_bundle: bool = False,
+) -> Disk:
     """Open a disk: a bundle directory, a DiskDescriptor.xml, or a single expandable image.
 
-    Only the top image is ever opened for writing; every parent is read-only.
+    Only the top image is ever opened for writing; every parent is read-only. Images
+    outside the bundle directory are refused unless ALLOW_OUTSIDE_BUNDLE.
     """
     p = Path(path)
     if not p.exists():
@@ -598,7 +631,8 @@ def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot:
         dpath = descriptor_path(p)
         if not dpath.exists():
             raise DescriptorError(f"{p}: directory has no {dpath.name}")
-        return _open_bundle(parse_descriptor(dpath), writable=writable, snapshot=snapshot)
+        desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
+        return _open_bundle(desc, writable=writable, snapshot=snapshot)
     if snapshot is not None:
         raise DescriptorError(f"{p}: a single image has no snapshots to choose from")
     image = ParallelsImage.open(p, writable=writable)
@@ -607,6 +641,11 @@ def open_disk(path: str | os.PathLike[str], *, writable: bool = False, snapshot:
 
 def _open_bundle(desc: Descriptor, *, writable: bool, snapshot: str | None) -> Disk:
     entries = desc.chain(snapshot)
+    if len(entries) > MAX_CHAIN_LENGTH:
+        raise DescriptorError(
+            f"{desc.path}: the snapshot chain from {entries[0].guid} has {len(entries)} layers,"
+            f" more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+        )
     layers: list[Layer] = []
     try:
         for i, entry in enumerate(entries):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from lxml import etree
 
 from prlnbd.errors import DescriptorError, SnapshotChainError
+from prlnbd.image.format import MAX_DISK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,16 @@ def normalize_guid(text: str) -> str:
 
 @dataclass
 class ImageEntry:
-    """One Image element of the Storage: a layer's GUID, type and file."""
+    """One Image element of the Storage: a layer's GUID, type and file.
+
+    outside says where File leads out of the bundle directory (through "..", an
+    absolute path or a symlink): such a file is only opened when allowed.
+    """
 
     guid: str
     type: str
     file: Path
+    outside: str | None = None
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Descriptor:
     parents: dict[str, str]  # snapshot GUID -> parent GUID
     top_guid: str
     warnings: list[str] = field(default_factory=list)
+    allow_outside: bool = False  # open images whose File leads out of the bundle directory
 
     @property
     def size(self) -> int:
@@ -82,10 +90,13 @@ class Descriptor:
         if guid not in self.parents:
             raise SnapshotChainError(f"{self.path}: snapshot {guid} is not in Snapshots")
         seen: list[str] = []
+        # Position of each GUID in seen: a list lookup per step made the walk quadratic.
+        where: dict[str, int] = {}
         while guid != ZERO_GUID:
-            if guid in seen:
-                loop = " -> ".join([*seen[seen.index(guid) :], guid])
+            if guid in where:
+                loop = " -> ".join([*seen[where[guid] :], guid])
                 raise SnapshotChainError(f"{self.path}: snapshot chain has a cycle: {loop}")
+            where[guid] = len(seen)
             seen.append(guid)
             parent = self.parents.get(guid)
             if parent is None:
@@ -99,6 +110,14 @@ class Descriptor:
             if g not in self.images:
                 raise SnapshotChainError(f"{self.path}: snapshot {g} has no Image in StorageData")
             chain.append(self.images[g])
+        if not self.allow_outside:
+            for entry in chain:
+                if entry.outside is not None:
+                    raise DescriptorError(
+                        f"{self.path}: image {entry.guid}: {entry.outside}; refused, so that a descriptor"
+                        " cannot expose files outside its bundle (`prlnbd serve --allow-outside-bundle`"
+                        " allows it)"
+                    )
         for entry in chain[:-1]:
             if entry.type != "Compressed":
                 raise DescriptorError(
@@ -125,19 +144,65 @@ def _int(path: Path, parent: etree._Element, tag: str, where: str, *, optional: 
     return int(text)
 
 
+def locate_image(bundle: Path, text: str, guid: str, warnings: list[str]) -> tuple[Path, str | None]:
+    """The file an Image's File names, and why it lies outside the bundle (None when inside).
+
+    A relative File is relative to the bundle directory. An absolute File that no
+    longer exists (a bundle moved from another machine) is looked up in the
+    bundle, as Parallels does: the part after the bundle directory's own name in
+    the path, else the file name alone; a warning names both paths.
+    """
+    file = Path(text)
+    if file.is_absolute():
+        if not os.path.lexists(file):
+            parts = file.parts
+            tails = [Path(*parts[i + 1 :]) for i, part in enumerate(parts[:-1]) if part == bundle.name]
+            for tail in [*tails[-1:], Path(file.name)]:
+                candidate = bundle / tail
+                if os.path.lexists(candidate):
+                    warnings.append(
+                        f"image {guid}: File {file} does not exist; using {candidate} in the bundle instead"
+                    )
+                    file = candidate
+                    break
+    else:
+        file = bundle / file
+    try:
+        real, home = file.resolve(), bundle.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        return file, f"File {text!r} cannot be resolved ({e})"
+    if real != home and home not in real.parents:
+        how = "is a symlink to" if os.path.islink(file) else "leads to"
+        return file, f"File {text!r} {how} {real}, outside the bundle directory {home}"
+    return file, None
+
+
 def descriptor_path(path: Path) -> Path:
     """The DiskDescriptor.xml for PATH, a bundle directory or the file itself."""
     return path / DESCRIPTOR_NAME if path.is_dir() else path
 
 
-def parse_descriptor(path: str | Path) -> Descriptor:
-    """Parse and validate DiskDescriptor.xml at PATH (or in the bundle directory PATH)."""
+def parse_descriptor(path: str | Path, *, allow_outside: bool = False) -> Descriptor:
+    """Parse and validate DiskDescriptor.xml at PATH (or in the bundle directory PATH).
+
+    Images whose File leads outside the bundle directory are refused unless ALLOW_OUTSIDE.
+    """
     p = descriptor_path(Path(path))
     try:
-        with p.open("rb") as f:
+        # O_NONBLOCK: a FIFO must not hang open(2); only a regular file is read.
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise DescriptorError(f"{p}: cannot read descriptor: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DescriptorError(f"{p}: is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_DESCRIPTOR_SIZE + 1)
     except OSError as e:
         raise DescriptorError(f"{p}: cannot read descriptor: {e.strerror}") from e
+    finally:
+        os.close(fd)
     if len(data) > MAX_DESCRIPTOR_SIZE:
         raise DescriptorError(f"{p}: descriptor is larger than {MAX_DESCRIPTOR_SIZE} bytes")
     try:
@@ -159,6 +224,11 @@ def parse_descriptor(path: str | Path) -> Descriptor:
     disk_size = _int(p, params, "Disk_size", w)
     if disk_size == 0:
         raise DescriptorError(f"{p}: Disk_Parameters/Disk_size is 0")
+    if disk_size * 512 > MAX_DISK_SIZE:
+        raise DescriptorError(
+            f"{p}: Disk_Parameters/Disk_size {disk_size} sectors is more than {MAX_DISK_SIZE} bytes,"
+            " the largest disk QEMU and NBD clients accept"
+        )
     cylinders = _int(p, params, "Cylinders", w, optional=0)
     heads = _int(p, params, "Heads", w, optional=0)
     sectors = _int(p, params, "Sectors", w, optional=0)
@@ -199,12 +269,10 @@ def parse_descriptor(path: str | Path) -> Descriptor:
         itype = _text(p, el, "Type", w)
         if itype not in IMAGE_TYPES:
             raise DescriptorError(f"{p}: image {guid} has Type {itype!r}; expected Plain or Compressed")
-        file = Path(_text(p, el, "File", w))
-        if not file.is_absolute():
-            file = p.parent / file
+        file, outside = locate_image(p.parent, _text(p, el, "File", w), guid, warnings)
         if guid in images:
             raise DescriptorError(f"{p}: image GUID {guid} appears twice")
-        images[guid] = ImageEntry(guid, itype, file)
+        images[guid] = ImageEntry(guid, itype, file, outside)
     if not images:
         raise DescriptorError(f"{p}: Storage has no Image")
 
@@ -249,6 +317,7 @@ def parse_descriptor(path: str | Path) -> Descriptor:
         parents=parents,
         top_guid=top_guid,
         warnings=warnings,
+        allow_outside=allow_outside,
     )
     desc.chain()  # validate the top chain now, so errors surface at open
     for msg in warnings:

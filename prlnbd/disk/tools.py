@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
 
-from prlnbd.disk.chain import open_disk
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
     build_descriptor,
@@ -74,7 +74,7 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if bitmaps:
         new_top = ParallelsImage.open(image, writable=True)
         try:
-            new_top.extension = Extension(offset=0, bitmaps=[replace(b, bits=bytearray(b.bits)) for b in bitmaps])
+            new_top.extension = Extension(offset=0, bitmaps=[b.copy() for b in bitmaps])
         finally:
             new_top.close()
     root = desc.tree.getroot()
@@ -141,16 +141,20 @@ class CheckReport:
         }
 
 
-def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
-    """Check every layer of the disk at PATH and the chain itself."""
+def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool = False) -> CheckReport:
+    """Check every layer of the disk at PATH and the chain itself (outside the bundle only if allowed)."""
     report = CheckReport(str(path), repaired=repair)
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         try:
-            desc = parse_descriptor(dpath)
+            desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
             entries = desc.chain()
         except PrlNbdError as e:
             report.findings.append(Finding(str(dpath), "chain", str(e)))
+            return report
+        if len(entries) > MAX_CHAIN_LENGTH:
+            msg = f"the snapshot chain has {len(entries)} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+            report.findings.append(Finding(str(dpath), "chain", msg))
             return report
         for entry in entries:
             if not entry.file.exists():
@@ -159,7 +163,7 @@ def check_disk(path: Path, *, repair: bool = False) -> CheckReport:
                 report.findings.extend(check_image(entry.file, repair=repair))
         if not any(f.corruption and not f.fixed for f in report.findings):
             try:
-                open_disk(path).close()
+                open_disk(path, allow_outside_bundle=allow_outside_bundle).close()
             except PrlNbdError as e:
                 report.findings.append(Finding(str(dpath), "chain", str(e)))
         return report
@@ -198,7 +202,7 @@ def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) 
     try:
         ext = img.extension
         if action == "add":
-            bm = new_bitmap(img.size, granularity, name)
+            bm = new_bitmap(img.size, granularity, name, chunk=img.cluster_size)
             if ext is None:
                 ext = img.extension = Extension(offset=0)
             if any(b.id == bm.id for b in ext.bitmaps):

@@ -81,28 +81,45 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
         if p.kind == "data_off":
             out.append(Finding(name, "data_off", p.message))
     bat_changes: dict[int, int] = {}
-    for p in img.problems:
-        if p.kind == "outside" and p.cluster is not None:
-            f = Finding(name, "outside", p.message)
-            if repair:
-                # The cluster lies past the end of the file: it reads as zeros either way.
-                bat_changes[p.cluster] = 0
-                f.fixed = True
-            out.append(f)
+    # Everything in use ends here: the extension, and every cluster that starts inside the file
+    # (a cluster cut short by the end of the file still owns its whole extent).
     high = img.data_off
     for c in img.allocated:
-        if c not in bat_changes:
-            high = max(high, min(int(img.bat[c]) + cs, img.file_size))
+        host = int(img.bat[c])
+        if host < img.file_size:
+            high = max(high, host + cs)
     if img.extension is not None:
         for host in img.extension.clusters():
             high = max(high, host + cs)
+
+    def append_at() -> int:
+        return fmt.round_up(high, cs) if not img.header.is_v1 else high
+
+    for p in img.problems:
+        if p.kind == "outside" and p.cluster is not None:
+            f = Finding(name, "outside", p.message)
+            host = int(img.bat[p.cluster])
+            if repair and host < img.file_size:
+                # Partly in the file: its bytes there are served as data, the rest as zeros.
+                # Growing the file to the cluster's end keeps exactly that (never unmap it).
+                f.message += "; fixed by extending the file to the cluster's end, its data kept"
+                f.fixed = True
+            elif repair:
+                # Wholly past the end: it reads as zeros. Unmapping it would show the layer
+                # below instead, so point it at a new cluster of zeros.
+                new_host = append_at()
+                high = new_host + cs
+                bat_changes[p.cluster] = new_host // unit
+                f.message += f"; fixed by mapping it to a new cluster of zeros at byte {new_host}, as it read"
+                f.fixed = True
+            out.append(f)
     appended = 0
     for p in img.problems:
         if p.kind == "duplicate" and p.cluster is not None:
             f = Finding(name, "duplicate", p.message)
             if repair:
                 # Give the second owner its own copy, appended past everything in use.
-                new_host = fmt.round_up(high, cs) if not img.header.is_v1 else high
+                new_host = append_at()
                 data = os.pread(fd, cs, int(img.bat[p.cluster]))
                 os.pwrite(fd, data.ljust(cs, b"\0"), new_host)
                 high = new_host + cs
@@ -110,6 +127,10 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
                 bat_changes[p.cluster] = new_host // unit
                 f.fixed = True
             out.append(f)
+    if repair and os.fstat(fd).st_size < high:
+        # New space reads as zeros, as the bytes past the old end did.
+        os.ftruncate(fd, high)
+        os.fsync(fd)
     if bat_changes:
         os.fdatasync(fd)
         for cluster, value in bat_changes.items():

@@ -25,6 +25,8 @@ def check_geometry(size: int, cluster_size: int) -> None:
     """Refuse sizes and cluster sizes the format cannot hold."""
     if size <= 0 or size % fmt.SECTOR:
         raise ImageError(f"disk size {size} must be a positive multiple of {fmt.SECTOR}")
+    if size > fmt.MAX_DISK_SIZE:
+        raise ImageError(f"disk size {size} is more than {fmt.MAX_DISK_SIZE}, the largest QEMU and NBD clients accept")
     if cluster_size <= 0 or cluster_size % fmt.SECTOR or cluster_size > fmt.MAX_CLUSTER_SIZE:
         raise ImageError(
             f"cluster size {cluster_size} must be a multiple of {fmt.SECTOR} up to {fmt.MAX_CLUSTER_SIZE}"

@@ -74,22 +74,56 @@ class Feature:
         return bool(self.flags & fmt.FEATURE_TRANSIT)
 
 
-@dataclass
-class DirtyBitmap:
-    """One dirty bitmap: bit i set means guest bytes [i*g, (i+1)*g) changed (g = granularity)."""
+# Bytes of bitmap per chunk of a bitmap made here (one loaded from an image uses its cluster
+# size, what one L1 entry covers).
+DEFAULT_CHUNK = 64 * 1024
 
-    id: bytes
-    granularity: int  # bytes per bit
-    disk_size: int  # bytes
-    bits: bytearray  # bit i is bit (i % 8) of byte (i // 8); change it through set_range() and clear()
-    flags: int = 0
-    l1: list[int] = field(default_factory=list)
-    # The index: every guest offset where the state changes, in order (even positions start a
-    # dirty run, odd ones end it; the last granule is clipped to the disk). Built on first
-    # use, kept true by set_range() and clear(); None until then, and while the bitmap has
-    # more than MAX_FLIPS changes (_dense).
-    _flips: array[int] | None = field(default=None, init=False, repr=False, compare=False)
-    _dense: bool = field(default=False, init=False, repr=False, compare=False)
+
+class DirtyBitmap:
+    """One dirty bitmap: bit i set means guest bytes [i*g, (i+1)*g) changed (g = granularity).
+
+    The bits are kept in chunks of CHUNK bytes, each all clear, all set, or stored
+    bytes, as the image stores them per L1 entry: memory and time follow what the
+    file holds (and what writes touch), not the size the header claims. Bit i is
+    bit (i % 8) of byte (i // 8); change them through set_range() and clear().
+    """
+
+    def __init__(
+        self,
+        id: bytes,
+        granularity: int,
+        disk_size: int,
+        bits: bytes | bytearray | None = None,
+        flags: int = 0,
+        l1: list[int] | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        self.id = id
+        self.granularity = granularity  # bytes per bit
+        self.disk_size = disk_size  # bytes
+        self.flags = flags
+        self.l1: list[int] = l1 if l1 is not None else []
+        self.chunk = chunk
+        nbytes = -(-self.nbits // 8)
+        # Per chunk: False all clear, True all (meaningful) bits set, or the stored bytes.
+        self._chunks: list[bytearray | bool] = [False] * -(-nbytes // chunk)
+        if bits is not None:
+            for k in range(len(self._chunks)):
+                piece = bits[k * chunk : (k + 1) * chunk]
+                if _NONZERO.search(piece):
+                    self._chunks[k] = bytearray(piece.ljust(self._chunk_len(k), b"\0"))
+        # The index: every guest offset where the state changes, in order (even positions start a
+        # dirty run, odd ones end it; the last granule is clipped to the disk). Built on first
+        # use, kept true by set_range() and clear(); None until then, and while the bitmap has
+        # more than MAX_FLIPS changes (_dense).
+        self._flips: array[int] | None = None
+        self._dense = False
+
+    def copy(self) -> DirtyBitmap:
+        """An independent copy (same id, granularity and bits)."""
+        other = DirtyBitmap(self.id, self.granularity, self.disk_size, None, self.flags, list(self.l1), self.chunk)
+        other._chunks = [c if isinstance(c, bool) else bytearray(c) for c in self._chunks]
+        return other
 
     @property
     def name(self) -> str:
@@ -101,9 +135,43 @@ class DirtyBitmap:
         """How many bits cover the disk."""
         return -(-self.disk_size // self.granularity)
 
+    @property
+    def bits(self) -> bytearray:
+        """All the bitmap's bytes, as a new buffer (for tests and small bitmaps: it costs the full size)."""
+        return bytearray().join(self._chunk_bytes(k) for k in range(len(self._chunks)))
+
+    def stored_bytes(self) -> int:
+        """Bytes of memory the bits take (chunks that are neither all clear nor all set)."""
+        return sum(len(c) for c in self._chunks if not isinstance(c, bool))
+
+    def _chunk_len(self, k: int) -> int:
+        nbytes = -(-self.nbits // 8)
+        return min(self.chunk, nbytes - k * self.chunk)
+
+    def _chunk_bits(self, k: int) -> tuple[int, int]:
+        """The meaningful bits [first, end) of chunk K."""
+        first = k * self.chunk * 8
+        return first, min(first + self.chunk * 8, self.nbits)
+
+    def _chunk_bytes(self, k: int) -> bytes | bytearray:
+        c = self._chunks[k]
+        n = self._chunk_len(k)
+        if c is False:
+            return bytes(n)
+        if c is True:
+            first, end = self._chunk_bits(k)
+            buf = bytearray(n)
+            _set_bits(buf, 0, end - first)
+            return buf
+        return c
+
     def is_set(self, bit: int) -> bool:
         """Whether BIT is set."""
-        return bool(self.bits[bit >> 3] & (1 << (bit & 7)))
+        k, at = divmod(bit >> 3, self.chunk)
+        c = self._chunks[k]
+        if isinstance(c, bool):
+            return c and bit < self.nbits
+        return bool(c[at] & (1 << (bit & 7)))
 
     def set_range(self, offset: int, length: int) -> None:
         """Mark every granule touched by guest bytes [offset, offset+length) dirty."""
@@ -113,7 +181,7 @@ class DirtyBitmap:
         last = min(self.nbits, -(-(offset + length) // self.granularity))
         if first >= last:
             return
-        _set_bits(self.bits, first, last)
+        self._set_chunked(first, last)
         flips = self._flips
         if flips is not None:
             # The changes inside [start, end] go; start starts a run unless a run is already
@@ -128,9 +196,23 @@ class DirtyBitmap:
                 self._flips = None
                 self._dense = True
 
+    def _set_chunked(self, first: int, last: int) -> None:
+        """Set bits [first, last); a chunk covered whole becomes all set without bytes."""
+        per = self.chunk * 8
+        for k in range(first // per, (last - 1) // per + 1):
+            lo, hi = self._chunk_bits(k)
+            a, b = max(first, lo), min(last, hi)
+            c = self._chunks[k]
+            if a == lo and b == hi:
+                self._chunks[k] = True
+            elif c is not True:
+                buf = bytearray(self._chunk_len(k)) if c is False else c
+                _set_bits(buf, a - lo, b - lo)
+                self._chunks[k] = buf
+
     def clear(self) -> None:
         """Mark the whole disk clean."""
-        self.bits[:] = bytes(len(self.bits))
+        self._chunks = [False] * len(self._chunks)
         self._flips = array("Q")
         self._dense = False
 
@@ -169,29 +251,39 @@ class DirtyBitmap:
     def _sparse_changes(self) -> list[int] | None:
         """The bits where the state changes, byte by set byte; None past MAX_FLIPS // 8 set bytes.
 
-        split() locates the set bytes at memchr speed and a table gives each
-        byte's changes. The bitmap is taken a slice at a time, so that a large
-        one is never copied whole, and a clear slice costs one comparison.
+        An all-set chunk gives its two ends; in a stored one, split() locates the set
+        bytes at memchr speed and a table gives each byte's changes. A stored chunk
+        is taken a slice at a time, and a clear slice costs one comparison.
         """
-        bits = self.bits
         points: list[int] = []
         budget = MAX_FLIPS // 8
         neighbours = False  # set bytes side by side: a run over their edge ends and starts there
-        for start in range(0, len(bits), _INDEX_SLICE):
-            piece = bits[start : start + _INDEX_SLICE]
-            if piece == (_CLEAR_SLICE if len(piece) == _INDEX_SLICE else bytes(len(piece))):
+        for k, c in enumerate(self._chunks):
+            if c is False:
                 continue
-            set_bytes = piece.translate(None, b"\x00")
-            budget -= len(set_bytes)
-            if budget < 0:
-                return None
-            gaps = piece.translate(_NONZERO_TO_ONE).split(b"\x01")
-            # The k-th set byte is at the length of the gaps before it, plus k. (One gap more
-            # than set bytes: the one after the last.)
-            where = map(operator.add, itertools.accumulate(map(len, gaps)), itertools.count(start))
-            found = [(at << 3) + b for at, value in zip(where, set_bytes, strict=False) for b in _BYTE_FLIPS[value]]
-            neighbours = neighbours or b"" in gaps[1:-1] or bool(points and found and found[0] == points[-1])
-            points += found
+            if c is True:
+                lo, hi = self._chunk_bits(k)
+                neighbours = neighbours or bool(points and points[-1] == lo)
+                points += (lo, hi)
+                continue
+            base = k * self.chunk
+            for start in range(0, len(c), _INDEX_SLICE):
+                piece = c[start : start + _INDEX_SLICE]
+                if piece == (_CLEAR_SLICE if len(piece) == _INDEX_SLICE else bytes(len(piece))):
+                    continue
+                set_bytes = piece.translate(None, b"\x00")
+                budget -= len(set_bytes)
+                if budget < 0:
+                    return None
+                gaps = piece.translate(_NONZERO_TO_ONE).split(b"\x01")
+                # The k-th set byte is at the length of the gaps before it, plus k. (One gap more
+                # than set bytes: the one after the last.)
+                where = map(operator.add, itertools.accumulate(map(len, gaps)), itertools.count(base + start))
+                found = [
+                    (at << 3) + b for at, value in zip(where, set_bytes, strict=False) for b in _BYTE_FLIPS[value]
+                ]
+                neighbours = neighbours or b"" in gaps[1:-1] or bool(points and found and found[0] == points[-1])
+                points += found
         if neighbours:
             joined: list[int] = []
             for point in points:
@@ -202,50 +294,49 @@ class DirtyBitmap:
             points = joined
         return points
 
-    def _next_bit(self, bit: int, want: bool) -> int:
-        """The first bit at or after BIT whose value is WANT, or nbits."""
-        n = self.nbits
-        while bit < n and bit & 7:
-            if self.is_set(bit) == want:
-                return bit
-            bit += 1
-        if bit >= n:
-            return n
-        pattern = _NONZERO if want else _NOT_ALL_SET
-        m = pattern.search(self.bits, bit >> 3)
-        if m is None:
-            return n
-        bit = m.start() << 3
-        while bit < n and self.is_set(bit) != want:
-            bit += 1
-        return min(bit, n)
+    def _raw_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """Runs of set bits covering the set bits of [first, last), in order, maybe adjacent or past it."""
+        if first >= last:
+            return
+        per = self.chunk * 8
+        for k in range(first // per, min(len(self._chunks), (last - 1) // per + 1)):
+            c = self._chunks[k]
+            if c is False:
+                continue
+            if c is True:
+                yield self._chunk_bits(k)
+                continue
+            base = k * per
+            lo_byte = max(first - base, 0) >> 3
+            hi_byte = min((last - base + 7) >> 3, len(c))
+            for m in _SET_BYTES.finditer(c, lo_byte, hi_byte):
+                lead, stop = m.span()
+                at = base + (lead << 3)
+                for lo, hi in _BYTE_RUNS[c[lead]]:
+                    yield at + lo, at + hi
+                if stop - lead > 1:
+                    # The all-set bytes after the lead byte: one run.
+                    yield at + 8, at + ((stop - lead) << 3)
 
     def set_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
         """The maximal runs [start, end) of set bits within bits [first, last), in order.
 
-        A regular expression skips clear bytes and takes a stretch of all-set
-        bytes whole, at C speed; the byte that leads it is looked up in a table.
-        So the cost follows the number of runs, not the size of the disk, and
-        stays linear however the bits alternate.
+        All-clear and all-set chunks cost one step each; in a stored chunk a regular
+        expression skips clear bytes and takes a stretch of all-set bytes whole, at C
+        speed, and the byte that leads it is looked up in a table. So the cost
+        follows the number of runs and the stored bytes, not the size of the disk,
+        and stays linear however the bits alternate.
         """
-        bits = self.bits
         start = end = -1  # the run being grown
-        for m in _SET_BYTES.finditer(bits, first >> 3, (last + 7) >> 3):
-            lead, stop = m.span()
-            at = lead << 3
-            runs = _BYTE_RUNS[bits[lead]]
-            if stop - lead > 1:
-                # The all-set bytes: one run, joined below to a run that ends the lead byte.
-                runs = (*runs, (8, (stop - lead) << 3))
-            for lo, hi in runs:
-                if at + lo == end:
-                    end = at + hi
-                    continue
-                if start < end:
-                    a, b = max(start, first), min(end, last)
-                    if a < b:
-                        yield a, b
-                start, end = at + lo, at + hi
+        for lo, hi in self._raw_runs(first, last):
+            if lo == end:
+                end = hi
+                continue
+            if start < end:
+                a, b = max(start, first), min(end, last)
+                if a < b:
+                    yield a, b
+            start, end = lo, hi
         if start < end:
             a, b = max(start, first), min(end, last)
             if a < b:
@@ -321,11 +412,22 @@ class DirtyBitmap:
         return dirty, points
 
     def dirty_bytes(self) -> int:
-        """How many guest bytes the set bits cover (the last granule clipped to the disk)."""
-        total = 0
-        for run, dirty in self.extents(0, self.disk_size):
-            if dirty:
-                total += run
+        """How many guest bytes the set bits cover (the last granule clipped to the disk).
+
+        Counted per chunk (a population count of stored bytes), not run by run.
+        """
+        nbits = self.nbits
+        count = 0
+        for k, c in enumerate(self._chunks):
+            lo, hi = self._chunk_bits(k)
+            if c is True:
+                count += hi - lo
+            elif c is not False:
+                value = int.from_bytes(c, "little")
+                count += (value & ((1 << (hi - lo)) - 1)).bit_count()
+        total = count * self.granularity
+        if nbits and self.is_set(nbits - 1):
+            total -= nbits * self.granularity - self.disk_size
         return total
 
 
@@ -434,19 +536,18 @@ def _read_bitmap(
     if fmt.BITMAP_HEADER.size + l1_size * fmt.L1_ENTRY.size > len(body):
         raise ExtensionError(f"{where}: L1 table of {l1_size} entries exceeds the feature's data_size")
     file_size = os.fstat(fd).st_size
-    nbits = -(-disk_size // gbytes)
-    nbytes = -(-nbits // 8)
-    bits = bytearray(nbytes)
+    bm = DirtyBitmap(id=bytes(ident), granularity=gbytes, disk_size=disk_size, flags=flags, chunk=cluster_size)
+    nbits = bm.nbits
     l1: list[int] = []
+    # Only the clusters the file stores take memory and reading time: an all-clear or all-set
+    # L1 entry costs nothing, whatever size the header claims.
     for i in range(l1_size):
         (entry,) = fmt.L1_ENTRY.unpack_from(body, fmt.BITMAP_HEADER.size + i * fmt.L1_ENTRY.size)
         l1.append(entry)
-        start = i * cluster_size
-        count = min(cluster_size, nbytes - start)
         if entry == fmt.L1_ALL_CLEAR:
             continue
         if entry == fmt.L1_ALL_SET:
-            bits[start : start + count] = b"\xff" * count
+            bm._chunks[i] = True
             continue
         host = entry * fmt.SECTOR
         if host < data_off:
@@ -457,27 +558,33 @@ def _read_bitmap(
             raise ExtensionError(
                 f"{where}: L1 entry {i} points at byte {host}, past the end of the {file_size}-byte file"
             )
-        chunk = os.pread(fd, count, host)
+        count = bm._chunk_len(i)
+        chunk = bytearray(os.pread(fd, count, host))
         if len(chunk) < count:
             raise ExtensionError(f"{where}: bitmap cluster at byte {host} is truncated")
-        bits[start : start + count] = chunk
-    # Bits past the disk end carry no meaning; keep them clear so scans stop at the end.
-    tail = nbits & 7
-    if tail:
-        bits[-1] &= (1 << tail) - 1
-    return DirtyBitmap(id=bytes(ident), granularity=gbytes, disk_size=disk_size, bits=bits, flags=flags, l1=l1)
+        if i == l1_size - 1 and nbits & 7:
+            # Bits past the disk end carry no meaning; keep them clear so scans stop at the end.
+            chunk[-1] &= (1 << (nbits & 7)) - 1
+        if _NONZERO.search(chunk):
+            bm._chunks[i] = chunk
+    bm.l1 = l1
+    return bm
 
 
-def new_bitmap(disk_size: int, granularity: int, name: str | None = None) -> DirtyBitmap:
-    """A new, all-clean bitmap; NAME must be a UUID (the format stores 16 id bytes)."""
+def new_bitmap(
+    disk_size: int, granularity: int, name: str | None = None, chunk: int = DEFAULT_CHUNK
+) -> DirtyBitmap:
+    """A new, all-clean bitmap; NAME must be a UUID (the format stores 16 id bytes).
+
+    CHUNK is best the image's cluster size: the bits are then kept as they are stored.
+    """
     if granularity < fmt.SECTOR or granularity & (granularity - 1) or granularity > 0xFFFFFFFF:
         raise ExtensionError(f"bitmap granularity {granularity} must be a power of two from 512 bytes to 2 GiB")
     try:
         ident = uuid.UUID(name).bytes if name else uuid.uuid4().bytes
     except ValueError:
         raise ExtensionError(f"bitmap name {name!r} is not a UUID; Parallels names bitmaps by UUID") from None
-    nbits = -(-disk_size // granularity)
-    return DirtyBitmap(id=ident, granularity=granularity, disk_size=disk_size, bits=bytearray(-(-nbits // 8)))
+    return DirtyBitmap(id=ident, granularity=granularity, disk_size=disk_size, chunk=chunk)
 
 
 def feature_space(bitmaps: list[DirtyBitmap], features: list[Feature], cluster_size: int) -> int:
@@ -525,22 +632,52 @@ def _put_feature(buf: bytearray, pos: int, magic: int, flags: int, data: bytes) 
 
 
 def bitmap_chunks(bm: DirtyBitmap, cluster_size: int) -> list[tuple[int, bytes | None]]:
-    """Per L1 entry: (0 or 1, None) for a uniform chunk, or (-1, cluster bytes) for one to store."""
+    """Per L1 entry: (0 or 1, None) for a uniform chunk, or (-1, cluster bytes) for one to store.
+
+    A bitmap kept in chunks of the cluster size is taken chunk by chunk, so an
+    all-clear or all-set one costs nothing; otherwise one cluster of bytes at a time.
+    """
     out: list[tuple[int, bytes | None]] = []
-    full_bytes = len(bm.bits)
-    for start in range(0, full_bytes, cluster_size):
-        chunk = bytes(bm.bits[start : start + cluster_size])
+    nbits = bm.nbits
+    nbytes = -(-nbits // 8)
+    for start in range(0, nbytes, cluster_size):
+        state: bytearray | bool | None = None
+        if bm.chunk == cluster_size:
+            state = bm._chunks[start // cluster_size]
+        if state is False:
+            out.append((fmt.L1_ALL_CLEAR, None))
+            continue
+        if state is True:
+            out.append((fmt.L1_ALL_SET, None))
+            continue
+        chunk = bytes(state) if state is not None else _bitmap_bytes(bm, start, start + cluster_size)
+        first_bit = start * 8
         if not _NONZERO.search(chunk):
             out.append((fmt.L1_ALL_CLEAR, None))
-        elif _all_set(bm, start, chunk):
+        elif _all_set(chunk, min(nbits, first_bit + len(chunk) * 8) - first_bit):
             out.append((fmt.L1_ALL_SET, None))
         else:
             out.append((-1, chunk.ljust(cluster_size, b"\0")))
     return out
 
 
-def _all_set(bm: DirtyBitmap, start: int, chunk: bytes) -> bool:
-    """Whether every meaningful bit of this chunk is set (bits past the disk end do not count)."""
-    first_bit = start * 8
-    last_bit = min(bm.nbits, first_bit + len(chunk) * 8)
-    return bm._next_bit(first_bit, False) >= last_bit
+def _bitmap_bytes(bm: DirtyBitmap, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the bitmap (clipped to its end), gathered from its chunks."""
+    stop = min(stop, -(-bm.nbits // 8))
+    parts = []
+    pos = start
+    while pos < stop:
+        k, at = divmod(pos, bm.chunk)
+        n = min(stop - pos, bm._chunk_len(k) - at)
+        parts.append(bytes(bm._chunk_bytes(k)[at : at + n]))
+        pos += n
+    return b"".join(parts)
+
+
+def _all_set(chunk: bytes, nbits: int) -> bool:
+    """Whether the first NBITS bits of CHUNK are all set (the bits after them do not count)."""
+    whole = nbits >> 3
+    if _NOT_ALL_SET.search(chunk, 0, whole):
+        return False
+    tail = nbits & 7
+    return not tail or chunk[whole] & ((1 << tail) - 1) == (1 << tail) - 1

@@ -26,6 +26,9 @@ BAT_ENTRY = struct.Struct("<I")
 
 # Generous cap: Parallels uses 1 MiB clusters, old images 63 sectors to 256 KiB.
 MAX_CLUSTER_SIZE = 256 * 1024 * 1024
+# The largest disk served: QEMU refuses anything larger (its BDRV_MAX_LENGTH, 2^63 - 2^30),
+# and NBD carries sizes as u64, which this leaves room for.
+MAX_DISK_SIZE = (1 << 63) - (1 << 30)
 # A BAT larger than this would need more than 1 GiB of table in memory.
 MAX_BAT_ENTRIES = (1 << 30) // BAT_ENTRY.size
 

@@ -53,16 +53,36 @@ class Segment:
 
 
 def open_file(path: str | os.PathLike[str], *, writable: bool) -> tuple[Path, int]:
-    """Open an image file (never a directory); raise ImageError naming it when that fails."""
+    """Open an image file (a regular file only); raise ImageError naming it when that fails.
+
+    O_NONBLOCK keeps open(2) from waiting forever on a FIFO with no writer; anything
+    but a regular file (FIFO, socket, device, directory) is then refused.
+    """
     p = Path(path)
     try:
-        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ImageError(f"{p}: cannot open image: {e.strerror}") from e
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise ImageError(f"{p}: is a directory, not an image file")
+        what = "a directory" if stat.S_ISDIR(mode) else _file_kind(mode)
+        raise ImageError(f"{p}: is {what}, not an image file (only regular files are served)")
+    os.set_blocking(fd, True)
     return p, fd
+
+
+def _file_kind(mode: int) -> str:
+    """What kind of file MODE describes, for messages."""
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _read_exact(fd: int, length: int, offset: int) -> bytes:
@@ -141,9 +161,17 @@ class ParallelsImage:
             raise InvalidHeader(f"{p}: truncated: {len(raw)} bytes, a header needs {fmt.HEADER_SIZE}")
         h = fmt.Header.unpack(raw)
         if h.magic not in (fmt.MAGIC_V1, fmt.MAGIC_V2):
-            raise InvalidHeader(f"{p}: bad magic {h.magic!r}: not a Parallels expandable image")
+            # The bytes are not quoted: the file may be anything (a descriptor can name any file).
+            raise InvalidHeader(
+                f"{p}: not a Parallels expandable image (the magic is neither WithoutFreeSpace nor WithouFreSpacExt)"
+            )
         if h.version != fmt.VERSION:
             raise InvalidHeader(f"{p}: version is {h.version}, must be {fmt.VERSION}")
+        if h.disk_sectors * fmt.SECTOR > fmt.MAX_DISK_SIZE:
+            raise InvalidHeader(
+                f"{p}: nb_sectors {h.disk_sectors} gives a disk of {h.disk_sectors * fmt.SECTOR} bytes,"
+                f" more than {fmt.MAX_DISK_SIZE} (the largest QEMU and NBD clients accept)"
+            )
         cluster_size = h.tracks * fmt.SECTOR
         if h.tracks == 0:
             raise InvalidHeader(f"{p}: tracks (cluster size in sectors) is 0")
@@ -536,10 +564,33 @@ class ParallelsImage:
         self.end_flush(token, True)
 
     def _finish_writing(self) -> None:
-        """Clean stop: BAT durable, free tail cut off, in_use restored to its closed value."""
+        """Clean stop: BAT durable, free tail cut off, in_use restored to its closed value.
+
+        When the bitmaps cannot be stored (the file cannot grow: disk full, quota, file
+        size limit), the image is still closed consistently, with the bitmaps left as
+        they have been on disk since the open (all dirty, which is safe), and then an
+        ImageError says what happened.
+        """
         w = self._state()
         self.flush()
-        self._store_extension()
+        had_extension = bool(self.header.ext_off)
+        data_end, saved_free = w.data_end, list(w.free)
+        failed: OSError | None = None
+        try:
+            self._store_extension()
+        except OSError as e:
+            failed = e
+            # Whatever was appended for the bitmaps is cut off below, so make sure the extension
+            # cluster on disk is the invalidated one again (it may have been rewritten already).
+            w.data_end, w.free = data_end, saved_free
+            ext = self.extension
+            if had_extension and ext is not None:
+                self.header.ext_off = ext.offset // fmt.SECTOR
+                pairs = [(bm, [fmt.L1_ALL_SET] * len(bm.l1)) for bm in ext.bitmaps]
+                os.pwrite(self.fd, encode_extension(pairs, kept_features(ext), self.cluster_size), ext.offset)
+                os.fdatasync(self.fd)
+            else:
+                self.header.ext_off = 0
         # Freed clusters at the very end are space leaked past the last cluster: cut them off.
         free = set(w.free)
         end = w.data_end
@@ -550,6 +601,16 @@ class ParallelsImage:
             self.file_size = end
         self._set_in_use(w.closed_in_use)
         self._writer = None
+        if failed is not None:
+            kept = (
+                "left marked all dirty (the next backup from them copies everything)"
+                if had_extension
+                else "not stored"
+            )
+            raise ImageError(
+                f"{self.path}: closed cleanly, but the dirty bitmaps could not be stored"
+                f" ({failed.strerror or failed}): they are {kept}"
+            ) from failed
 
 
 @dataclass

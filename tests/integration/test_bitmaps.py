@@ -558,6 +558,35 @@ def test_failed_write_still_marks_what_changed(tmp_path: Path) -> None:
     assert changed <= marked, f"granules changed but clean in the bitmap: {sorted(changed - marked)}"
 
 
+def test_clean_stop_that_cannot_store_bitmaps_still_closes_the_image(tmp_path: Path) -> None:
+    # Cluster 10 is allocated before serving, so the write below needs no new space; storing the
+    # bitmap at the stop needs one more cluster, which the file size limit refuses (EFBIG).
+    img = support.make_parallels(tmp_path / "disk.hds", SIZE, 1 * M, [(0x11, 10 * M, 1 * M)])
+    name = str(uuid.UUID(int=0xF012))
+    prl("bitmap", img, "add", name)
+    srv = start_prlnbd_fsize(tmp_path, f"d={img}", img.stat().st_size)
+    try:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri("d"))
+        h.pwrite(b"\x42" * 4096, 10 * M + 8192)
+        h.shutdown()
+    finally:
+        code = srv.stop()
+    log = srv.log_text()
+    assert code != 0, log
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "bitmap" in errors[0] and str(img) in errors[0], log
+    # Closed consistently: in_use cleared, the bitmap left all dirty (safe), the data there.
+    assert read_header(img)["in_use"] != IN_USE_OPEN
+    assert stored_l1(img)[name][1] == [1]
+    assert bitmap_list(img)[name]["dirty-bytes"] == SIZE
+    qemu_img_check(img, 1)
+    assert json.loads(prl("check", "--json", img).stdout)["problems"] == []
+    with support.running(support.start_prlnbd(tmp_path, [f"d={img}"], "--read-only")) as again:
+        assert support.nbd_pread(again.uri("d"), 10 * M + 8192, 4096) == b"\x42" * 4096
+
+
 # ---- 4. format extension edge cases, built by hand
 
 

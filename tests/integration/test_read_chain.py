@@ -154,7 +154,8 @@ def test_descriptor_variants(tmp_path: Path, variant: str, target: str) -> None:
     if variant == "files-outside-bundle":
         assert "<File>../images/" in text
     disk = str(bundle) if target == "dir" else str(xml)
-    with support.running(support.start_prlnbd(tmp_path, [disk], "--read-only")) as prl:
+    extra = ["--allow-outside-bundle"] if variant == "files-outside-bundle" else []
+    with support.running(support.start_prlnbd(tmp_path, [disk], "--read-only", *extra)) as prl:
         assert_export(prl.uri(), chain)
 
 

@@ -154,8 +154,31 @@ def test_check_cluster_outside_image(tmp_path: Path) -> None:
     set_bat_entry(img, 9, (end + 10 * CS) // CS)  # v2: entries count clusters
     rc, report = check_json(img)
     assert rc == 2 and "outside" in kinds(report)
-    rc, _ = check_json(img, "--repair")
-    assert rc == 0 and bat_entry(img, 9) == 0 and qemu_check(img) == 0
+    data = read_guest(img)
+    rc, report = check_json(img, "--repair")
+    assert rc == 0 and qemu_check(img) == 0
+    # Still mapped (a layer below would show through an unmapped cluster), still zeros.
+    assert bat_entry(img, 9) != 0 and read_guest(img) == data
+    assert "zeros" in json.dumps(report)
+
+
+def test_check_repair_keeps_the_data_of_a_cluster_cut_short(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    end = os.path.getsize(img)
+    # The last cluster (guest cluster 3) loses its second half: served as 32 KiB of data, then zeros.
+    os.truncate(img, end - CS // 2)
+    expected = bytearray(SIZE)
+    for c in range(4):
+        expected[c * CS : (c + 1) * CS] = bytes([0x10 + c]) * CS
+    expected[3 * CS + CS // 2 : 4 * CS] = bytes(CS // 2)
+    with support.running(support.start_prlnbd(tmp_path, [f"a={img}"], "--read-only")) as srv:
+        assert support.nbd_pread(srv.uri("a")) == expected
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["outside"]
+    rc, report = check_json(img, "--repair")
+    assert rc == 0, report
+    assert "data kept" in json.dumps(report)
+    assert bat_entry(img, 3) != 0 and read_guest(img) == expected and qemu_check(img) == 0
 
 
 def test_check_bad_header_and_chain(tmp_path: Path) -> None:
@@ -171,3 +194,21 @@ def test_check_bad_header_and_chain(tmp_path: Path) -> None:
     rc, report = check_json(bundle)
     assert rc == 2 and kinds(report) == ["chain"]
     assert "missing" in json.dumps(report) or "No such" in json.dumps(report)
+
+
+def test_check_refuses_a_size_nbd_cannot_carry(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    with img.open("r+b") as f:
+        f.seek(36)
+        f.write(struct.pack("<Q", 1 << 55))  # 2^64 bytes
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["header"], report
+    assert "nb_sectors" in json.dumps(report)
+
+
+def test_check_refuses_a_chain_longer_than_the_limit(tmp_path: Path) -> None:
+    bundle = tmp_path / "long.hdd"
+    layers = [support.DescImage(f"long.hdd.{i}.hds", "Compressed") for i in range(257)]
+    support.write_descriptor(bundle, layers, SIZE, blocksize=128)
+    rc, report = check_json(bundle)
+    assert rc == 2 and kinds(report) == ["chain"] and "257 layers" in json.dumps(report), report

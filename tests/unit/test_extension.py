@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from prlnbd.errors import CorruptImage, ExtensionError
 from prlnbd.image import extension as extension_mod
-from prlnbd.image.extension import DirtyBitmap, Feature, bitmap_l1_size, encode_extension, new_bitmap
+from prlnbd.image.extension import (
+    DirtyBitmap,
+    Feature,
+    bitmap_chunks,
+    bitmap_l1_size,
+    encode_extension,
+    new_bitmap,
+)
 from prlnbd.image.parallels import ParallelsImage
 from tests.unit.imagebuild import (
     FEATURE_DIRTY_BITMAP,
@@ -432,7 +439,9 @@ def bitmaps(draw: st.DrawFn, *, tail_garbage: bool = True) -> DirtyBitmap:
             raw[bit // 8] ^= 1 << (bit % 8)
     if not tail_garbage and nbits % 8:
         raw[-1] &= (1 << (nbits % 8)) - 1
-    return DirtyBitmap(id=ID1, granularity=g, disk_size=disk_size, bits=raw)
+    # Small chunks: runs and changes across chunk edges, and all-set or all-clear chunks.
+    chunk = draw(st.sampled_from([1, 2, 3, 5, 64 * KIB]))
+    return DirtyBitmap(id=ID1, granularity=g, disk_size=disk_size, bits=raw, chunk=chunk)
 
 
 @settings(max_examples=400, deadline=None)
@@ -525,12 +534,12 @@ def _naive_runs(bits: bytes, first: int, last: int) -> list[tuple[int, int]]:
     data=st.lists(st.sampled_from([0x00, 0xFF, 0x55, 0xAA, 0x01, 0x80, 0x7F, 0xFE, 0x0F, 0xF0]), max_size=40)
     | st.binary(max_size=40),
     cut=st.tuples(st.integers(0, 320), st.integers(0, 320)),
+    chunk=st.sampled_from([1, 2, 3, 7, 64 * KIB]),
 )
-def test_set_runs_equal_a_bit_by_bit_scan(data: list[int] | bytes, cut: tuple[int, int]) -> None:
+def test_set_runs_equal_a_bit_by_bit_scan(data: list[int] | bytes, cut: tuple[int, int], chunk: int) -> None:
     bits = bytes(data)
     first, last = sorted((min(cut[0], 8 * len(bits)), min(cut[1], 8 * len(bits))))
-    bm = new_bitmap(max(8 * len(bits), 8) * SECTOR, SECTOR)
-    bm.bits[: len(bits)] = bits
+    bm = DirtyBitmap(id=ID1, granularity=SECTOR, disk_size=max(8 * len(bits), 8) * SECTOR, bits=bits, chunk=chunk)
     assert list(bm.set_runs(first, last)) == _naive_runs(bits, first, last)
 
 
@@ -543,8 +552,7 @@ def test_set_runs_of_alternating_bits_take_linear_time() -> None:
     import time
 
     n = 128 * 1024
-    bm = new_bitmap(8 * n * SECTOR, SECTOR)
-    bm.bits[:] = b"\x55" * n
+    bm = DirtyBitmap(id=ID1, granularity=SECTOR, disk_size=8 * n * SECTOR, bits=b"\x55" * n)
     t0 = time.perf_counter()
     runs = list(bm.set_runs(0, 8 * n))
     elapsed = time.perf_counter() - t0
@@ -657,3 +665,40 @@ def test_a_bitmap_past_the_cap_has_no_index_and_answers_from_its_bytes(monkeypat
     assert bm.changes(0, 64 * g, 64 * g, 100) == (False, array("Q", expected))
     bm.clear()
     assert bm.index() is not None and len(bm.index() or []) == 0
+
+
+@pytest.mark.parametrize("pattern", ["all-set", "alternating-l1", "all-clear"])
+def test_bitmap_bomb_costs_what_the_file_stores(tmp_path: Path, pattern: str) -> None:
+    """A 1 TiB disk whose bitmap has 512-byte granularity: 256 MiB of bits the file never stores."""
+    import tracemalloc
+
+    from prlnbd.image.parallels import ParallelsImage
+    from tests.unit.imagebuild import Spec, bitmap_data, extension_cluster, feature
+
+    cs = 64 * KIB
+    disk = 1 << 40
+    n_l1 = (disk // SECTOR) // 8 // cs  # 4096 entries, each for 64 KiB of bits
+    l1 = {"all-set": [1] * n_l1, "alternating-l1": [i & 1 for i in range(n_l1)], "all-clear": [0] * n_l1}[pattern]
+    ext = extension_cluster([feature(0x20385FAE252CB34A, 0, bitmap_data(disk // SECTOR, ID1, 1, l1))], cs)
+    spec = Spec(tracks=cs // SECTOR, bat=[0] * 16, nb_sectors=disk // SECTOR, ext_off=cs // SECTOR)
+    spec.blobs[cs] = ext
+    path = spec.write(tmp_path / "bomb.hds")
+    tracemalloc.start()
+    try:
+        img = ParallelsImage.open(path)
+        bm = img.extension.bitmaps[0] if img.extension else None
+        assert bm is not None
+        expected = {"all-set": disk, "alternating-l1": disk // 2, "all-clear": 0}[pattern]
+        assert bm.dirty_bytes() == expected
+        flips = bm.index()
+        assert flips is not None and len(flips) == {"all-set": 2, "alternating-l1": n_l1, "all-clear": 0}[pattern]
+        dirty, _ = bm.changes(0, disk, disk, 10)
+        assert dirty == (pattern == "all-set")
+        assert bitmap_chunks(bm, cs) == [(e, None) for e in l1]
+        img.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Before, the bits alone took 256 MiB.
+    assert peak < 8 * MIB, peak
+    assert bm.stored_bytes() == 0

@@ -141,7 +141,7 @@ BAD_IMAGES: dict[str, tuple[Callable[[], bytes], type[Exception], list[str]]] = 
     "bad-magic": (
         lambda: Spec(magic=b"WithoutFreeSpacX", bat=[0] * 4).build(),
         InvalidHeader,
-        ["magic", "WithoutFreeSpacX"],
+        ["magic", "not a Parallels expandable image"],
     ),
     "qcow-magic": (lambda: b"QFI\xfb" + bytes(60), InvalidHeader, ["magic"]),
     "version-3": (lambda: Spec(hdr_version=3, bat=[0] * 4).build(), InvalidHeader, ["version", "3"]),
@@ -178,6 +178,23 @@ BAD_IMAGES: dict[str, tuple[Callable[[], bytes], type[Exception], list[str]]] = 
         lambda: Spec(bat=[0] * 4, data_off=1000, file_size=4096).build(),
         InvalidHeader,
         ["data_off 1000", "4096"],
+    ),
+    # 2^64 bytes and more: NBD cannot carry the size (struct.error once served).
+    "size-2^64": (
+        lambda: Spec(bat=[0] * 4, nb_sectors=1 << 55).build(),
+        InvalidHeader,
+        ["nb_sectors", str(1 << 55), str((1 << 63) - (1 << 30))],
+    ),
+    "size-max-u64-sectors": (
+        lambda: Spec(bat=[0] * 4, nb_sectors=(1 << 64) - 1).build(),
+        InvalidHeader,
+        ["nb_sectors", str((1 << 64) - 1)],
+    ),
+    # One sector past QEMU's largest disk (2^63 - 2^30 bytes), which qemu-img 7.2 refuses too.
+    "size-past-qemu-max": (
+        lambda: Spec(bat=[0] * 4, nb_sectors=((1 << 63) - (1 << 30)) // SECTOR + 1).build(),
+        InvalidHeader,
+        ["nb_sectors", str(((1 << 63) - (1 << 30)) // SECTOR + 1)],
     ),
     "v2-data-off-0": (
         lambda: Spec(version=2, bat=[0] * 4, data_off=0).build(),
@@ -251,6 +268,33 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as info:
         ParallelsImage.open(tmp_path)
     assert str(tmp_path) in str(info.value)
+
+
+@pytest.fixture
+def hang_guard() -> Iterator[None]:
+    """Fail a test that blocks (an open(2) on a FIFO would) instead of hanging the suite."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise AssertionError("blocked: open(2) waited on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("writable", [False, True], ids=["ro", "rw"])
+def test_fifo_is_refused_without_blocking(tmp_path: Path, hang_guard: None, writable: bool) -> None:
+    from prlnbd.image.raw import RawImage
+
+    fifo = tmp_path / "pipe.hds"
+    os.mkfifo(fifo)
+    for opener in (ParallelsImage.open, RawImage.open):
+        with pytest.raises(ImageError) as info:
+            opener(fifo, writable=writable)
+        assert str(fifo) in str(info.value) and "FIFO" in str(info.value)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
@@ -346,6 +390,20 @@ def test_nb_sectors_beyond_the_bat_reach(tmp_path: Path, opened, version: int) -
         Segment(4 * cs, cs, None),
     ]
     assert read_guest(img, 3 * cs, 3 * cs) == b"\x13" * cs + bytes(2 * cs)
+
+
+def test_the_largest_disk_qemu_accepts_opens(tmp_path: Path, opened) -> None:
+    spec = Spec(version=2, tracks=8, bat=[0] * 4, nb_sectors=((1 << 63) - (1 << 30)) // SECTOR)
+    img = opened(spec.write(tmp_path / "max.hds"))
+    assert img.size == (1 << 63) - (1 << 30)
+
+
+def test_bad_magic_does_not_quote_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "shadow"
+    path.write_bytes(b"root:*:20228:0:99999:7:::\n" * 4)
+    with pytest.raises(InvalidHeader) as info:
+        ParallelsImage.open(path)
+    assert "20228" not in str(info.value) and "99999" not in str(info.value)
 
 
 def test_v1_uses_only_the_low_32_bits_of_nb_sectors(tmp_path: Path, opened) -> None:
@@ -549,3 +607,19 @@ def test_ext_off_sharing_a_data_cluster_is_refused_or_reported(tmp_path: Path) -
         assert "duplicate" in kinds(img)
     finally:
         img.close()
+
+
+@pytest.mark.parametrize("value", [b"pd17", b"pd22", b"v2.1", b"\0\0\0\0"], ids=["pd17", "pd22", "v2.1", "zero"])
+def test_in_use_values_of_other_writers_are_kept_on_a_clean_close(tmp_path: Path, value: bytes) -> None:
+    # Parallels Desktop writes its own closed values; ploop writes "v2.1". Only "Ynot" means open.
+    import struct
+
+    code = struct.unpack("<I", value)[0]
+    path = Spec(bat=[0] * 4, in_use=code).write(tmp_path / "closed.hds")
+    img = ParallelsImage.open(path, writable=True)
+    assert struct.unpack_from("<I", path.read_bytes(), 44)[0] == IN_USE_OPEN
+    img.close()
+    assert path.read_bytes()[44:48] == value
+    again = ParallelsImage.open(path)
+    assert not again.in_use and again.problems == []
+    again.close()
