@@ -192,7 +192,8 @@ class Export:
             name=name,
             size=disk.size,
             read_only=self.read_only,
-            description=f"Parallels disk {disk.path} ({layers} layer{'s' if layers != 1 else ''})",
+            # What a remote client may learn: no server paths (they stay in the log and in `info`).
+            description=f"{name}: Parallels disk, {layers} layer{'s' if layers != 1 else ''}, {_format_name(disk)}",
             contexts=contexts,
         )
 
@@ -463,3 +464,11 @@ def _write_error(name: str, length: int, offset: int, e: OSError) -> RequestErro
     """The NBD error for a failed write: ENOSPC for a full file system (as the spec asks), else EIO."""
     code = Errno.ENOSPC if e.errno in _NO_SPACE else Errno.EIO
     return RequestError(code, f"{name} of {length} bytes at {offset} failed: {e.strerror}")
+
+
+def _format_name(disk: Disk) -> str:
+    """The kind of image the disk's top layer is, for the export description."""
+    top = disk.top
+    if isinstance(top, ParallelsImage):
+        return f"expandable image v{top.version}"
+    return "plain image"

@@ -48,6 +48,8 @@ from prlnbd.nbd.constants import (
     TxFlag,
 )
 
+# Option error messages are cut to this many bytes, as the spec recommends.
+MAX_ERROR_MESSAGE = 256
 # Limits on what a client can make the server buffer during the handshake.
 MAX_OPTION_LENGTH = 64 * 1024
 MAX_OPTIONS = 1024
@@ -113,7 +115,8 @@ class ExportInfo:
         """The transmission flags advertised for this export."""
         f = _EXPORT_FLAGS
         if self.read_only:
-            f |= _READ_ONLY_FLAG
+            # No write-side commands on offer: as qemu-nbd -r advertises.
+            f = (f | _READ_ONLY_FLAG) & ~_WRITE_FLAGS
         if self.multi_conn:
             f |= _MULTI_CONN_FLAG
         return f
@@ -131,6 +134,7 @@ _EXPORT_FLAGS = int(
     | TxFlag.SEND_FAST_ZERO
 )
 _READ_ONLY_FLAG = int(TxFlag.READ_ONLY)
+_WRITE_FLAGS = int(TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.SEND_FAST_ZERO)
 _MULTI_CONN_FLAG = int(TxFlag.CAN_MULTI_CONN)
 _GREETING = wire.GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 
@@ -517,7 +521,9 @@ class ServerConnection:
             self._out.append(data)
 
     def _error(self, opt: int, reply: Reply, message: str) -> None:
-        self._option_reply(opt, reply, message.encode())
+        # The spec bounds the message (should be at most 256 bytes): what a client sent and
+        # is echoed in it could make it longer, and some clients drop such a reply.
+        self._option_reply(opt, reply, _clip(message, MAX_ERROR_MESSAGE))
 
     # ---- transmission
 
@@ -622,7 +628,7 @@ class ServerConnection:
         """Answer a request that failed with ERRNO, with a message when structured."""
         if self.structured:
             # Cut to the limit without splitting a UTF-8 character.
-            msg = message.encode()[:MAX_STRING].decode("utf-8", "ignore").encode()
+            msg = _clip(message, MAX_STRING)
             self._out.append(
                 wire.CHUNK_ERROR.pack(
                     STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.ERROR, cookie, 6 + len(msg), errno, len(msg)
@@ -719,6 +725,14 @@ class ServerConnection:
             head = _DONE_STATUS if i == last else _MORE_STATUS
             out.append(_pack_status_chunk(*head, cookie, 4 + len(payload), cid))
             out.append(payload)
+
+
+def _clip(text: str, limit: int) -> bytes:
+    """TEXT as UTF-8, cut to LIMIT bytes without splitting a character ("..." marks a cut)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return data
+    return data[: limit - 3].decode("utf-8", "ignore").encode() + b"..."
 
 
 def pack_extents(extents: Sequence[tuple[int, int]]) -> bytes:

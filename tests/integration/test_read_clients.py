@@ -104,6 +104,10 @@ def test_several_disks_by_name(tmp_path: Path) -> None:
         assert names == {"a", "b", "c", "other.hdd"}
         sizes = {e["export-name"]: e["export-size"] for e in listed["exports"]}
         assert set(sizes.values()) == {SIZE}
+        # What a remote client learns of each export: its name, layers and format, no server path.
+        descriptions = {e["export-name"]: e.get("description", "") for e in listed["exports"]}
+        assert descriptions["b"] == "b: Parallels disk, 1 layer, expandable image v2"
+        assert all(str(tmp_path) not in d and d.startswith(f"{n}: Parallels disk, ") for n, d in descriptions.items())
         assert support.nbd_pread(prl.uri("a")) == chain.expected_bytes()
         assert support.nbd_pread(prl.uri("b")) == image_bytes
         assert support.nbd_pread(prl.uri("c")) == third.expected_bytes()

@@ -1265,3 +1265,27 @@ def test_refused_write_payload_is_skipped_not_buffered(export: str, offset: int,
     events = conn.receive_data(rest + request(FLUSH, cookie=10))
     assert [(type(e), getattr(e, "cookie", None)) for e in events] == [(Request, 10)]
     assert len(conn._payload) == 0
+
+
+# ---- what a client may learn
+
+
+T_SEND_TRIM, T_SEND_WRITE_ZEROES, T_SEND_FAST_ZERO = 1 << 5, 1 << 6, 1 << 11
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_read_only_exports_offer_no_write_commands(read_only: bool) -> None:
+    flags = ExportInfo("x", MIB, read_only=read_only).flags
+    writes = T_SEND_TRIM | T_SEND_WRITE_ZEROES | T_SEND_FAST_ZERO
+    assert bool(flags & T_READ_ONLY) == read_only
+    assert flags & writes == (0 if read_only else writes)
+
+
+@pytest.mark.parametrize("opt", [O_INFO, O_GO])
+@pytest.mark.parametrize("name", ["n" * 4080, "é" * 2040])
+def test_error_messages_echo_a_long_name_within_the_recommended_256_bytes(opt: int, name: str) -> None:
+    conn = options_phase()
+    (r,) = ask(conn, opt, info_data(name))
+    assert (r.opt, r.type) == (opt, R_UNKNOWN)
+    assert len(r.data) <= 256
+    assert r.data.decode().startswith("no export named") and r.data.endswith(b"...")
