@@ -57,9 +57,30 @@ def tcp_port(text: str) -> int:
     return port
 
 
+def listen_addresses(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """Where to listen: (socket path, "", 0) per --socket, ("", host, port) per --bind.
+
+    TCP on --bind (or the default address) when --bind or --port is given, or
+    when no --socket is: so `--socket S --port N` listens on both.
+    """
+    out: list[tuple[str, str, int]] = [(path, "", 0) for path in args.socket]
+    if args.bind or args.port is not None or not args.socket:
+        port = DEFAULT_PORT if args.port is None else args.port
+        out += [("", host, port) for host in args.bind or [DEFAULT_BIND]]
+    return out
+
+
 def _add_listen_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", metavar="PATH", help="listen on a Unix socket")
-    p.add_argument("--bind", metavar="ADDR", default=None, help=f"TCP address (default {DEFAULT_BIND})")
+    p.add_argument(
+        "--socket", metavar="PATH", action="append", default=[], help="listen on a Unix socket (may be repeated)"
+    )
+    p.add_argument(
+        "--bind",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help=f"listen on TCP at ADDR (may be repeated; default {DEFAULT_BIND} unless only --socket is given)",
+    )
     p.add_argument(
         "--port", type=tcp_port, default=None, help=f"TCP port (default {DEFAULT_PORT}; 0: any free port)"
     )
@@ -237,10 +258,16 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     if inherited:
         for sock in inherited:
             await server.listen_socket(sock)
-    elif args.socket:
-        await server.listen_unix(args.socket)
     else:
-        await server.listen_tcp(args.bind or DEFAULT_BIND, DEFAULT_PORT if args.port is None else args.port)
+        for path, host, port in listen_addresses(args):
+            where = path or f"{host}:{port}"
+            try:
+                if path:
+                    await server.listen_unix(path)
+                else:
+                    await server.listen_tcp(host, port)
+            except OSError as e:
+                raise PrlNbdError(f"cannot listen on {where}: {e.strerror or e}") from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -403,10 +430,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"built demo disk {bundle} (3-layer snapshot chain)", flush=True)
     name = "demo"
     exports = _open_exports([f"{name}={bundle}"], read_only=False)
-    if args.socket:
-        uri = f"nbd+unix:///{name}?socket={Path(args.socket).resolve()}"
-    else:
-        uri = f"nbd://{args.bind or DEFAULT_BIND}:{args.port or DEFAULT_PORT}/{name}"
+    path, host, port = listen_addresses(args)[0]
+    uri = f"nbd+unix:///{name}?socket={Path(path).resolve()}" if path else f"nbd://{host}:{port}/{name}"
 
     def announce() -> None:
         print(f"serving {uri}", flush=True)

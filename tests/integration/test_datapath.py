@@ -410,3 +410,32 @@ def test_socket_path_holding_a_file_or_a_live_server_is_not_replaced(tmp_path: P
     finally:
         res.send_signal(signal.SIGTERM)
         assert res.wait(30) == 0
+
+
+def test_socket_and_port_listen_on_both(tmp_path: Path, image: Path) -> None:
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], "--read-only", "--port", "0")
+    with support.running(srv):
+        m = re.search(r"serving .* on .*\('127\.0\.0\.1', (\d+)\)", srv.wait_for_log("serving"))
+        assert m is not None, srv.log_text()
+        assert support.nbd_pread(srv.uri("d"), 0, 4096) == pattern(0, 4096)
+        assert support.nbd_pread(f"nbd://127.0.0.1:{m.group(1)}/d", M1, 4096) == pattern(M1, 4096)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "-1"], "argument --port: -1 is not a TCP port (0 to 65535)"),
+        (["--port", "99999"], "argument --port: 99999 is not a TCP port (0 to 65535)"),
+        (["--port", "http"], "argument --port: 'http' is not a port number"),
+        (["--bind", "256.1.1.1", "--port", "0"], "cannot listen on 256.1.1.1:0: "),
+        (["--socket", "/missing/dir/s.sock"], "cannot listen on /missing/dir/s.sock: "),
+    ],
+)
+def test_bad_listen_options_are_one_line_errors(tmp_path: Path, image: Path, args: list[str], message: str) -> None:
+    res = subprocess.run(
+        [support.PYTHON, "-m", "prlnbd", "serve", "--read-only", *args, str(image)],
+        capture_output=True, text=True, timeout=60, cwd=support.ROOT,
+    )
+    assert res.returncode != 0
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len([line for line in res.stderr.splitlines() if "error" in line]) == 1, res.stderr
