@@ -279,8 +279,6 @@ def test_fixture_bitmap_matches_qemu(tmp_path: Path, fixture_image: Path) -> Non
         support.running(qemu_bitmap(tmp_path, fixture_image, FIXTURE_BITMAP)) as ref,
     ):
         p, q = prl_srv.uri("f"), ref.uri()
-        # The 17 status windows of the 64 GiB bitmap are built while the server waits for clients.
-        assert "bitmap block status ready: 17 windows" in prl_srv.wait_for_log("bitmap block status ready")
         size = support.nbd_size(p)
         assert size == 64 << 30
         # nbdinfo --map --json, byte for byte the same JSON as qemu-nbd's.
