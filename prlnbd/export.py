@@ -38,6 +38,8 @@ MAX_EXTENTS = 64 * 1024
 
 
 _pack_one = struct.Struct(">II").pack
+_pack_u32 = struct.Struct(">I").pack
+_unpack_u32 = struct.Struct(">I").unpack_from
 U32_MAX = 0xFFFFFFFF
 _LITTLE_ENDIAN = sys.byteorder == "little"
 # What a raw top layer's status is recomputed over after a write, around the bytes written:
@@ -60,12 +62,17 @@ def final_end(start: int, end: int, known: int) -> int:
 
 
 def _pack(offset: int, ends: Sequence[int], flags: Sequence[int]) -> bytes:
-    """The descriptors of extents from OFFSET to each of ENDS in turn, with FLAGS: C-level work only."""
+    """The descriptors of extents from OFFSET to each of ENDS in turn, with FLAGS: C-level work only.
+
+    Lengths past a u32 are packed as U32_MAX: only the first or last extent of
+    a reply can be that long, and a reply packs those afresh.
+    """
     n = len(ends)
+    lengths = map(operator.sub, ends, itertools.chain((offset,), ends))
     if n == 1:
-        return _pack_one(ends[0] - offset, flags[0])
+        return _pack_one(min(next(lengths), U32_MAX), flags[0])
     pairs = [0, 0] * n
-    pairs[0::2] = list(map(operator.sub, ends, itertools.chain((offset,), ends)))
+    pairs[0::2] = list(map(min, lengths, itertools.repeat(U32_MAX, n)))
     pairs[1::2] = flags
     words = array("I", pairs)
     if _LITTLE_ENDIAN:
@@ -73,19 +80,27 @@ def _pack(offset: int, ends: Sequence[int], flags: Sequence[int]) -> bytes:
     return words.tobytes()
 
 
-class _Stretches:
-    """One index of where a status changes: stretch k is [bounds[k], bounds[k+1]) with value values[k].
+def _alternating(n: int, dirty: bool) -> list[int]:
+    """N bitmap flags that alternate, the first dirty or not."""
+    pair = [STATE_DIRTY, 0] if dirty else [0, STATE_DIRTY]
+    return (pair * ((n + 1) >> 1))[:n]
 
-    bounds starts at 0 and ends at the disk size; neighbouring stretches
-    differ in value. A request costs two binary searches and a slice; a
-    change costs a binary search and a splice.
+
+class _Stretches:
+    """One context's block status: where it changes, and each stretch's descriptor packed for the wire.
+
+    Stretch k is [bounds[k], bounds[k+1]); bounds starts at 0 and ends at the
+    disk size. descs holds one BLOCK_STATUS descriptor per stretch (u32 length,
+    u32 flags, big-endian; a length past a u32 as U32_MAX), and neighbouring
+    stretches differ in flags. A reply is two binary searches and one slice of
+    descs, its first and last lengths packed afresh; a change is a splice of both.
     """
 
-    __slots__ = ("bounds", "values")
+    __slots__ = ("bounds", "descs")
 
-    def __init__(self, bounds: array[int], values: array[int]) -> None:
+    def __init__(self, bounds: array[int], descs: bytearray) -> None:
         self.bounds = bounds
-        self.values = values
+        self.descs = descs
 
     @classmethod
     def of(cls, size: int, starts: list[int], codes: list[int], table: Sequence[int] | None = None) -> _Stretches:
@@ -98,30 +113,52 @@ class _Stretches:
         keep = list(itertools.compress(range(len(values)), map(operator.ne, values, itertools.chain((-1,), values))))
         if len(keep) == len(values):
             bounds = array("Q", starts)
-            kept = array("I", values)
         else:
             bounds = array("Q", map(starts.__getitem__, keep))
-            kept = array("I", map(values.__getitem__, keep))
+            values = list(map(values.__getitem__, keep))
         bounds.append(size)
-        return cls(bounds, kept)
+        return cls(bounds, bytearray(_pack(0, bounds[1:], values)) if values else bytearray())
 
-    def span(self, offset: int, end: int, limit: int) -> tuple[array[int], array[int], bool]:
-        """The stretches over [offset, end): their true ends, their values, and whether LIMIT cut them short.
+    def value_at(self, offset: int) -> tuple[int, int]:
+        """The flags at OFFSET, and where their stretch ends."""
+        i = bisect.bisect_right(self.bounds, offset) - 1
+        return _unpack_u32(self.descs, 8 * i + 4)[0], self.bounds[i + 1]
 
-        When cut short, the LIMIT stretches returned all end inside the range.
-        """
+    def values(self) -> list[int]:
+        """Every stretch's flags, in order."""
+        words = array("I", self.descs)
+        if _LITTLE_ENDIAN:
+            words.byteswap()
+        return words[1::2].tolist()
+
+    def payload(self, offset: int, end: int, limit: int) -> bytes:
+        """The descriptors of [offset, end), at most LIMIT; the last run on (final_end) unless cut short."""
         bounds = self.bounds
+        descs = self.descs
         i = bisect.bisect_right(bounds, offset) - 1
         j = bisect.bisect_left(bounds, end, i + 1)  # stretches i..j-1 overlap the range
+        if j - i == 1:
+            return _pack_u32(final_end(offset, end, bounds[j]) - offset) + descs[8 * i + 4 : 8 * j]
+        head = _pack_u32(bounds[i + 1] - offset)
+        if j - i > limit:
+            # Cut short: whole stretches, all inside the range (their packed lengths are exact).
+            return head + descs[8 * i + 4 : 8 * (i + limit)]
+        last = bounds[j - 1]
+        tail = _pack_u32(final_end(last, end, bounds[j]) - last)
+        return b"".join((head, descs[8 * i + 4 : 8 * j - 8], tail, descs[8 * j - 4 : 8 * j]))
+
+    def span(self, offset: int, end: int, limit: int) -> tuple[list[int], list[int], bool]:
+        """The stretches over [offset, end): their true ends, their flags, and whether LIMIT cut them short."""
+        bounds = self.bounds
+        i = bisect.bisect_right(bounds, offset) - 1
+        j = bisect.bisect_left(bounds, end, i + 1)
         capped = j - i > limit
         if capped:
             j = i + limit
-        return bounds[i + 1 : j + 1], self.values[i:j], capped
-
-    def value_at(self, offset: int) -> tuple[int, int]:
-        """The value at OFFSET, and where its stretch ends."""
-        i = bisect.bisect_right(self.bounds, offset) - 1
-        return self.values[i], self.bounds[i + 1]
+        words = array("I", self.descs[8 * i : 8 * j])
+        if _LITTLE_ENDIAN:
+            words.byteswap()
+        return bounds[i + 1 : j + 1].tolist(), words[1::2].tolist(), capped
 
     def splice(self, start: int, stop: int, starts: Sequence[int], values: Sequence[int]) -> bool:
         """Make [start, stop) the stretches beginning at STARTS (the first at START) with VALUES.
@@ -130,12 +167,16 @@ class _Stretches:
         either side. Returns whether anything changed.
         """
         bounds = self.bounds
-        old = self.values
-        n = len(old)
+        descs = self.descs
+        n = len(bounds) - 1
         i = bisect.bisect_right(bounds, start) - 1  # the stretch holding START
         j = bisect.bisect_left(bounds, stop, i + 1)  # the stretch holding stop-1 is j-1
         lo = i - 1 if i else i  # stretches lo..hi-1 are rewritten: one more either side, to join
         hi = j + 1 if j < n else j
+        old = array("I", descs[8 * lo : 8 * hi])
+        if _LITTLE_ENDIAN:
+            old.byteswap()
+        old_values = old[1::2].tolist()
         new_starts: list[int] = []
         new_values: list[int] = []
 
@@ -145,61 +186,83 @@ class _Stretches:
                 new_values.append(value)
 
         for k in range(lo, i):
-            add(bounds[k], old[k])
+            add(bounds[k], old_values[k - lo])
         if bounds[i] < start:
-            add(bounds[i], old[i])
+            add(bounds[i], old_values[i - lo])
         for at, value in zip(starts, values, strict=True):
             add(at, value)
         if stop < bounds[j]:
-            add(stop, old[j - 1])
+            add(stop, old_values[j - 1 - lo])
         for k in range(j, hi):
-            add(bounds[k], old[k])
-        if bounds[lo:hi].tolist() == new_starts and old[lo:hi].tolist() == new_values:
+            add(bounds[k], old_values[k - lo])
+        if bounds[lo:hi].tolist() == new_starts and old_values == new_values:
             return False
+        ends = new_starts[1:]
+        ends.append(bounds[hi])
         bounds[lo:hi] = array("Q", new_starts)
-        old[lo:hi] = array("I", new_values)
+        descs[8 * lo : 8 * hi] = _pack(new_starts[0], ends, new_values)
         return True
 
 
 class _BitmapStatus:
-    """A stored bitmap's context: answered from the bitmap's own index of changes (DirtyBitmap.index).
+    """A stored bitmap's context: its change index (DirtyBitmap.index) as stretches, kept true by _touched().
 
-    The index is kept true by every write (DirtyBitmap.set_range). A bitmap too
-    dense to index is scanned instead, only as far as the reply reaches.
+    A bitmap too dense to index is scanned instead, only as far as each reply reaches.
     """
 
-    __slots__ = ("bitmap", "size")
+    __slots__ = ("bitmap", "size", "stretches")
 
     def __init__(self, bitmap: DirtyBitmap, size: int) -> None:
         self.bitmap = bitmap
         self.size = size
-
-    def span(self, offset: int, end: int, limit: int) -> tuple[array[int], list[int], bool]:
-        """As _Stretches.span()."""
-        flips = self.bitmap.index()
+        self.stretches: _Stretches | None = None
+        flips = bitmap.index()
         if flips is not None:
-            i = bisect.bisect_right(flips, offset)  # an odd number of changes up to OFFSET: dirty there
-            j = bisect.bisect_left(flips, end, i)  # the changes inside the range are flips[i:j]
-            capped = j - i >= limit
-            if capped:
-                ends = flips[i : i + limit]
-            elif j < len(flips):
-                ends = flips[i : j + 1]
-            else:
-                ends = flips[i:j]
-                ends.append(self.size)
-            dirty = i & 1
-        else:
-            # No index: scan for the changes this reply needs, and for where its last extent ends.
-            horizon = min(self.size, end + U32_MAX)
-            first_dirty, ends = self.bitmap.changes(offset, end - 1, horizon, limit)
-            dirty = int(first_dirty)
-            capped = len(ends) > limit
-            if capped:
-                del ends[limit:]
-        n = len(ends)
-        first, other = (STATE_DIRTY, 0) if dirty else (0, STATE_DIRTY)
-        return ends, ([first, other] * ((n + 1) >> 1))[:n], capped
+            starts = flips.tolist()
+            dirty = bool(starts) and starts[0] == 0
+            if not dirty:
+                starts.insert(0, 0)
+            if len(starts) > 1 and starts[-1] == size:
+                del starts[-1]  # a run that ends at the disk's end
+            self.stretches = _Stretches.of(size, starts, _alternating(len(starts), dirty))
+
+    def marked(self, offset: int, length: int) -> None:
+        """After DirtyBitmap.set_range(offset, length): its granules are one dirty stretch now."""
+        stretches = self.stretches
+        if stretches is None:
+            return
+        if self.bitmap.index() is None:
+            self.stretches = None  # too dense to index now: scanned from here on
+            return
+        g = self.bitmap.granularity
+        start = offset - offset % g
+        stop = min(self.size, offset + length + -(offset + length) % g)
+        value, known = stretches.value_at(start)
+        if value != STATE_DIRTY or known < stop:
+            stretches.splice(start, stop, (start,), (STATE_DIRTY,))
+
+    def payload(self, offset: int, end: int, limit: int) -> bytes:
+        """As _Stretches.payload()."""
+        if self.stretches is not None:
+            return self.stretches.payload(offset, end, limit)
+        ends, flags, capped = self.span(offset, end, limit)
+        if not capped:
+            last = len(ends) - 1
+            ends[last] = final_end(ends[last - 1] if last else offset, end, ends[last])
+        return _pack(offset, ends, flags)
+
+    def span(self, offset: int, end: int, limit: int) -> tuple[list[int], list[int], bool]:
+        """As _Stretches.span()."""
+        if self.stretches is not None:
+            return self.stretches.span(offset, end, limit)
+        # No index: scan for the changes this reply needs, and for where its last extent ends.
+        horizon = min(self.size, end + U32_MAX)
+        dirty, found = self.bitmap.changes(offset, end - 1, horizon, limit)
+        ends = found.tolist()
+        capped = len(ends) > limit
+        if capped:
+            del ends[limit:]
+        return ends, _alternating(len(ends), dirty), capped
 
 
 _Status = _Stretches | _BitmapStatus
@@ -241,8 +304,8 @@ class Export:
             tables[context] = [STATE_DIRTY if 1 <= code >> 1 <= above else 0 for code in range(most)]
         self._derived = [(_Stretches.of(size, starts, codes, table), table) for table in tables.values()]
         self._status: dict[str, _Status] = dict(zip(tables, (index for index, _ in self._derived), strict=True))
-        for context, bitmap in self.bitmaps.items():
-            self._status[context] = _BitmapStatus(bitmap, size)
+        self._marked = [_BitmapStatus(bitmap, size) for bitmap in self.bitmaps.values()]
+        self._status.update(zip(self.bitmaps, self._marked, strict=True))
         # A write changes status in whole clusters of the top layer: recomputed over those.
         top = disk.top
         self._top = top if isinstance(top, ParallelsImage) else None
@@ -303,12 +366,13 @@ class Export:
         depth map over the top layer's clusters the range touches, splicing
         the result into it and into each context derived from it.
         """
-        for bitmap in self.bitmaps.values():
-            bitmap.set_range(offset, length)
         size = self.disk.size
         end = min(offset + length, size)
         if end <= offset:
             return
+        for status in self._marked:
+            status.bitmap.set_range(offset, length)
+            status.marked(offset, length)
         depth = self._depth
         code, known = depth.value_at(offset)
         if code == _TOP_DATA and known >= end and self._top_holds(offset, end):
@@ -375,19 +439,16 @@ class Export:
     def status_payload(self, context: str, offset: int, length: int, *, req_one: bool = False) -> bytes:
         """Block status of CONTEXT as the wire-ready descriptors of one BLOCK_STATUS chunk.
 
-        Two binary searches in the context's index, a slice, and C-level packing:
-        the cost follows the number of extents returned. Without REQ_ONE the
-        final extent runs on as far as its status is known to go (final_end()).
+        Two binary searches in the context's index and one slice of its packed
+        descriptors, the first and last packed afresh: the cost follows the
+        number of extents returned. Without REQ_ONE the final extent runs on as
+        far as its status is known to go (final_end()).
         """
         end = offset + length
         if req_one:
             ends, flags, _ = self._index(context).span(offset, end, 1)
             return _pack_one(min(ends[0], end) - offset, flags[0])
-        ends, flags, capped = self._index(context).span(offset, end, MAX_EXTENTS)
-        if not capped:
-            last = len(ends) - 1
-            ends[last] = final_end(ends[last - 1] if last else offset, end, ends[last])
-        return _pack(offset, ends, flags)
+        return self._index(context).payload(offset, end, MAX_EXTENTS)
 
     def packed_status(self, context: str, offset: int, length: int) -> bytes:
         """status_payload() without REQ_ONE. Kept only for the server's callers until they move; then remove it."""

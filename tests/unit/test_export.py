@@ -23,7 +23,7 @@ import prlnbd.export as export_mod
 import prlnbd.image.extension as extension_mod
 from prlnbd.disk.chain import Disk, open_disk
 from prlnbd.disk.descriptor import build_descriptor, new_guid, save_descriptor
-from prlnbd.export import Export, _Stretches, final_end
+from prlnbd.export import Export, _BitmapStatus, final_end
 from prlnbd.image.create import write_image
 from prlnbd.image.extension import Extension, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
@@ -161,16 +161,23 @@ def check_indexes(exp: Export, model: Model) -> None:
         want = model.extents(ctx, 0, size)
         assert exp.extents(ctx, 0, size) == want[: export_mod.MAX_EXTENTS], ctx
         index = exp._status[ctx]
-        if isinstance(index, _Stretches):
+        if isinstance(index, _BitmapStatus):
+            assert (index.stretches is None) == (index.bitmap.index() is None), ctx
+            index = index.stretches
+        if index is not None:
             bounds = index.bounds.tolist()
-            values = index.values.tolist()
+            values = index.values()
             assert bounds[0] == 0 and bounds[-1] == size and len(bounds) == len(values) + 1
             assert all(a < b for a, b in itertools.pairwise(bounds)), ctx
             assert all(a != b for a, b in itertools.pairwise(values)), ctx  # neighbours differ
             assert len(values) == len(want), ctx
+            # The packed descriptors say each stretch's length too (a u32 at most).
+            assert unpack(bytes(index.descs)) == [
+                (min(b - a, U32), v) for (a, b), v in zip(itertools.pairwise(bounds), values, strict=True)
+            ], ctx
     depth = exp._depth
     assert all(a < b for a, b in itertools.pairwise(depth.bounds))
-    assert all(a != b for a, b in itertools.pairwise(depth.values))
+    assert all(a != b for a, b in itertools.pairwise(depth.values()))
 
 
 # ---- building disks
@@ -400,8 +407,8 @@ def test_three_layer_chain_against_brute_force(
     model = BruteModel(exp)
     try:
         assert len(exp.info.contexts) == 5  # base, depth, the bitmap, since the middle, since the root
-        assert {code >> 1 for code in exp._depth.values} == {1, 2, 3}
-        assert any(code == 3 << 1 | 1 for code in exp._depth.values)  # the raw root's holes
+        assert {code >> 1 for code in exp._depth.values()} == {1, 2, 3}
+        assert any(code == 3 << 1 | 1 for code in exp._depth.values())  # the raw root's holes
         for round_ in range(40):
             check_indexes(exp, model)
             for _ in range(10):
@@ -454,6 +461,9 @@ def test_a_bitmap_too_dense_to_index_is_scanned_only_as_far_as_the_reply(
             for _ in range(100):
                 offset = rng.randrange(size)
                 check_request(exp, model, ctx, offset, rng.randrange(1, size - offset + 1))
+                # Aligned to the granularity too: requests that end right where the bits change.
+                offset = rng.randrange(size // 512) * 512
+                check_request(exp, model, ctx, offset, rng.randrange(1, (size - offset) // 512 + 1) * 512)
             scanned.clear()
             got = unpack(exp.status_payload(ctx, 0, size))
             assert len(got) == min(max_extents, len(model.extents(ctx, 0, size)))
