@@ -147,10 +147,16 @@ class Disk:
         if type(layer) is ParallelsImage:
             cs = layer.cluster_size
             pos = offset
+            bottom = index + 1 == len(self.layers)  # the gaps are depth 0: no call per gap
             for first, last in layer.allocated_runs(offset // cs, -(-end // cs)):
                 start = max(offset, first * cs)
                 if start > pos:
-                    self._depths_into(index + 1, pos, start, starts, codes)
+                    if bottom:
+                        if not codes or codes[-1] != 1:
+                            starts.append(pos)
+                            codes.append(1)
+                    else:
+                        self._depths_into(index + 1, pos, start, starts, codes)
                 if not codes or codes[-1] != code:
                     starts.append(start)
                     codes.append(code)

@@ -315,6 +315,7 @@ def test_final_extent_of_a_huge_hole(tmp_path: Path) -> None:
     exp = Export("x", open_disk(where), read_only=True)
     try:
         assert len(exp.info.contexts) == 4  # base, depth, the bitmap, since the parent
+        check_indexes(exp, BruteModel(exp))
         for ctx in exp.info.contexts:
             got = unpack(exp.status_payload(ctx, 4096, 512))
             assert len(got) == 1 and got[0][0] == U32 - 511, ctx
