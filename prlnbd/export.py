@@ -14,13 +14,13 @@ import operator
 import struct
 import sys
 from array import array
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Sequence
 
 from prlnbd.disk.chain import Disk
 from prlnbd.errors import RequestError
 from prlnbd.image.extension import DirtyBitmap
 from prlnbd.image.parallels import ParallelsImage
-from prlnbd.nbd.connection import ExportInfo, pack_extents
+from prlnbd.nbd.connection import ExportInfo
 from prlnbd.nbd.constants import (
     ALLOCATION_DEPTH,
     BASE_ALLOCATION,
@@ -40,41 +40,16 @@ Buffer = bytes | bytearray | memoryview
 MAX_EXTENTS = 64 * 1024
 
 
-def merge_extents(items: Iterable[tuple[int, int]], *, limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
-    """Merge adjacent (length, flags) items with equal flags, stopping once LIMIT extents are complete.
-
-    The source is consumed lazily, so the work done follows the number of
-    extents returned, not the size of the range asked about.
-    """
-    out: list[tuple[int, int]] = []
-    cur_len = 0
-    cur_flags = -1
-    for length, flags in items:
-        if flags == cur_flags:
-            cur_len += length
-            continue
-        if cur_len:
-            out.append((cur_len, cur_flags))
-            if len(out) >= limit:
-                return out
-        cur_len, cur_flags = length, flags
-    if cur_len:
-        out.append((cur_len, cur_flags))
-    return out
-
-
-# Block status is cached per window of this many bytes, as packed descriptors: a request
-# inside one window is answered with one slice of them, its two ends re-packed. The size is
-# about the largest request a client can send (nbdinfo asks for 4 GiB less one byte), so one
-# window is never much more work to compute than one request.
-STATUS_WINDOW = (1 << 32) - 512
-# A window with more extents than this is not kept (it would cost too much memory and time
-# to build): requests there are computed directly, each as far as its reply reaches.
-MAX_WINDOW_EXTENTS = 2 * 64 * 1024
-_U32 = struct.Struct(">I")
-_pack_u32 = _U32.pack
+_pack_one = struct.Struct(">II").pack
+_pack_u32 = struct.Struct(">I").pack
+_unpack_u32 = struct.Struct(">I").unpack_from
 U32_MAX = 0xFFFFFFFF
 _LITTLE_ENDIAN = sys.byteorder == "little"
+# What a raw top layer's status is recomputed over after a write, around the bytes written:
+# the file system allocates blocks, not bytes (a Parallels top changes in whole clusters).
+_RAW_GRAIN = 1 << 20
+# The depth map's code for "the top layer holds it, as data" (see Disk.depth_runs).
+_TOP_DATA = 1 << 1
 
 
 def final_end(start: int, end: int, known: int) -> int:
@@ -89,65 +64,211 @@ def final_end(start: int, end: int, known: int) -> int:
     return min(known, max(end, (start + U32_MAX) & ~511))
 
 
-class _PackedWindow:
-    """One window's extents for one context: wire-ready (length, flags) pairs and where each ends."""
+def _pack(offset: int, ends: Sequence[int], flags: Sequence[int]) -> bytes:
+    """The descriptors of extents from OFFSET to each of ENDS in turn, with FLAGS: C-level work only.
 
-    __slots__ = ("data", "ends")
+    Lengths past a u32 are packed as U32_MAX: only the first or last extent of
+    a reply can be that long, and a reply packs those afresh.
+    """
+    n = len(ends)
+    lengths = map(operator.sub, ends, itertools.chain((offset,), ends))
+    if n == 1:
+        return _pack_one(min(next(lengths), U32_MAX), flags[0])
+    pairs = [0, 0] * n
+    pairs[0::2] = list(map(min, lengths, itertools.repeat(U32_MAX, n)))
+    pairs[1::2] = flags
+    words = array("I", pairs)
+    if _LITTLE_ENDIAN:
+        words.byteswap()
+    return words.tobytes()
 
-    def __init__(self, data: bytes, ends: array[int]) -> None:
-        self.data = data
-        self.ends = ends
+
+def _alternating(n: int, dirty: bool) -> list[int]:
+    """N bitmap flags that alternate, the first dirty or not."""
+    pair = [STATE_DIRTY, 0] if dirty else [0, STATE_DIRTY]
+    return (pair * ((n + 1) >> 1))[:n]
+
+
+class _Stretches:
+    """One context's block status: where it changes, and each stretch's descriptor packed for the wire.
+
+    Stretch k is [bounds[k], bounds[k+1]); bounds starts at 0 and ends at the
+    disk size. descs holds one BLOCK_STATUS descriptor per stretch (u32 length,
+    u32 flags, big-endian; a length past a u32 as U32_MAX), and neighbouring
+    stretches differ in flags. A reply is two binary searches and one slice of
+    descs, its first and last lengths packed afresh; a change is a splice of both.
+    """
+
+    __slots__ = ("bounds", "descs")
+
+    def __init__(self, bounds: array[int], descs: bytearray) -> None:
+        self.bounds = bounds
+        self.descs = descs
 
     @classmethod
-    def of(cls, start: int, extents: list[tuple[int, int]]) -> _PackedWindow:
-        """The window of EXTENTS, (length, flags) pairs from START on."""
-        # An extent too long for a u32 can only be the first or last of a reply, whose
-        # lengths are packed afresh from `ends`: its packed length is never sent.
-        data = pack_extents([(min(length, U32_MAX), flags) for length, flags in extents])
-        ends = array("Q", itertools.accumulate((length for length, _ in extents), initial=start))[1:]
-        return cls(data, ends)
+    def of(cls, size: int, starts: list[int], codes: list[int], table: Sequence[int] | None = None) -> _Stretches:
+        """The index of stretches starting at STARTS with CODES (mapped through TABLE), up to SIZE.
 
-    @classmethod
-    def alternating(cls, start: int, ends: array[int], flags: int, other: int) -> _PackedWindow:
-        """The window of extents from START to each of ENDS in turn, of FLAGS, OTHER, FLAGS, ..."""
-        n = len(ends)
-        lengths = list(map(operator.sub, ends, itertools.chain((start,), ends)))
-        # Only the last extent, the one past the window, can be longer than a u32 (see of()).
-        lengths[-1] = min(lengths[-1], U32_MAX)
-        pairs = ([0, flags, 0, other] * ((n + 1) // 2))[: 2 * n]
-        pairs[0::2] = lengths
-        words = array("I", pairs)
+        Neighbours with equal values after the mapping are joined, with C-level
+        iteration only (no Python per stretch).
+        """
+        values = list(map(table.__getitem__, codes)) if table is not None else codes
+        keep = list(itertools.compress(range(len(values)), map(operator.ne, values, itertools.chain((-1,), values))))
+        if len(keep) == len(values):
+            bounds = array("Q", starts)
+        else:
+            bounds = array("Q", map(starts.__getitem__, keep))
+            values = list(map(values.__getitem__, keep))
+        bounds.append(size)
+        return cls(bounds, bytearray(_pack(0, bounds[1:], values)) if values else bytearray())
+
+    def value_at(self, offset: int) -> tuple[int, int]:
+        """The flags at OFFSET, and where their stretch ends."""
+        i = bisect.bisect_right(self.bounds, offset) - 1
+        return _unpack_u32(self.descs, 8 * i + 4)[0], self.bounds[i + 1]
+
+    def values(self) -> list[int]:
+        """Every stretch's flags, in order."""
+        words = array("I", self.descs)
         if _LITTLE_ENDIAN:
             words.byteswap()
-        return cls(words.tobytes(), ends)
+        return words[1::2].tolist()
 
-    def joined(self, following: _PackedWindow) -> _PackedWindow:
-        """This window with the next one's extents after its own last: one slice reaches both.
+    def payload(self, offset: int, end: int, limit: int) -> bytes:
+        """The descriptors of [offset, end), at most LIMIT; the last run on (final_end) unless cut short."""
+        bounds = self.bounds
+        descs = self.descs
+        i = bisect.bisect_right(bounds, offset) - 1
+        j = bisect.bisect_left(bounds, end, i + 1)  # stretches i..j-1 overlap the range
+        if j - i == 1:
+            return _pack_u32(final_end(offset, end, bounds[j]) - offset) + descs[8 * i + 4 : 8 * j]
+        head = _pack_u32(bounds[i + 1] - offset)
+        if j - i > limit:
+            # Cut short: whole stretches, all inside the range (their packed lengths are exact).
+            return head + descs[8 * i + 4 : 8 * (i + limit)]
+        last = bounds[j - 1]
+        tail = _pack_u32(final_end(last, end, bounds[j]) - last)
+        return b"".join((head, descs[8 * i + 4 : 8 * j - 8], tail, descs[8 * j - 4 : 8 * j]))
 
-        This window's last extent is the next one's first (the look-ahead), and
-        must end where the status changes.
+    def span(self, offset: int, end: int, limit: int) -> tuple[list[int], list[int], bool]:
+        """The stretches over [offset, end): their true ends, their flags, and whether LIMIT cut them short."""
+        bounds = self.bounds
+        i = bisect.bisect_right(bounds, offset) - 1
+        j = bisect.bisect_left(bounds, end, i + 1)
+        capped = j - i > limit
+        if capped:
+            j = i + limit
+        words = array("I", self.descs[8 * i : 8 * j])
+        if _LITTLE_ENDIAN:
+            words.byteswap()
+        return bounds[i + 1 : j + 1].tolist(), words[1::2].tolist(), capped
+
+    def splice(self, start: int, stop: int, starts: Sequence[int], values: Sequence[int]) -> bool:
+        """Make [start, stop) the stretches beginning at STARTS (the first at START) with VALUES.
+
+        Neighbours with equal values are joined, also with the stretches
+        either side. Returns whether anything changed.
         """
-        i = bisect.bisect_right(following.ends, self.ends[-1])
-        return _PackedWindow(self.data + following.data[8 * i :], self.ends + following.ends[i:])
+        bounds = self.bounds
+        descs = self.descs
+        n = len(bounds) - 1
+        i = bisect.bisect_right(bounds, start) - 1  # the stretch holding START
+        j = bisect.bisect_left(bounds, stop, i + 1)  # the stretch holding stop-1 is j-1
+        lo = i - 1 if i else i  # stretches lo..hi-1 are rewritten: one more either side, to join
+        hi = j + 1 if j < n else j
+        old = array("I", descs[8 * lo : 8 * hi])
+        if _LITTLE_ENDIAN:
+            old.byteswap()
+        old_values = old[1::2].tolist()
+        new_starts: list[int] = []
+        new_values: list[int] = []
 
-    def slice(self, offset: int, end: int) -> bytes | None:
-        """The descriptors of [offset, end), the first clipped, the last run on (final_end).
+        def add(at: int, value: int) -> None:
+            if not new_values or new_values[-1] != value:
+                new_starts.append(at)
+                new_values.append(value)
 
-        None past MAX_EXTENTS of them. The range must start in this window and
-        end by its last extent's end.
-        """
-        ends = self.ends
-        data = self.data
-        i = bisect.bisect_right(ends, offset)
-        j = bisect.bisect_left(ends, end, i)
-        if i == j:
-            return _pack_u32(final_end(offset, end, ends[i]) - offset) + data[8 * i + 4 : 8 * i + 8]
-        if j - i >= MAX_EXTENTS:
-            return None
-        # Descriptors i..j: re-pack the first length and the last, keep the bytes in between.
-        head = _pack_u32(ends[i] - offset)
-        tail = _pack_u32(final_end(ends[j - 1], end, ends[j]) - ends[j - 1])
-        return b"".join((head, data[8 * i + 4 : 8 * j], tail, data[8 * j + 4 : 8 * j + 8]))
+        for k in range(lo, i):
+            add(bounds[k], old_values[k - lo])
+        if bounds[i] < start:
+            add(bounds[i], old_values[i - lo])
+        for at, value in zip(starts, values, strict=True):
+            add(at, value)
+        if stop < bounds[j]:
+            add(stop, old_values[j - 1 - lo])
+        for k in range(j, hi):
+            add(bounds[k], old_values[k - lo])
+        if bounds[lo:hi].tolist() == new_starts and old_values == new_values:
+            return False
+        ends = new_starts[1:]
+        ends.append(bounds[hi])
+        bounds[lo:hi] = array("Q", new_starts)
+        descs[8 * lo : 8 * hi] = _pack(new_starts[0], ends, new_values)
+        return True
+
+
+class _BitmapStatus:
+    """A stored bitmap's context: its change index (DirtyBitmap.index) as stretches, kept true by changed().
+
+    A bitmap too dense to index is scanned instead, only as far as each reply reaches.
+    """
+
+    __slots__ = ("bitmap", "size", "stretches")
+
+    def __init__(self, bitmap: DirtyBitmap, size: int) -> None:
+        self.bitmap = bitmap
+        self.size = size
+        self.stretches: _Stretches | None = None
+        flips = bitmap.index()
+        if flips is not None:
+            starts = flips.tolist()
+            dirty = bool(starts) and starts[0] == 0
+            if not dirty:
+                starts.insert(0, 0)
+            if len(starts) > 1 and starts[-1] == size:
+                del starts[-1]  # a run that ends at the disk's end
+            self.stretches = _Stretches.of(size, starts, _alternating(len(starts), dirty))
+
+    def marked(self, offset: int, length: int) -> None:
+        """After DirtyBitmap.set_range(offset, length): its granules are one dirty stretch now."""
+        stretches = self.stretches
+        if stretches is None:
+            return
+        if self.bitmap.index() is None:
+            self.stretches = None  # too dense to index now: scanned from here on
+            return
+        g = self.bitmap.granularity
+        start = offset - offset % g
+        stop = min(self.size, offset + length + -(offset + length) % g)
+        value, known = stretches.value_at(start)
+        if value != STATE_DIRTY or known < stop:
+            stretches.splice(start, stop, (start,), (STATE_DIRTY,))
+
+    def payload(self, offset: int, end: int, limit: int) -> bytes:
+        """As _Stretches.payload()."""
+        if self.stretches is not None:
+            return self.stretches.payload(offset, end, limit)
+        ends, flags, capped = self.span(offset, end, limit)
+        if not capped:
+            last = len(ends) - 1
+            ends[last] = final_end(ends[last - 1] if last else offset, end, ends[last])
+        return _pack(offset, ends, flags)
+
+    def span(self, offset: int, end: int, limit: int) -> tuple[list[int], list[int], bool]:
+        """As _Stretches.span()."""
+        if self.stretches is not None:
+            return self.stretches.span(offset, end, limit)
+        # No index: scan for the changes this reply needs, and for where its last extent ends.
+        horizon = min(self.size, end + U32_MAX)
+        dirty, found = self.bitmap.changes(offset, end - 1, horizon, limit)
+        ends = found.tolist()
+        capped = len(ends) > limit
+        if capped:
+            del ends[limit:]
+        return ends, _alternating(len(ends), dirty), capped
+
+
+_Status = _Stretches | _BitmapStatus
 
 
 class Export:
@@ -166,7 +287,7 @@ class Export:
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         for bitmap in self.bitmaps.values():
             # Index where each bitmap changes now, before serving, as QEMU summarises a bitmap
-            # when it loads one: each status window is then a slice of the index (warm_up()).
+            # when it loads one: its context's replies are slices of that index (_BitmapStatus).
             bitmap.index()
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
@@ -176,17 +297,27 @@ class Export:
             if index > 0 and guid
         }
         contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
-        # context -> window index -> packed extents; dropped for the windows a write touches.
-        self._status_cache: dict[str, dict[int, _PackedWindow]] = {context: {} for context in contexts}
-        # context -> indexes of windows found to hold more than MAX_WINDOW_EXTENTS extents.
-        self._dense: dict[str, set[int]] = {context: set() for context in contexts}
-        # A write changes status in whole clusters of the top image and whole granules of
-        # each bitmap, so past the bytes it was given: by at most this much either side.
+        # Block status, one index per context. The chain's contexts derive from one disk-wide
+        # depth map (where the layer holding the data changes, and whether it reads as zeros),
+        # each through a table from its codes (Disk.depth_runs) to the context's flags.
+        size = disk.size
+        starts, codes = disk.depth_runs(0, size)
+        self._depth = _Stretches.of(size, starts, codes)
+        most = 2 * len(disk.layers) + 2
+        tables: dict[str, list[int]] = {
+            BASE_ALLOCATION: [(STATE_HOLE | STATE_ZERO) if code & 1 else 0 for code in range(most)],
+            ALLOCATION_DEPTH: [code >> 1 for code in range(most)],
+        }
+        for context, above in self.since.items():
+            tables[context] = [STATE_DIRTY if 1 <= code >> 1 <= above else 0 for code in range(most)]
+        self._derived = [(_Stretches.of(size, starts, codes, table), table) for table in tables.values()]
+        self._status: dict[str, _Status] = dict(zip(tables, (index for index, _ in self._derived), strict=True))
+        self._marked = [_BitmapStatus(bitmap, size) for bitmap in self.bitmaps.values()]
+        self._status.update(zip(self.bitmaps, self._marked, strict=True))
+        # A write changes status in whole clusters of the top layer: recomputed over those.
         top = disk.top
-        self._touch_margin = max(
-            [top.cluster_size if isinstance(top, ParallelsImage) else 0]
-            + [b.granularity for b in self.bitmaps.values()]
-        )
+        self._top = top if isinstance(top, ParallelsImage) else None
+        self._grain = top.cluster_size if isinstance(top, ParallelsImage) else _RAW_GRAIN
         layers = len(disk.layers)
         self.info = ExportInfo(
             name=name,
@@ -241,30 +372,52 @@ class Export:
             raise _write_error(name, length, offset, e) from e
 
     def changed(self, offset: int, length: int) -> None:
-        """Note that a write, zeroing or trim of the range finished (or failed part-way): before its reply.
+        """Keep block status true after a write, zeroing or trim of the range (before the reply goes out).
 
-        On the event loop, so the bitmaps and the block status never change
-        under a status request being answered.
+        Called on the event loop once the I/O finished (or failed part-way), so
+        the bitmaps and the indexes never change under a status request.
+
+        Marks the range in every bitmap of the top image, and recomputes the
+        depth map over the top layer's clusters the range touches, splicing
+        the result into it and into each context derived from it.
         """
-        self._touched(offset, length)
+        size = self.disk.size
+        end = min(offset + length, size)
+        if end <= offset:
+            return
+        for status in self._marked:
+            status.bitmap.set_range(offset, length)
+            status.marked(offset, length)
+        depth = self._depth
+        code, known = depth.value_at(offset)
+        if code == _TOP_DATA and known >= end and self._top_holds(offset, end):
+            return  # the commonest write: into data the top layer held already, and still holds
+        grain = self._grain
+        start = offset - offset % grain
+        stop = min(size, end + -end % grain)
+        starts, codes = self.disk.depth_runs(start, stop)
+        if not depth.splice(start, stop, starts, codes):
+            return
+        for index, table in self._derived:
+            index.splice(start, stop, starts, list(map(table.__getitem__, codes)))
 
-    def _touched(self, offset: int, length: int) -> None:
-        """Mark a changed range in every bitmap of the top image (before the reply goes out)."""
-        for bitmap in self.bitmaps.values():
-            bitmap.set_range(offset, length)
-        if length:
-            # The two windows before the first may hold its extents: the one just before holds
-            # its first extent, and may have been joined with the one before that.
-            margin = self._touch_margin
-            first = (offset - margin) // STATUS_WINDOW - 2
-            last = (offset + length - 1 + margin) // STATUS_WINDOW
-            for windows in self._status_cache.values():
-                if windows:
-                    for index in range(first, last + 1):
-                        windows.pop(index, None)
-            for dense in self._dense.values():
-                if dense:
-                    dense.difference_update(range(first, last + 1))
+    def _top_holds(self, offset: int, end: int) -> bool:
+        """Whether the top layer holds every cluster of [offset, end) (a raw top holds everything, for good)."""
+        top = self._top
+        if top is None:
+            return True  # a raw file never gives data back: zeroing it writes zeros
+        cs = top.cluster_size
+        first = offset // cs
+        last = (end - 1) // cs
+        bat = top.bat
+        if last >= len(bat) or not bat[first] or not bat[last]:
+            return False
+        if last - first < 2:
+            return True
+        alloc = top.allocated
+        k = bisect.bisect_left(alloc, first)
+        # Cluster indexes are distinct and sorted: LAST sits that far on only if all between are there.
+        return k + last - first < len(alloc) and alloc[k + last - first] == last
 
     async def flush(self, run: Callable[..., Awaitable[None]]) -> None:
         """Make every write answered so far durable, across all connections (CAN_MULTI_CONN).
@@ -289,168 +442,36 @@ class Export:
             self.disk.end_flush(token, True)
 
     def extents(self, context: str, offset: int, length: int, *, req_one: bool = False) -> list[tuple[int, int]]:
-        """Block status of CONTEXT over the range as merged (length, flags) extents."""
-        limit = 1 if req_one else MAX_EXTENTS
-        return merge_extents(self._status(context, offset, length), limit=limit)
+        """Block status of CONTEXT over the range as merged (length, flags) extents, none past its end.
 
-    def status_payload(self, context: str, offset: int, length: int, *, req_one: bool = False) -> bytes:
-        """Block status of CONTEXT as the wire-ready descriptors of a BLOCK_STATUS chunk."""
-        if req_one:
-            return pack_extents(self.extents(context, offset, length, req_one=True))
-        return self.packed_status(context, offset, length)
-
-    def packed_status(self, context: str, offset: int, length: int) -> bytes:
-        """The descriptors of CONTEXT from OFFSET, at most MAX_EXTENTS, packed for the wire.
-
-        Whole windows of extents are computed once and kept packed: a request
-        inside one costs two binary searches and one slice however many
-        extents it returns. The protocol core calls this for every step of a
-        client walking the disk (see ServerConnection.set_status_sources).
+        At most MAX_EXTENTS of them (one with REQ_ONE); clients ask again for the rest.
         """
         end = offset + length
-        windows = self._status_cache[context]
-        index = offset // STATUS_WINDOW
-        window = windows.get(index)
-        if window is None:
-            window = self._window(context, index)
-        if window is not None:
-            reach = window.ends[-1]
-            if end <= reach:
-                payload = window.slice(offset, end)
-                if payload is not None:
-                    return payload
-            elif reach < (index + 2) * STATUS_WINDOW:
-                # Into the next window, as a walk's steps soon are once final extents run on:
-                # keep this window joined with the next, so such steps are one slice too. Its
-                # last extent ends short of the window after, so where the status changes.
-                following = self._window(context, index + 1)
-                if (
-                    following is not None
-                    and end <= following.ends[-1]
-                    and len(window.ends) + len(following.ends) <= MAX_WINDOW_EXTENTS
-                ):
-                    window = windows[index] = window.joined(following)
-                    payload = window.slice(offset, end)
-                    if payload is not None:
-                        return payload
-        return self._pack_across(context, offset, end)
+        ends, flags, capped = self._index(context).span(offset, end, 1 if req_one else MAX_EXTENTS)
+        if not capped:
+            ends[-1] = min(ends[-1], end)
+        lengths = map(operator.sub, ends, itertools.chain((offset,), ends))
+        return list(zip(lengths, flags, strict=False))
 
-    def warm_up(self) -> Iterator[None]:
-        """Build each bitmap context's status windows ahead of need, one window per step.
+    def status_payload(self, context: str, offset: int, length: int, *, req_one: bool = False) -> bytes:
+        """Block status of CONTEXT as the wire-ready descriptors of one BLOCK_STATUS chunk.
 
-        A server runs these steps while it is idle after starting, so that the
-        backup tool that connects next finds its first map as quick as later
-        ones. Only bitmaps with an index (see DirtyBitmap.index) are done: for
-        those a window costs a few microseconds; the other contexts read the
-        disk's maps, which is better left to when a client asks.
+        Two binary searches in the context's index and one slice of its packed
+        descriptors, the first and last packed afresh: the cost follows the
+        number of extents returned. Without REQ_ONE the final extent runs on as
+        far as its status is known to go (final_end()).
         """
-        count = -(-self.disk.size // STATUS_WINDOW)
-        for context, bitmap in self.bitmaps.items():
-            if bitmap.index() is None:
-                continue
-            for index in range(count):
-                self._window(context, index)  # kept, or built now
-                yield
+        end = offset + length
+        if req_one:
+            ends, flags, _ = self._index(context).span(offset, end, 1)
+            return _pack_one(min(ends[0], end) - offset, flags[0])
+        return self._index(context).payload(offset, end, MAX_EXTENTS)
 
-    def _pack_across(self, context: str, offset: int, end: int) -> bytes:
-        """packed_status() for a range over several windows, or a window not computed yet."""
-        out = bytearray()
-        count = 0
-        last_flags = -1
-        pos = known = offset
-        # One extent more than a reply holds: only the next one shows where the last one ends,
-        # when it goes on past a window boundary.
-        limit = MAX_EXTENTS + 1
-        while pos < end and count < limit:
-            index = pos // STATUS_WINDOW
-            stop = min(end, (index + 1) * STATUS_WINDOW)
-            window = self._window(context, index)
-            if window is None:
-                # Too many extents to keep: just those this reply can hold, and one more.
-                extents = merge_extents(self._status(context, pos, stop - pos), limit=limit - count + 1)
-                window = _PackedWindow.of(pos, extents)
-            ends = window.ends
-            # Extents i..j of the window overlap [pos, stop): a whole window reaches stop,
-            # one computed for this reply reaches it or holds more extents than are wanted.
-            i = bisect.bisect_right(ends, pos)
-            j = min(bisect.bisect_left(ends, stop), i + limit - count - 1)
-            piece = bytearray(window.data[8 * i : 8 * (j + 1)])
-            # Clip the first extent to start at pos and the last to end at stop.
-            if i == j:
-                _U32.pack_into(piece, 0, min(stop, ends[j]) - pos)
-            else:
-                _U32.pack_into(piece, 0, ends[i] - pos)
-                _U32.pack_into(piece, 8 * (j - i), min(stop, ends[j]) - ends[j - 1])
-            if _U32.unpack_from(piece, 4)[0] == last_flags:
-                # The same status on both sides of a window boundary: one extent.
-                merged = _U32.unpack_from(out, len(out) - 8)[0] + _U32.unpack_from(piece, 0)[0]
-                _U32.pack_into(out, len(out) - 8, merged)
-                del piece[:8]
-                count -= 1
-            out += piece
-            count += j - i + 1
-            last_flags = _U32.unpack_from(out, len(out) - 4)[0]
-            pos = min(stop, ends[j])
-            known = ends[j]
-        if count == limit:
-            del out[-8:]
-        else:
-            # The whole range is answered: run the final extent on as far as it is known.
-            start = end - _U32.unpack_from(out, len(out) - 8)[0]
-            _U32.pack_into(out, len(out) - 8, final_end(start, end, known) - start)
-        return bytes(out)
-
-    def _window(self, context: str, index: int) -> _PackedWindow | None:
-        """Window INDEX of CONTEXT, computed now if need be; None if it holds too many extents."""
-        windows = self._status_cache[context]
-        window = windows.get(index)
-        if window is None:
-            if index in self._dense[context]:
-                return None
-            size = self.disk.size
-            start = index * STATUS_WINDOW
-            stop = min(start + STATUS_WINDOW, size)
-            bitmap = self.bitmaps.get(context)
-            if bitmap is not None:
-                # The commonest map of all, built straight from where the bits change.
-                dirty, ends = bitmap.changes(start, stop, stop + STATUS_WINDOW, MAX_WINDOW_EXTENTS)
-                if len(ends) > MAX_WINDOW_EXTENTS:
-                    self._dense[context].add(index)
-                    return None
-                flags = (STATE_DIRTY, 0) if dirty else (0, STATE_DIRTY)
-                window = windows[index] = _PackedWindow.alternating(start, ends, *flags)
-                return window
-            items = self._status(context, start, stop - start)
-            if stop < size:
-                # Run on through the next window's first extent: clients walking the disk with
-                # requests of another size than the window's (nbdinfo asks for 4 GiB less one
-                # byte) end a little past this window, and are still answered by one slice.
-                following = self._status(context, stop, min(STATUS_WINDOW, size - stop))
-                items = itertools.chain(items, merge_extents(following, limit=1))
-            extents = merge_extents(items, limit=MAX_WINDOW_EXTENTS + 1)
-            if len(extents) > MAX_WINDOW_EXTENTS:
-                self._dense[context].add(index)
-                return None
-            window = windows[index] = _PackedWindow.of(start, extents)
-        return window
-
-    def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        if context == BASE_ALLOCATION:
-            for run in self.disk.map(offset, length):
-                yield run.length, (STATE_HOLE | STATE_ZERO) if run.zero else 0
-        elif context == ALLOCATION_DEPTH:
-            for run in self.disk.map(offset, length):
-                yield run.length, run.depth
-        elif context in self.since:
-            above = self.since[context]
-            for run in self.disk.map(offset, length):
-                yield run.length, STATE_DIRTY if 1 <= run.depth <= above else 0
-        else:
-            bitmap = self.bitmaps.get(context)
-            if bitmap is None:  # pragma: no cover - the protocol only selects offered contexts
-                raise RequestError(Errno.EINVAL, f"no metadata context {context}")
-            for run_len, dirty in bitmap.extents(offset, length):
-                yield run_len, STATE_DIRTY if dirty else 0
+    def _index(self, context: str) -> _Status:
+        try:
+            return self._status[context]
+        except KeyError:  # pragma: no cover - the protocol only selects offered contexts
+            raise RequestError(Errno.EINVAL, f"no metadata context {context}") from None
 
     def close(self) -> None:
         """Close the disk (a clean stop for a writable one)."""

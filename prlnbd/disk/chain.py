@@ -167,6 +167,61 @@ class Disk:
             else:
                 stack.append((i + 1, layers[i + 1].segments(seg.offset, seg.length)))
 
+    def depth_runs(self, offset: int, end: int) -> tuple[list[int], list[int]]:
+        """Where the layer holding guest bytes [offset, end) changes: (starts, codes).
+
+        Stretch k runs from starts[k] to starts[k+1] (the last to END) and has
+        code depth << 1 | zero: depth as in Run (0 where no layer holds the
+        bytes), zero set where they read as zeros without I/O (no layer, or a
+        hole in a raw layer). Neighbouring stretches differ in code. What map()
+        says, less the host offsets, and read-only like it: a Parallels layer's
+        runs of allocated clusters are taken whole (allocated_runs), so the cost
+        follows the number of stretches, not of clusters.
+        """
+        starts: list[int] = []
+        codes: list[int] = []
+        if offset < end:
+            self._depths_into(0, offset, end, starts, codes)
+        return starts, codes
+
+    def _depths_into(self, index: int, offset: int, end: int, starts: list[int], codes: list[int]) -> None:
+        """depth_runs() of [offset, end) from layer INDEX down, appended to STARTS and CODES."""
+        if index == len(self.layers):
+            if not codes or codes[-1] != 1:
+                starts.append(offset)
+                codes.append(1)  # depth 0, reads as zeros
+            return
+        layer = self.layers[index]
+        code = (index + 1) << 1
+        if type(layer) is ParallelsImage:
+            cs = layer.cluster_size
+            pos = offset
+            bottom = index + 1 == len(self.layers)  # the gaps are depth 0: no call per gap
+            for first, last in layer.allocated_runs(offset // cs, -(-end // cs)):
+                start = max(offset, first * cs)
+                if start > pos:
+                    if bottom:
+                        if not codes or codes[-1] != 1:
+                            starts.append(pos)
+                            codes.append(1)
+                    else:
+                        self._depths_into(index + 1, pos, start, starts, codes)
+                if not codes or codes[-1] != code:
+                    starts.append(start)
+                    codes.append(code)
+                pos = min(end, last * cs)
+            if pos < end:
+                self._depths_into(index + 1, pos, end, starts, codes)
+            return
+        for seg in layer.segments(offset, end - offset):
+            if seg.host is None:
+                self._depths_into(index + 1, seg.offset, seg.offset + seg.length, starts, codes)
+                continue
+            seg_code = code | seg.zero
+            if not codes or codes[-1] != seg_code:
+                starts.append(seg.offset)
+                codes.append(seg_code)
+
     # ---- concurrency
     #
     # Reads and writes run at once: in the I/O pool's worker threads and, for reads that

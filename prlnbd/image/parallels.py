@@ -303,6 +303,39 @@ class ParallelsImage:
         i = bisect.bisect_left(self.allocated, cluster)
         return self.allocated[i] if i < len(self.allocated) else None
 
+    def allocated_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """The runs [start, end) of consecutive guest clusters this image maps, within clusters [first, last).
+
+        Read-only. Cluster allocated[k] continues the run that allocated[i] starts
+        exactly when allocated[k] - k == allocated[i] - i, and that difference
+        never falls as k grows: each run's end is found by a galloping binary
+        search, so the cost follows the number of runs (times the log of their
+        length), not the number of clusters.
+        """
+        alloc = self.allocated
+        n = len(alloc)
+        k = bisect.bisect_left(alloc, first)
+        while k < n:
+            start = alloc[k]
+            if start >= last:
+                return
+            base = start - k
+            # Gallop: lo is in the run, hi is past it (or the list's end); then halve between.
+            lo, hi, step = k, k + 1, 1
+            while hi < n and alloc[hi] - hi == base:
+                lo = hi
+                step <<= 1
+                hi = lo + step
+            hi = min(hi, n)
+            while hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if alloc[mid] - mid == base:
+                    lo = mid
+                else:
+                    hi = mid
+            yield start, min(alloc[lo] + 1, last)
+            k = lo + 1
+
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         """Split the guest range into allocated and unallocated pieces.
 
