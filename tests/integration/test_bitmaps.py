@@ -455,6 +455,10 @@ def test_bitmaps_follow_writes(tmp_path: Path, case: str) -> None:
     assert json.loads(prl("check", "--json", img).stdout)["leaks"] == 0
     with support.running(qemu_bitmap(tmp_path, img, names[0])) as ref:
         assert support.nbd_pread(ref.uri()) == bytes(data)
+    # The last one gone: the listing says so, rather than printing nothing.
+    prl("bitmap", img, "remove", names[0])
+    assert prl("bitmap", img, "list").stdout == "no bitmaps\n"
+    assert json.loads(prl("bitmap", img, "list", "--json").stdout) == []
 
 
 # ---- 3. a crash while writing
