@@ -93,7 +93,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.inflight = 0  # requests in the I/O pool or waiting on a flush
         self._inflight_bytes = 0
         self.tasks: set[asyncio.Task[None]] = set()
-        self._writes: list[Request] = []  # WRITEs taken in this pass, for one pool job
         self._resume_pending = False
         self._deferred = False  # requests are left for the next turn (_process)
         self._jobs = 0  # jobs of this connection in the I/O pool
@@ -194,8 +193,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
         except ProtocolError as e:
             self.reason = f"protocol error: {e}"
             self._close()
-        if self._writes:
-            self._submit_writes()
         self._flush()
         self._update_reading()
 
@@ -278,10 +275,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.server.pool_users.discard(self)
 
     def _completed(self, req: Request, then: Done, result: Any, exc: BaseException | None) -> None:
-        self._finish(req, then, result, exc)
-        self._resume()
-
-    def _finish(self, req: Request, then: Done, result: Any, exc: BaseException | None) -> None:
         """A request's pool job ended: bookkeeping, then THEN's reply or the error boundary's."""
         self.inflight -= 1
         self._inflight_bytes -= len(req.payload) if req.payload is not None else 0
@@ -296,6 +289,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 exc = e
         if exc is not None:
             self._failed(req, exc)
+        self._resume()
 
     def _spawn(self, req: Request, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request that awaits (a flush) while others go on; its reply comes out of order."""
@@ -358,27 +352,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _write(self, req: Request) -> None:
         export = cast(Export, self.export)
-        if export.cache == "none":
-            # Each waits on the device: in parallel, one job each.
-            self._submit(req, export.write, (req.offset, req.payload), NbdProtocol._written)
-            return
-        # Into the page cache: the WRITEs that arrived together go to the pool as one job (see
-        # _submit_writes), so a burst costs one hand-off to a worker, not one each.
-        self.inflight += 1
-        self._inflight_bytes += len(req.payload) if req.payload is not None else 0
-        self._writes.append(req)
-
-    def _submit_writes(self) -> None:
-        """Hand the WRITEs gathered by _write() to the pool as one job, answered one by one."""
-        batch = self._writes
-        self._writes = []
-        export = cast(Export, self.export)
-        self._pool(_write_all, (export, batch), partial(self._writes_done, batch))
-
-    def _writes_done(self, batch: list[Request], outcomes: Any, exc: BaseException | None) -> None:
-        for i, req in enumerate(batch):
-            self._finish(req, NbdProtocol._written, None, exc if exc is not None else outcomes[i])
-        self._resume()
+        self._submit(req, export.write, (req.offset, req.payload), NbdProtocol._written)
 
     def _zero(self, req: Request) -> None:
         export = cast(Export, self.export)
@@ -478,19 +452,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """Stop taking requests; close once what is in flight is answered."""
         self.reason = "server shutting down"
         self._close()
-
-
-def _write_all(export: Export, batch: list[Request]) -> list[BaseException | None]:
-    """Apply a batch of WRITEs in order (in a worker); the outcome of each, None for success."""
-    outcomes: list[BaseException | None] = []
-    for req in batch:
-        try:
-            export.write(req.offset, cast(memoryview, req.payload))
-        except Exception as e:
-            outcomes.append(e)
-        else:
-            outcomes.append(None)
-    return outcomes
 
 
 # What the server does for each command: the protocol core has already checked its flags,
