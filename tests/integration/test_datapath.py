@@ -252,6 +252,26 @@ def test_a_request_that_crashes_is_answered_and_its_connection_closed(tmp_path: 
         other.shutdown()
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ZeroDivisionError("a bug")])
+def test_a_flush_that_fails_or_crashes_still_answers(tmp_path: Path, image: Path, error: BaseException) -> None:
+    """FLUSH runs as a task: its failure, expected or not, still becomes its reply."""
+    disk = open_disk(image, writable=True)
+
+    def failing(token: object) -> None:
+        raise error
+
+    disk.flush_io = failing  # type: ignore[method-assign]
+    exp = Export("d", disk, read_only=False)
+    with in_process(tmp_path, {"d": exp}) as srv, Client.unix(srv.sock) as c:
+        c.connect()
+        assert not c.call(Cmd.WRITE, 0, 512, payload=b"w" * 512).error
+        assert c.call(Cmd.FLUSH).error == 5  # EIO
+        if isinstance(error, OSError):
+            assert c.read(0, 512) == b"w" * 512  # an I/O error: the connection goes on
+        else:
+            assert c.is_closed(timeout=10)  # a bug: answered, then the connection ends
+
+
 # ---------------------------------------------------------------- connection lifecycle
 
 
