@@ -1054,8 +1054,8 @@ def test_the_event_loop_asked_for_is_used(image, tmp_path):
 def test_one_log_line_per_connection(image, tmp_path):
     srv = start_server(tmp_path, image.path)
     with support.running(srv):
-        time.sleep(0.3)
-        before = srv.log_text().splitlines()
+        # The connection start_server() probed the socket with logs its line first.
+        before = srv.wait_for_log("export None").splitlines()
         n = 4
         with raw(srv) as c:  # GO + READ + DISC
             c.connect()
@@ -1073,29 +1073,29 @@ def test_one_log_line_per_connection(image, tmp_path):
             c.start()
             c.send_option(Opt.EXPORT_NAME, b"nope")
             c.wait_closed()
-        time.sleep(0.5)
-        new = [ln for ln in srv.log_text().splitlines()[len(before):] if ln.strip()]
+        # A stop writes every connection's closing line before the server exits.
+        assert srv.stop() == 0
+        new = [ln for ln in srv.log_text().splitlines()[len(before):] if ln.strip() and "connection " in ln]
     assert len(new) == n, "expected one log line per connection, got:\n" + "\n".join(new)
     assert "Traceback" not in "\n".join(new)
 
 
 @prlnbd_only
 def test_connection_summary_counts_every_request(image, tmp_path):
-    """The summary line counts block status steps answered inside the protocol core too."""
+    """The summary line counts every request, block status steps and large reads too."""
     srv = start_server(tmp_path, image.path)
     with support.running(srv):
-        time.sleep(0.3)
-        before = len(srv.log_text().splitlines())
+        before = len(srv.wait_for_log("export None").splitlines())  # start_server()'s probe
         with raw(srv) as c:
             c.connect(contexts=["base:allocation"])
             for i in range(5):  # one at a time, as a walking client sends them
                 c.call(Cmd.BLOCK_STATUS, i * MiB, MiB)
-            c.read(0, 128 * 1024)  # large enough for sendfile
+            c.read(0, 128 * 1024)
             c.read(0, 512)
             c.disc()
             c.wait_closed()
-        time.sleep(0.5)
-        new = srv.log_text().splitlines()[before:]
+        assert srv.stop() == 0
+        new = [ln for ln in srv.log_text().splitlines()[before:] if "connection " in ln]
     assert len(new) == 1, new
     assert re.search(r"connection unix socket export '.*': 7 requests, 131584 bytes read, .*client disconnected",
                      new[0]), new
