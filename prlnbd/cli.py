@@ -336,9 +336,11 @@ def describe(disk: Disk) -> dict[str, object]:
     bitmaps = [
         {"name": b.name, "granularity": b.granularity, "dirty-bytes": b.dirty_bytes()} for b in disk.bitmaps()
     ]
+    key_id = disk.descriptor.key_id if disk.descriptor is not None else None
     return {
         "path": str(disk.path),
         "format": "parallels-bundle" if disk.descriptor is not None else "parallels",
+        "encryption": {"key-id": key_id} if key_id is not None else None,
         "virtual-size": disk.size,
         "top-guid": disk.guids[0] or None,
         "layers": layers,
@@ -361,6 +363,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"image: {d['path']}")
     print(f"file format: {d['format']}")
     print(f"virtual size: {_human(size)} ({size} bytes)")
+    encryption = d["encryption"]
+    if isinstance(encryption, dict):
+        print(
+            f"encryption: ploop LUKS volume inside the image (KeyId {encryption['key-id']}),"
+            " served as stored: clients decrypt"
+        )
     layers = d["layers"]
     assert isinstance(layers, list)
     print(f"snapshot chain ({len(layers)} layer{'s' if len(layers) != 1 else ''}, top first):")

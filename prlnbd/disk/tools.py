@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lxml import etree
-
 from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
+    ZERO_GUID,
+    add_element,
     build_descriptor,
     descriptor_path,
     new_guid,
@@ -83,25 +83,17 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if storage is None:  # pragma: no cover - parse_descriptor guarantees it
         raise DescriptorError(f"{dpath}: StorageData/Storage is missing")
     if snaps is None:
-        snaps = etree.SubElement(root, "Snapshots")
-    el = etree.SubElement(storage, "Image")
-    etree.SubElement(el, "GUID").text = guid
-    etree.SubElement(el, "Type").text = "Compressed"
-    etree.SubElement(el, "File").text = image.name
+        snaps = add_element(root, "Snapshots")
+    # New elements only: everything else stays as the writer left it (add_element).
+    add_element(storage, "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
     if not snaps.findall("Shot"):
         # A descriptor with no Shot had its only image as the implicit root.
-        first = etree.SubElement(snaps, "Shot")
-        etree.SubElement(first, "GUID").text = desc.top_guid
-        etree.SubElement(first, "ParentGUID").text = "{00000000-0000-0000-0000-000000000000}"
-    shot = etree.SubElement(snaps, "Shot")
-    etree.SubElement(shot, "GUID").text = guid
-    etree.SubElement(shot, "ParentGUID").text = desc.top_guid
+        add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
+    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
     top_el = snaps.find("TopGUID")
     if top_el is None:
-        top_el = etree.Element("TopGUID")
-        snaps.insert(0, top_el)
+        top_el = add_element(snaps, "TopGUID", index=0)
     top_el.text = guid
-    etree.indent(desc.tree, space="  ")
     save_descriptor(desc.tree, dpath)
     return desc.top_guid, guid
 
