@@ -16,6 +16,7 @@ from prlnbd.disk.descriptor import (
     parse_descriptor,
     save_descriptor,
 )
+from prlnbd.disk.vm import is_vm_directory, vm_disks
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
 from prlnbd.image.check import NOTICE_KINDS, Finding, check_image
@@ -134,8 +135,20 @@ class CheckReport:
 
 
 def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool = False) -> CheckReport:
-    """Check every layer of the disk at PATH and the chain itself (outside the bundle only if allowed)."""
+    """Check every layer of the disk at PATH and the chain itself (outside the bundle only if allowed).
+
+    A VM directory's disks are each checked, in one report.
+    """
     report = CheckReport(str(path), repaired=repair)
+    if is_vm_directory(path):
+        try:
+            bundles = vm_disks(path, allow_outside=allow_outside_bundle)
+        except PrlNbdError as e:
+            report.findings.append(Finding(str(path), "chain", str(e)))
+            return report
+        for _, bundle in bundles:
+            report.findings += check_disk(bundle, repair=repair, allow_outside_bundle=allow_outside_bundle).findings
+        return report
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         try:
