@@ -37,13 +37,39 @@ def parse_size(text: str) -> int:
 
 def split_disk_arg(arg: str) -> tuple[str, Path]:
     """Split DISK as [NAME=]PATH; NAME defaults to the base name of the bundle or file."""
+    name, path, _ = _split_disk_arg(arg)
+    return name, path
+
+
+def _split_disk_arg(arg: str) -> tuple[str, Path, bool]:
+    """NAME, PATH and whether NAME was given."""
     name, sep, path = arg.partition("=")
     if not sep or "/" in name:
         path = arg
         p = Path(path)
         base = p.parent if p.name == "DiskDescriptor.xml" else p
         name = base.resolve().name if str(base) in (".", "") else base.name
-    return name, Path(path)
+        return name, Path(path), False
+    return name, Path(path), True
+
+
+def disk_exports(specs: Sequence[str], *, allow_outside_bundle: bool = False) -> list[tuple[str, Path]]:
+    """(export name, path) for each DISK argument; a VM directory gives one per disk bundle.
+
+    A VM directory's disks are named after their bundles (harddisk.hdd); NAME=VM.pvm
+    names them NAME/harddisk.hdd, so that two VMs can be served side by side.
+    """
+    from prlnbd.disk.vm import is_vm_directory, vm_disks
+
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, path, named = _split_disk_arg(spec)
+        if is_vm_directory(path):
+            for disk, bundle in vm_disks(path, allow_outside=allow_outside_bundle):
+                out.append((f"{name}/{disk}" if named and name else disk, bundle))
+        else:
+            out.append((name, path))
+    return out
 
 
 def tcp_port(text: str) -> int:
@@ -217,10 +243,12 @@ def _open_exports(
 ) -> dict[str, Export]:
     exports: dict[str, Export] = {}
     try:
-        for spec in specs:
-            name, path = split_disk_arg(spec)
+        for name, path in disk_exports(specs, allow_outside_bundle=allow_outside_bundle):
             if name in exports:
-                raise PrlNbdError(f"two disks share the export name {name!r}; name them NAME=PATH")
+                raise PrlNbdError(
+                    f"two disks share the export name {name!r}; name them NAME=PATH"
+                    " (NAME=VM.pvm names a VM's disks NAME/DISK.hdd)"
+                )
             disk = open_disk(
                 path,
                 writable=not read_only and snapshot is None,
@@ -363,9 +391,11 @@ def describe(disk: Disk) -> dict[str, object]:
     bitmaps = [
         {"name": b.name, "granularity": b.granularity, "dirty-bytes": b.dirty_bytes()} for b in disk.bitmaps()
     ]
+    key_id = disk.descriptor.key_id if disk.descriptor is not None else None
     return {
         "path": str(disk.path),
         "format": "parallels-bundle" if disk.descriptor is not None else "parallels",
+        "encryption": {"key-id": key_id} if key_id is not None else None,
         "virtual-size": disk.size,
         "top-guid": disk.guids[0] or None,
         "layers": layers,
@@ -374,20 +404,51 @@ def describe(disk: Disk) -> dict[str, object]:
     }
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    """prlnbd info: print what a disk is made of."""
-    disk = open_disk(args.path, writable=False, allow_outside_bundle=args.allow_outside_bundle)
+def _describe_path(path: Path, allow_outside_bundle: bool) -> dict[str, object]:
+    disk = open_disk(path, writable=False, allow_outside_bundle=allow_outside_bundle)
     try:
-        d = describe(disk)
+        return describe(disk)
     finally:
         disk.close()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """prlnbd info: print what a disk (or each disk of a VM directory) is made of."""
+    from prlnbd.disk.vm import is_vm_directory, vm_disks
+
+    path = Path(args.path)
+    if is_vm_directory(path):
+        disks = [
+            {"name": name, **_describe_path(bundle, args.allow_outside_bundle)}
+            for name, bundle in vm_disks(path, allow_outside=args.allow_outside_bundle)
+        ]
+        if args.json:
+            print(json.dumps({"path": str(path), "format": "parallels-vm", "disks": disks}, indent=2))
+            return 0
+        print(f"VM directory: {path}, {len(disks)} disk{'s' if len(disks) != 1 else ''}")
+        for d in disks:
+            print(f"\ndisk {d['name']}:")
+            _print_info(d)
+        return 0
+    d = _describe_path(path, args.allow_outside_bundle)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
+    _print_info(d)
+    return 0
+
+
+def _print_info(d: dict[str, object]) -> None:
     size = int(str(d["virtual-size"]))
     print(f"image: {d['path']}")
     print(f"file format: {d['format']}")
     print(f"virtual size: {_human(size)} ({size} bytes)")
+    encryption = d["encryption"]
+    if isinstance(encryption, dict):
+        print(
+            f"encryption: ploop LUKS volume inside the image (KeyId {encryption['key-id']}),"
+            " served as stored: clients decrypt"
+        )
     layers = d["layers"]
     assert isinstance(layers, list)
     print(f"snapshot chain ({len(layers)} layer{'s' if len(layers) != 1 else ''}, top first):")
@@ -414,7 +475,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {b['name']}: granularity {_human(b['granularity'])}, {_human(b['dirty-bytes'])} dirty")
     for w in d["warnings"]:  # type: ignore[attr-defined]
         print(f"warning: {w}")
-    return 0
 
 
 # ---- demo

@@ -685,6 +685,10 @@ def open_disk(
     if p.is_dir() or p.name.lower().endswith(".xml"):
         dpath = descriptor_path(p)
         if not dpath.exists():
+            from prlnbd.disk.vm import is_vm_directory
+
+            if is_vm_directory(p):
+                raise DescriptorError(f"{p}: is a VM directory holding several disks; open one of its .hdd bundles")
             raise DescriptorError(f"{p}: directory has no {dpath.name}")
         desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
         return _open_bundle(desc, writable=writable, snapshot=snapshot)

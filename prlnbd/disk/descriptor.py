@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Descriptor:
     top_guid: str
     warnings: list[str] = field(default_factory=list)
     allow_outside: bool = False  # open images whose File leads out of the bundle directory
+    key_id: str | None = None  # ploop's Encryption/KeyId: the image holds LUKS data, served as stored
 
     @property
     def size(self) -> int:
@@ -177,6 +179,28 @@ def locate_image(bundle: Path, text: str, guid: str, warnings: list[str]) -> tup
     return file, None
 
 
+def _check_encryption(path: Path, params: etree._Element) -> str | None:
+    """Refuse a disk Parallels Desktop encrypted; return ploop's KeyId, if any.
+
+    Parallels Desktop names its cipher in Encryption/Engine (the all-zero GUID: not
+    encrypted); that encryption has no public specification, so such a disk cannot be
+    read. ploop's Encryption/KeyId names the key of a LUKS volume inside the image: the
+    bytes are served as stored and clients decrypt them.
+    """
+    enc = params.find("Encryption")
+    if enc is None:
+        return None
+    engine = enc.findtext("Engine")
+    if engine is not None and engine.strip() and normalize_guid(engine) != ZERO_GUID:
+        raise DescriptorError(
+            f"{path}: Disk_Parameters/Encryption/Engine is {engine.strip()!r}: the disk is encrypted by"
+            " Parallels Desktop, whose encryption has no public specification; prlnbd cannot read it"
+            " (decrypt it in Parallels Desktop first)"
+        )
+    key_id = enc.findtext("KeyId")
+    return key_id.strip() if key_id is not None and key_id.strip() else None
+
+
 def descriptor_path(path: Path) -> Path:
     """The DiskDescriptor.xml for PATH, a bundle directory or the file itself."""
     return path / DESCRIPTOR_NAME if path.is_dir() else path
@@ -235,6 +259,7 @@ def parse_descriptor(path: str | Path, *, allow_outside: bool = False) -> Descri
     padding = _int(p, params, "Padding", w, optional=0)
     if padding != 0:
         raise DescriptorError(f"{p}: Disk_Parameters/Padding is {padding}; only 0 is supported")
+    key_id = _check_encryption(p, params)
     warnings = []
     if cylinders * heads * sectors != disk_size:
         warnings.append(
@@ -318,6 +343,7 @@ def parse_descriptor(path: str | Path, *, allow_outside: bool = False) -> Descri
         top_guid=top_guid,
         warnings=warnings,
         allow_outside=allow_outside,
+        key_id=key_id,
     )
     desc.chain()  # validate the top chain now, so errors surface at open
     for msg in warnings:
@@ -362,12 +388,72 @@ def build_descriptor(size: int, cluster_size: int, chain: list[tuple[str, str, s
         shot = etree.SubElement(snaps, "Shot")
         etree.SubElement(shot, "GUID").text = guid
         etree.SubElement(shot, "ParentGUID").text = parent
+    etree.indent(root, space="  ")
     return etree.ElementTree(root)
+
+
+def _line_indent(space: str | None) -> str | None:
+    """The indentation a whitespace run ends with (after its last newline); None if it has no newline."""
+    if space is None or space.strip() or "\n" not in space:
+        return None
+    return space.rsplit("\n", 1)[1]
+
+
+def add_element(
+    parent: etree._Element,
+    tag: str,
+    *,
+    text: str | None = None,
+    children: Sequence[tuple[str, str]] = (),
+    index: int | None = None,
+) -> etree._Element:
+    """Add <TAG>TEXT or CHILDREN</TAG> to PARENT (at INDEX, default last), laid out as its siblings are.
+
+    Only the new element and the whitespace next to it are written: every other
+    element keeps its text, attributes and indentation, so a descriptor another
+    program wrote stays byte for byte what it was. Where the file has no
+    indentation, none is added.
+    """
+    el = etree.Element(tag)
+    el.text = text
+    for child_tag, child_text in children:
+        etree.SubElement(el, child_tag).text = child_text
+    root = parent.getroottree().getroot()
+    step = _line_indent(root.text) or "  "
+    if len(parent):
+        inner, outer = _line_indent(parent.text), _line_indent(parent[-1].tail)
+    else:
+        before = parent.getprevious()
+        up = parent.getparent()
+        outer = _line_indent(before.tail if before is not None else up.text if up is not None else None)
+        inner = None if outer is None else outer + step
+    if inner is None or outer is None:
+        parent.append(el) if index is None else parent.insert(index, el)
+        return el
+    if index is not None and index < len(parent):
+        el.tail = "\n" + inner
+        parent.insert(index, el)
+    elif len(parent):
+        last = parent[-1]
+        el.tail = last.tail
+        last.tail = parent[-2].tail if len(parent) > 1 else parent.text
+        parent.append(el)
+    else:
+        parent.text = "\n" + inner
+        el.tail = "\n" + outer
+        parent.append(el)
+    if len(el):
+        el.text = "\n" + inner + step
+        for child in el:
+            child.tail = "\n" + inner + step
+        el[-1].tail = "\n" + inner
+    return el
 
 
 def save_descriptor(tree: etree._ElementTree, path: Path) -> None:
     """Write TREE to PATH atomically: temporary file, fsync, rename, fsync of the directory."""
-    data = etree.tostring(tree, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+    # No pretty printing: it would re-indent elements other programs wrote.
+    data = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:

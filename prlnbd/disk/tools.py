@@ -5,17 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lxml import etree
-
 from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
+    ZERO_GUID,
+    add_element,
     build_descriptor,
     descriptor_path,
     new_guid,
     parse_descriptor,
     save_descriptor,
 )
+from prlnbd.disk.vm import is_vm_directory, vm_disks
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
 from prlnbd.image.check import NOTICE_KINDS, Finding, check_image
@@ -83,25 +84,17 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if storage is None:  # pragma: no cover - parse_descriptor guarantees it
         raise DescriptorError(f"{dpath}: StorageData/Storage is missing")
     if snaps is None:
-        snaps = etree.SubElement(root, "Snapshots")
-    el = etree.SubElement(storage, "Image")
-    etree.SubElement(el, "GUID").text = guid
-    etree.SubElement(el, "Type").text = "Compressed"
-    etree.SubElement(el, "File").text = image.name
+        snaps = add_element(root, "Snapshots")
+    # New elements only: everything else stays as the writer left it (add_element).
+    add_element(storage, "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
     if not snaps.findall("Shot"):
         # A descriptor with no Shot had its only image as the implicit root.
-        first = etree.SubElement(snaps, "Shot")
-        etree.SubElement(first, "GUID").text = desc.top_guid
-        etree.SubElement(first, "ParentGUID").text = "{00000000-0000-0000-0000-000000000000}"
-    shot = etree.SubElement(snaps, "Shot")
-    etree.SubElement(shot, "GUID").text = guid
-    etree.SubElement(shot, "ParentGUID").text = desc.top_guid
+        add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
+    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
     top_el = snaps.find("TopGUID")
     if top_el is None:
-        top_el = etree.Element("TopGUID")
-        snaps.insert(0, top_el)
+        top_el = add_element(snaps, "TopGUID", index=0)
     top_el.text = guid
-    etree.indent(desc.tree, space="  ")
     save_descriptor(desc.tree, dpath)
     return desc.top_guid, guid
 
@@ -142,8 +135,20 @@ class CheckReport:
 
 
 def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool = False) -> CheckReport:
-    """Check every layer of the disk at PATH and the chain itself (outside the bundle only if allowed)."""
+    """Check every layer of the disk at PATH and the chain itself (outside the bundle only if allowed).
+
+    A VM directory's disks are each checked, in one report.
+    """
     report = CheckReport(str(path), repaired=repair)
+    if is_vm_directory(path):
+        try:
+            bundles = vm_disks(path, allow_outside=allow_outside_bundle)
+        except PrlNbdError as e:
+            report.findings.append(Finding(str(path), "chain", str(e)))
+            return report
+        for _, bundle in bundles:
+            report.findings += check_disk(bundle, repair=repair, allow_outside_bundle=allow_outside_bundle).findings
+        return report
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         try:

@@ -12,7 +12,9 @@ from prlnbd.image import format as fmt
 from prlnbd.image.parallels import ParallelsImage
 
 # Problem kinds that are corruption (exit 2); "leak" alone is exit 3.
-CORRUPTION_KINDS = frozenset(("busy", "in_use", "data_off", "outside", "duplicate", "header", "extension", "chain"))
+CORRUPTION_KINDS = frozenset(
+    ("busy", "in_use", "data_off", "below_data", "outside", "duplicate", "header", "extension", "chain")
+)
 # Kinds that only inform: they need no repair and do not change the exit code.
 NOTICE_KINDS = frozenset(("bitmap",))
 
@@ -40,12 +42,12 @@ class Finding:
 def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
     """Check the expandable image at PATH; with REPAIR, fix what can be fixed without losing data.
 
-    Repairs go in an order that is safe at every step: BAT entries first,
-    then leaked space, and the in_use flag last.
+    Repairs go in an order that is safe at every step: copies of clusters first,
+    then BAT entries, then data_off, then leaked space, and the in_use flag last.
     """
     name = str(path)
     try:
-        img = ParallelsImage.open(path)
+        img = ParallelsImage.open(path, for_check=True)
     except ImageError as e:
         kind = "extension" if "extension" in str(e) or "bitmap" in str(e) else "header"
         return [Finding(name, kind, str(e))]
@@ -77,9 +79,17 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
     unit = fmt.SECTOR if img.header.is_v1 else cs
     out: list[Finding] = []
     in_use = [p for p in img.problems if p.kind == "in_use"]
+    new_data_off: int | None = None
     for p in img.problems:
         if p.kind == "data_off":
-            out.append(Finding(name, "data_off", p.message))
+            f = Finding(name, "data_off", p.message)
+            if repair:
+                # As QEMU's check: the end of the BAT, rounded up. Clusters that lie below it
+                # are copied out first (below_data), so no guest data is lost.
+                new_data_off = img.min_data_off
+                f.message += f"; fixed: data_off is now {new_data_off // fmt.SECTOR} (byte {new_data_off})"
+                f.fixed = True
+            out.append(f)
     bat_changes: dict[int, int] = {}
     # Everything in use ends here: the extension, and every cluster that starts inside the file
     # (a cluster cut short by the end of the file still owns its whole extent).
@@ -113,11 +123,28 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
                 f.message += f"; fixed by mapping it to a new cluster of zeros at byte {new_host}, as it read"
                 f.fixed = True
             out.append(f)
+    for p in img.problems:
+        if p.kind == "below_data" and p.cluster is not None:
+            f = Finding(name, "below_data", p.message)
+            if repair:
+                # The cluster overlaps the header and BAT, which the repair rewrites: copy the bytes
+                # it reads now to a new cluster, so the guest reads exactly what it read before.
+                new_host = append_at()
+                data = os.pread(fd, cs, int(img.bat[p.cluster]))
+                os.pwrite(fd, data.ljust(cs, b"\0"), new_host)
+                high = new_host + cs
+                bat_changes[p.cluster] = new_host // unit
+                f.message += f"; fixed: its bytes, as they read, copied to a new cluster at byte {new_host}"
+                f.fixed = True
+            out.append(f)
     appended = 0
     for p in img.problems:
         if p.kind == "duplicate" and p.cluster is not None:
             f = Finding(name, "duplicate", p.message)
-            if repair:
+            if repair and p.cluster in bat_changes:
+                f.message += "; fixed: it has its own copy now"
+                f.fixed = True
+            elif repair:
                 # Give the second owner its own copy, appended past everything in use.
                 new_host = append_at()
                 data = os.pread(fd, cs, int(img.bat[p.cluster]))
@@ -135,6 +162,10 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
         os.fdatasync(fd)
         for cluster, value in bat_changes.items():
             os.pwrite(fd, fmt.BAT_ENTRY.pack(value), fmt.HEADER_SIZE + 4 * cluster)
+        os.fsync(fd)
+    if new_data_off is not None:
+        img.header.data_off = new_data_off // fmt.SECTOR
+        os.pwrite(fd, img.header.pack(), 0)
         os.fsync(fd)
     size = os.fstat(fd).st_size if repair else img.file_size
     if size > high:

@@ -32,7 +32,7 @@ from prlnbd.image.extension import (
 class Problem:
     """Something wrong in an image that opening tolerates but `check` reports."""
 
-    kind: str  # "outside", "duplicate", "leak", "in_use", "data_off"
+    kind: str  # "outside", "duplicate", "leak", "in_use", "data_off", "below_data"
     message: str
     cluster: int | None = None
 
@@ -137,12 +137,25 @@ class ParallelsImage:
         """Whether the header says the image is open or was not closed cleanly."""
         return self.header.in_use == fmt.IN_USE_OPEN
 
+    @property
+    def min_data_off(self) -> int:
+        """The lowest valid data_off in bytes: the end of the BAT, rounded up to a sector (v1) or a cluster (v2).
+
+        That is the value QEMU's check repairs a wrong data_off to.
+        """
+        bat_end = fmt.HEADER_SIZE + len(self.bat) * fmt.BAT_ENTRY.size
+        return fmt.round_up(bat_end, fmt.SECTOR if self.header.is_v1 else self.cluster_size)
+
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> ParallelsImage:
-        """Open and validate the image at PATH; raise ImageError naming what is wrong."""
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = False, for_check: bool = False) -> ParallelsImage:
+        """Open and validate the image at PATH; raise ImageError naming what is wrong.
+
+        FOR_CHECK (read-only, for `check`): a wrong data_off and clusters before it are
+        problems to report and repair instead of errors.
+        """
         p, fd = open_file(path, writable=writable)
         try:
-            img = cls._load(p, fd, writable)
+            img = cls._load(p, fd, writable, for_check)
             if writable:
                 img._start_writing()
             return img
@@ -154,7 +167,7 @@ class ParallelsImage:
             raise
 
     @classmethod
-    def _load(cls, p: Path, fd: int, writable: bool) -> ParallelsImage:
+    def _load(cls, p: Path, fd: int, writable: bool, for_check: bool = False) -> ParallelsImage:
         file_size = os.fstat(fd).st_size
         raw = _read_exact(fd, fmt.HEADER_SIZE, 0)
         if len(raw) < fmt.HEADER_SIZE:
@@ -188,26 +201,36 @@ class ParallelsImage:
                 f"{p}: truncated: file is {file_size} bytes, header and BAT of"
                 f" {h.bat_entries} entries need {bat_end}"
             )
-        if h.data_off == 0:
-            if not h.is_v1:
-                raise InvalidHeader(f"{p}: data_off is 0, not allowed in a {h.magic.decode()} image")
+        # What QEMU's check repairs a wrong data_off to: the end of the BAT, rounded up.
+        min_off = fmt.round_up(bat_end, fmt.SECTOR if h.is_v1 else cluster_size)
+        problems: list[Problem] = []
+        if h.data_off == 0 and h.is_v1:
             data_off = fmt.round_up(bat_end, fmt.SECTOR)
         else:
             data_off = h.data_off * fmt.SECTOR
-            if data_off < bat_end:
-                raise InvalidHeader(
-                    f"{p}: data_off {h.data_off} (byte {data_off}) lies inside the BAT, which ends at byte {bat_end}"
+            wrong = None
+            if h.data_off == 0:
+                wrong = f"data_off is 0, not allowed in a {h.magic.decode()} image"
+            elif data_off < bat_end:
+                wrong = f"data_off {h.data_off} (byte {data_off}) lies inside the BAT, which ends at byte {bat_end}"
+            elif data_off > file_size:
+                wrong = (
+                    f"truncated: data_off {h.data_off} (byte {data_off}) is past the end of the {file_size}-byte file"
                 )
-        if data_off > file_size:
-            raise InvalidHeader(
-                f"{p}: truncated: data_off {h.data_off} (byte {data_off}) is past the end of the"
-                f" {file_size}-byte file"
-            )
-        problems: list[Problem] = []
-        if not h.is_v1 and data_off % cluster_size:
-            problems.append(
-                Problem("data_off", f"data_off {h.data_off} is not aligned to the cluster size {cluster_size}")
-            )
+            if wrong is not None and (not for_check or min_off > file_size):
+                hint = (
+                    f"; `prlnbd check --repair {p}` sets it to {min_off // fmt.SECTOR}, the end of the BAT"
+                    if min_off <= file_size
+                    else ""
+                )
+                raise InvalidHeader(f"{p}: {wrong}{hint}")
+            if wrong is not None:
+                problems.append(Problem("data_off", f"{wrong}; it should be {min_off // fmt.SECTOR} (byte {min_off})"))
+                data_off = min_off
+            elif not h.is_v1 and data_off % cluster_size:
+                problems.append(
+                    Problem("data_off", f"data_off {h.data_off} is not aligned to the cluster size {cluster_size}")
+                )
         if h.in_use == fmt.IN_USE_OPEN:
             problems.append(Problem("in_use", "image was not closed cleanly (in_use flag set)"))
 
@@ -227,10 +250,13 @@ class ParallelsImage:
                 continue
             host = entry * unit
             if host < data_off:
-                raise CorruptImage(
-                    f"{p}: BAT entry {idx} is {entry} (byte {host}), inside the header and BAT"
+                msg = (
+                    f"BAT entry {idx} is {entry} (byte {host}), inside the header and BAT"
                     f" before data_off (byte {data_off})"
                 )
+                if not for_check:
+                    raise CorruptImage(f"{p}: {msg}; `prlnbd check --repair {p}` copies that cluster past them")
+                problems.append(Problem("below_data", msg, idx))
             if host + cluster_size > file_size:
                 problems.append(
                     Problem("outside", f"cluster {idx} is outside image (byte {host}, file is {file_size})", idx)

@@ -212,3 +212,60 @@ def test_check_refuses_a_chain_longer_than_the_limit(tmp_path: Path) -> None:
     support.write_descriptor(bundle, layers, SIZE, blocksize=128)
     rc, report = check_json(bundle)
     assert rc == 2 and kinds(report) == ["chain"] and "257 layers" in json.dumps(report), report
+
+
+def header_data_off(path: Path) -> int:
+    with path.open("rb") as f:
+        f.seek(48)
+        return int(struct.unpack("<I", f.read(4))[0])
+
+
+def set_data_off(path: Path, sectors: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(48)
+        f.write(struct.pack("<I", sectors))
+
+
+def test_check_repairs_a_data_off_inside_the_bat(tmp_path: Path) -> None:
+    img = image_with_data(tmp_path / "a.hds")
+    good = header_data_off(img)
+    assert good == CS // 512  # header and BAT fit in the first cluster
+    set_data_off(img, 1)  # byte 512: inside the BAT
+    expected = read_guest(img)
+    res = prl("serve", "--socket", tmp_path / "s.sock", img, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "data_off 1" in res.stderr and str(img) in res.stderr and "check --repair" in res.stderr, res.stderr
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["data_off"], report
+    assert header_data_off(img) == 1  # a check without --repair writes nothing
+    rc, report = check_json(img, "--repair")
+    assert rc == 0, report
+    # As QEMU's check: data_off becomes the end of the BAT, rounded up to a cluster.
+    assert header_data_off(img) == good
+    assert read_guest(img) == expected and qemu_check(img) == 0
+    assert check_json(img)[0] == 0
+
+
+def test_check_repair_of_data_off_keeps_clusters_that_lie_below_it(tmp_path: Path) -> None:
+    # A 2 GiB disk: 32768 BAT entries end at byte 131136, so data starts at cluster 3 (byte 196608).
+    img = tmp_path / "big.hds"
+    support.run("qemu-img", "create", "-q", "-f", "parallels", "-o", f"cluster_size={CS}", img, str(2 << 30))
+    support.run("qemu-io", "-f", "parallels", "-c", f"write -P 0x31 0 {CS}", "-c", f"write -P 0x32 {CS} {CS}", img)
+    assert header_data_off(img) == 3 * CS // 512
+    # A writer that took data_off for byte 32768 put guest cluster 7 at host cluster 2, over the
+    # BAT's tail and the padding after it.
+    with img.open("r+b") as f:
+        f.seek(131136)
+        f.write(b"\x77" * (3 * CS - 131136))
+    set_data_off(img, 32768 // 512)
+    set_bat_entry(img, 7, 2)
+    expected = read_guest(img)
+    assert expected[7 * CS : 7 * CS + 64] == bytes(64) and expected[7 * CS + 64 : 8 * CS] == b"\x77" * (CS - 64)
+    rc, report = check_json(img)
+    assert rc == 2 and kinds(report) == ["below_data", "data_off"], report
+    rc, report = check_json(img, "--repair")
+    assert rc == 0, report
+    assert "copied" in json.dumps(report)
+    assert header_data_off(img) == 3 * CS // 512
+    assert bat_entry(img, 7) >= 3 and bat_entry(img, 7) not in (bat_entry(img, 0), bat_entry(img, 1))
+    assert read_guest(img) == expected and qemu_check(img) == 0 and check_json(img)[0] == 0
