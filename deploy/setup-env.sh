@@ -30,6 +30,9 @@ APT_PACKAGES=(
     file
     # as and ld: the VM boot test assembles its boot sector.
     binutils
+    # certtool and openssl: the TLS tests make their certificates.
+    gnutls-bin
+    openssl
 )
 STAMP="$VENV/.prlnbd-setup-stamp"
 

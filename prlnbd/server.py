@@ -159,8 +159,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         """The client closed its side: close ours (once what is in flight is answered)."""
-        if self.tls is not None:
-            self.tls.feed_eof()
+        tls = self.tls
+        if tls is not None:
+            tls.feed_eof()
+            if not tls.established:
+                self._tls_handshake()  # says how the handshake ended
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -171,6 +174,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._closing = self._closed = self._lost = True
         if exc is not None and self.reason == "client closed":
             self.reason = f"connection lost: {exc}"
+        if self.tls is not None and not self.tls.established and not self.reason.startswith("TLS"):
+            self.reason = f"TLS handshake not finished: {self.reason}"
         self.server.keep_buffer(self.conn.release_buffer())
         # Requests still in the pool finish (their replies go nowhere); the server counts the
         # connection as gone only then, so a stop never closes a disk under them.

@@ -101,7 +101,7 @@ class Pki:
 
 
 @dataclass
-class TestPki:
+class TlsPki:
     """Everything the TLS tests use."""
 
     ca: Cert
@@ -118,7 +118,7 @@ class TestPki:
     subjects: dict[str, str]
 
 
-def make_test_pki(directory: Path) -> TestPki:
+def make_test_pki(directory: Path) -> TlsPki:
     """Build the test CAs, certificates and directories under DIRECTORY."""
     pki = Pki(directory)
     ca = pki.ca("prlnbd-test-ca")
@@ -129,7 +129,7 @@ def make_test_pki(directory: Path) -> TestPki:
     c2 = pki.issue(ca, "client2", server=False, cn="client2")
     expired = pki.issue(ca, "client-expired", server=False, cn="expired", expired=True)
     c_other = pki.issue(other, "client-other", server=False, cn="client1")
-    return TestPki(
+    return TlsPki(
         ca=ca,
         other_ca=other,
         server=pki.server_dir("srv", ca, server),
