@@ -1072,7 +1072,7 @@ def test_next_request_completes_after_trailing_bytes() -> None:
 # ---- fuzzing: any input ends in events or ProtocolError
 
 
-EVENT_TYPES = (ExportSelected, Request, Disconnect)
+EVENT_TYPES = (ExportSelected, Request, Disconnect, StartTLS)
 
 
 def feed_all(conn: ServerConnection, chunks: list[bytes]) -> tuple[list[object], bool]:
@@ -1455,3 +1455,44 @@ def test_tls_calls_out_of_order_are_refused() -> None:
         conn.take_tls_bytes()
     with pytest.raises(ValueError):
         conn.tls_started()
+
+
+def feed_until_tls(conn: ServerConnection, chunks: list[bytes]) -> tuple[list[object], bool, bytes]:
+    """As feed_all, but stop at StartTLS: (events, ended in ProtocolError, the bytes the TLS layer gets)."""
+    events: list[object] = []
+    for i, chunk in enumerate([*chunks, b""]):
+        try:
+            events += conn.receive_data(chunk)
+        except ProtocolError:
+            assert conn.state is State.CLOSED
+            return events, True, b""
+        if conn.state is State.TLS_HANDSHAKE:
+            assert isinstance(events[-1], StartTLS)
+            return events, False, conn.take_tls_bytes() + b"".join(chunks[i + 1 :])
+    return events, False, b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from([TlsMode.ON, TlsMode.REQUIRE]),
+    opts=st.lists(st.one_of(options, st.just(option(O_STARTTLS)), st.just(option(O_STARTTLS, b"x"))), max_size=8),
+    tail=st.binary(max_size=60),
+    sizes=st.lists(st.integers(1, 50), max_size=5),
+)
+def test_fuzz_tls_policies(mode: TlsMode, opts: list[bytes], tail: bytes, sizes: list[int]) -> None:
+    """Under any TLS policy, however the bytes are split: the same events, and after STARTTLS's ACK
+    exactly the bytes that followed the option go to the TLS layer, none parsed as NBD."""
+    data = client_flags() + b"".join(opts) + tail
+    whole_conn = ServerConnection(exports(), default="disk", tls=mode)
+    whole = feed_until_tls(whole_conn, [data])
+    split_conn = ServerConnection(exports(), default="disk", tls=mode)
+    pieces = feed_until_tls(split_conn, split(data, sizes))
+    assert whole == pieces
+    check_events(whole_conn, whole[0])
+    if whole[0] and isinstance(whole[0][-1], StartTLS):
+        out = take(whole_conn)
+        # The last thing sent in the clear is STARTTLS's ACK.
+        assert out.endswith(struct.pack(">QIII", REPLY_MAGIC, O_STARTTLS, R_ACK, 0))
+        assert data.endswith(whole[2])
+    if mode is TlsMode.REQUIRE:
+        assert not any(isinstance(e, (ExportSelected, Request)) for e in whole[0])
