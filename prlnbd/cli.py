@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-psk",
         metavar="FILE",
         type=Path,
-        help="TLS-PSK keys (psktool's username:hexkey lines): not available with Python's ssl before 3.13",
+        help="TLS-PSK instead of certificates: psktool's username:hexkey lines (needs the sslpsk3 package)",
     )
 
     info = sub.add_parser("info", help="describe a disk: geometry, chain, allocation, bitmaps")
@@ -301,22 +301,24 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
     """The TLS settings the command line asks for (None: no TLS); contradictions are errors."""
     mode = TlsMode(getattr(args, "tls", "off"))
     psk = getattr(args, "tls_psk", None)
-    if psk is not None:
-        raise TlsError(
-            f"{psk}: TLS-PSK is not supported: Python's ssl module offers PSK only from Python 3.13,"
-            " and no maintained library adds it to 3.11's asyncio (see README, TLS)"
-        )
+    if mode is TlsMode.OFF and psk is not None:
+        raise TlsError("--tls-psk needs --tls=on or --tls=require")
     if mode is TlsMode.OFF:
         for opt in ("tls_verify_peer", "tls_authz"):
             if getattr(args, opt, None):
                 raise TlsError(f"--{opt.replace('_', '-')} needs --tls=on or --tls=require")
         return None
-    certificates = getattr(args, "tls_certificates", None) or default_certificates()
+    certificates = getattr(args, "tls_certificates", None)
+    if psk is not None and certificates is not None:
+        raise TlsError("--tls-psk and --tls-certificates: choose one")
+    if psk is None and certificates is None:
+        certificates = default_certificates()
     return TlsSettings(
         mode=mode,
         certificates=certificates,
         verify_peer=bool(getattr(args, "tls_verify_peer", False)),
         authz=getattr(args, "tls_authz", None),
+        psk=psk,
     )
 
 

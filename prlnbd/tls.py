@@ -1,5 +1,9 @@
 """TLS for the NBD server: credentials read from files, who may use which export, one TLS session in memory.
 
+X.509 certificates go through Python's ssl module alone. TLS-PSK (psktool's
+key files) needs PSK callbacks, which Python's ssl has only from 3.13: they
+come from the optional sslpsk3 package.
+
 Credentials are read and checked when the server starts (each error names its
 file) and again on reload (SIGHUP); a connection keeps the context it started
 with. The TLS session runs on memory buffers (ssl.SSLObject over two
@@ -35,6 +39,8 @@ SERVER_KEY = "server-key.pem"
 RECORD = 16 * 1024
 # The section of an authorization file that applies to every export.
 ALL_EXPORTS = "*"
+# How a TLS-PSK client is named, for authorization and in the log.
+PSK_PREFIX = "psk:"
 
 
 class TlsError(PrlNbdError):
@@ -49,6 +55,7 @@ class TlsSettings:
     certificates: Path | None = None  # a directory with the files named above
     verify_peer: bool = False  # clients must present a certificate signed by the CA
     authz: Path | None = None  # an authorization file (see Authz)
+    psk: Path | None = None  # psktool's username:hexkey lines
 
 
 # ---- authorization
@@ -62,12 +69,13 @@ class Authz:
     certificate's subject as an RFC 4514 distinguished name, most specific
     part first (``CN=backup,O=Example``, as ``openssl x509 -noout -subject
     -nameopt RFC2253`` and ``certtool -i`` print it and prlnbd logs it).
-    Blank lines and lines starting with ``#`` are ignored. An export no
-    section names is open to no client.
+    With ``--tls-psk``, a client is named ``psk:USERNAME`` instead. Blank
+    lines and lines starting with ``#`` are ignored. An export no section
+    names is open to no client.
     """
 
     def __init__(self, rules: Mapping[str, Collection[str]], path: Path | None = None) -> None:
-        self.rules = {name: frozenset(_normalize_dn(i) for i in ids) for name, ids in rules.items()}
+        self.rules = {name: frozenset(_normalize(i) for i in ids) for name, ids in rules.items()}
         self.path = path
 
     @classmethod
@@ -86,8 +94,11 @@ class Authz:
                 continue
             if section is None:
                 raise TlsError(f"{path}:{lineno}: {line!r} comes before any [EXPORT] section")
-            if "=" not in line:
-                raise TlsError(f"{path}:{lineno}: {line!r} is not a distinguished name (like CN=client,O=Example)")
+            if "=" not in line and not line.startswith(PSK_PREFIX):
+                raise TlsError(
+                    f"{path}:{lineno}: {line!r} is neither a distinguished name (like CN=client,O=Example)"
+                    f" nor {PSK_PREFIX}USERNAME"
+                )
             rules[section].add(line)
         return cls(rules, path)
 
@@ -98,7 +109,7 @@ class Authz:
         """
         if identity is None:
             return frozenset()
-        key = _normalize_dn(identity)
+        key = _normalize(identity)
         if key in self.rules.get(ALL_EXPORTS, ()):
             return None
         return frozenset(name for name, ids in self.rules.items() if key in ids)
@@ -115,6 +126,12 @@ class Authz:
                 if not self.rules.get(name):
                     out.append(f"{self.path}: no client may use export {name!r} (no [{name}] section lists one)")
         return out
+
+
+def _normalize(identity: str) -> str:
+    """An identity as compared: a PSK username exactly, a distinguished name loosely (_normalize_dn)."""
+    identity = identity.strip()
+    return identity if identity.startswith(PSK_PREFIX) else _normalize_dn(identity)
 
 
 def _normalize_dn(dn: str) -> str:
@@ -204,8 +221,69 @@ def _no_password() -> bytes:
     raise TlsError("the private key asks for a password")
 
 
+def load_psk_file(path: Path) -> dict[str, bytes]:
+    """psktool's key file: one username:hexkey a line."""
+    keys: dict[str, bytes] = {}
+    for lineno, raw in enumerate(_read_text(path).splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hexkey = line.partition(":")
+        try:
+            key = bytes.fromhex(hexkey)
+        except ValueError:
+            key = b""
+        if not sep or not user or not key:
+            raise TlsError(f"{path}:{lineno}: not a username:hexkey line")
+        keys[user] = key
+    if not keys:
+        raise TlsError(f"{path}: no keys")
+    return keys
+
+
+class _Handshaking:
+    """The session whose handshake is running: a PSK callback learns whose identity it is given.
+
+    Handshakes run one at a time on the event loop, each step inside
+    TlsSession.handshake(), which sets and clears this.
+    """
+
+    session: TlsSession | None = None
+
+
+def _psk_context(path: Path) -> ssl.SSLContext:
+    """A server context for TLS-PSK with the keys of PATH (sslpsk3: Python's ssl has PSK only from 3.13)."""
+    keys = load_psk_file(path)
+    try:
+        from sslpsk3 import SSLPSKContext
+    except ImportError:
+        raise TlsError(f"{path}: TLS-PSK needs the sslpsk3 package (pip install 'prlnbd[psk]')") from None
+    ctx = SSLPSKContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.num_tickets = 0
+    ctx.set_ciphers("PSK")
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def lookup(identity: str | None) -> bytes:
+        # An unknown user gets no key: OpenSSL then fails the handshake.
+        key = keys.get(identity or "", b"")
+        session = _Handshaking.session
+        if session is not None and key:
+            session.psk_identity = identity
+        return key
+
+    ctx.set_psk_server_callback(lookup)
+    return cast(ssl.SSLContext, ctx)
+
+
 def load_credentials(settings: TlsSettings) -> Credentials:
     """Build the server's TLS context from SETTINGS, checking every file it names."""
+    if settings.psk is not None:
+        if settings.verify_peer:
+            raise TlsError("--tls-verify-peer is for certificates; with --tls-psk every client proves its key")
+        authz = Authz.load(settings.authz) if settings.authz is not None else None
+        return Credentials(_psk_context(settings.psk), authz)
     directory = settings.certificates
     if directory is None:
         raise TlsError("--tls needs --tls-certificates DIR (or credentials passed by systemd)")
@@ -245,7 +323,9 @@ def load_credentials(settings: TlsSettings) -> Credentials:
     authz = None
     if settings.authz is not None:
         if not settings.verify_peer:
-            raise TlsError("--tls-authz needs --tls-verify-peer: only a verified certificate names a client")
+            raise TlsError(
+                "--tls-authz needs --tls-verify-peer (or --tls-psk): only a verified certificate names a client"
+            )
         authz = Authz.load(settings.authz)
     return Credentials(ctx, authz)
 
@@ -271,7 +351,7 @@ class TlsServer:
         except PrlNbdError as e:
             log.error("TLS reload failed, keeping the previous credentials: %s", e)
             return False
-        log.info("TLS credentials reloaded from %s", self.settings.certificates)
+        log.info("TLS credentials reloaded from %s", self.settings.psk or self.settings.certificates)
         return True
 
     def tls_only(self, exports: Iterable[str]) -> frozenset[str]:
@@ -284,6 +364,8 @@ class TlsServer:
 
 def peer_subject(obj: ssl.SSLObject) -> str | None:
     """The verified client certificate's subject as an RFC 4514 string (None without one)."""
+    if obj.context.verify_mode == ssl.CERT_NONE:
+        return None  # a certificate the client sent unasked was not verified: it names no one
     der = obj.getpeercert(binary_form=True)
     if not der:
         return None
@@ -299,8 +381,14 @@ class TlsSession:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        setup = getattr(context, "setup_psk_callbacks", None)
+        if setup is not None:
+            # sslpsk3 arms its callbacks in every do_handshake(), resetting a handshake under
+            # way; with memory BIOs do_handshake() runs once per flight, so arm them once here.
+            setup(self.obj)
         self.established = False
         self.subject: str | None = None
+        self.psk_identity: str | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Ciphertext from the peer."""
@@ -313,12 +401,18 @@ class TlsSession:
 
     def handshake(self) -> bool:
         """Advance the handshake with what was fed; True once it is done. Raises ssl.SSLError when it fails."""
+        _Handshaking.session = self
         try:
-            self.obj.do_handshake()
+            # The base class's: sslpsk3's override re-arms its callbacks (see __init__).
+            ssl.SSLObject.do_handshake(self.obj)
         except ssl.SSLWantReadError:
             return False
+        finally:
+            _Handshaking.session = None
         self.established = True
         self.subject = peer_subject(self.obj)
+        if self.psk_identity is not None:
+            self.subject = f"{PSK_PREFIX}{self.psk_identity}"
         return True
 
     def read_into(self, buf: memoryview) -> int:
