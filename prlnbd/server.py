@@ -252,10 +252,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
         tls = cast(TlsSession, self.tls)
         try:
             done = tls.handshake()
-        except ssl.SSLError as e:
+        except (ssl.SSLError, ValueError) as e:
             # Too late for plaintext: the ACK is sent. The alert goes out, then the connection closes.
+            # (ValueError: a client certificate whose subject cannot be read.)
             self._send_tls()
-            self.reason = f"TLS handshake failed: {e.reason or e}"
+            self.reason = f"TLS handshake failed: {getattr(e, 'reason', None) or e}"
             self._closing = True
             self._close()
             return
