@@ -30,6 +30,13 @@ APT_PACKAGES=(
     file
     # as and ld: the VM boot test assembles its boot sector.
     binutils
+    # certtool and openssl: the TLS tests make their certificates (psktool: PSK keys).
+    gnutls-bin
+    openssl
+    # sslpsk3 (TLS-PSK, a test extra) builds a C extension against OpenSSL.
+    gcc
+    libssl-dev
+    python3-dev
 )
 STAMP="$VENV/.prlnbd-setup-stamp"
 

@@ -18,7 +18,9 @@ from prlnbd import __version__
 from prlnbd.disk.chain import Disk, open_disk
 from prlnbd.errors import PrlNbdError
 from prlnbd.export import CACHE_MODES, Export
+from prlnbd.nbd.connection import TlsMode
 from prlnbd.server import DEFAULT_HANDSHAKE_TIMEOUT, NbdServer
+from prlnbd.tls import TlsError, TlsServer, TlsSettings, default_certificates
 
 log = logging.getLogger("prlnbd")
 
@@ -145,6 +147,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot", metavar="GUID", help="export the disk as it was at snapshot GUID (implies --read-only)"
     )
     serve.add_argument("disks", nargs="+", metavar="DISK", help="[NAME=]PATH: bundle dir, DiskDescriptor.xml or .hds")
+    tls = serve.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls",
+        choices=[m.value for m in TlsMode],
+        default=TlsMode.OFF.value,
+        help="off: no TLS (default); on: TLS at the client's choice; require: TLS before anything else",
+    )
+    tls.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        type=Path,
+        help="server-cert.pem, server-key.pem, ca-cert.pem (with --tls-verify-peer), optional ca-crl.pem"
+        " (default: $CREDENTIALS_DIRECTORY, from systemd's LoadCredential=)",
+    )
+    tls.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="clients must present a certificate signed by ca-cert.pem",
+    )
+    tls.add_argument(
+        "--tls-authz",
+        metavar="FILE",
+        type=Path,
+        help="which client certificate subjects may use which export ([EXPORT] sections; needs --tls-verify-peer)",
+    )
+    tls.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        type=Path,
+        help="TLS-PSK instead of certificates: psktool's username:hexkey lines (needs the sslpsk3 package)",
+    )
 
     info = sub.add_parser("info", help="describe a disk: geometry, chain, allocation, bitmaps")
     info.add_argument("path", metavar="PATH")
@@ -300,11 +333,16 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tls = server.tls
+    if tls is not None:
+        # New connections get the new certificates; those already up keep theirs.
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
     log.info(
-        "serving %s on %s (%s loop)",
+        "serving %s on %s (%s loop%s)",
         ", ".join(repr(n) for n in server.exports),
         ", ".join(server.addresses()),
         type(loop).__module__.split(".")[0],
+        f", TLS {server.tls_mode.value}" if tls is not None else "",
     )
     if announce is not None:
         announce()
@@ -314,10 +352,50 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     log.info("stopped cleanly")
 
 
-def run_server(exports: dict[str, Export], args: argparse.Namespace, announce: Callable[[], None] | None = None) -> int:
+def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
+    """The TLS settings the command line asks for (None: no TLS); contradictions are errors."""
+    mode = TlsMode(getattr(args, "tls", "off"))
+    psk = getattr(args, "tls_psk", None)
+    if mode is TlsMode.OFF and psk is not None:
+        raise TlsError("--tls-psk needs --tls=on or --tls=require")
+    if mode is TlsMode.OFF:
+        for opt in ("tls_verify_peer", "tls_authz"):
+            if getattr(args, opt, None):
+                raise TlsError(f"--{opt.replace('_', '-')} needs --tls=on or --tls=require")
+        return None
+    certificates = getattr(args, "tls_certificates", None)
+    if psk is not None and certificates is not None:
+        raise TlsError("--tls-psk and --tls-certificates: choose one")
+    if psk is None and certificates is None:
+        certificates = default_certificates()
+    return TlsSettings(
+        mode=mode,
+        certificates=certificates,
+        verify_peer=bool(getattr(args, "tls_verify_peer", False)),
+        authz=getattr(args, "tls_authz", None),
+        psk=psk,
+    )
+
+
+def make_tls(args: argparse.Namespace) -> TlsServer | None:
+    """Read and check the TLS credentials now, before any image is opened: errors name their file."""
+    settings = tls_settings(args)
+    return TlsServer(settings) if settings is not None else None
+
+
+def run_server(
+    exports: dict[str, Export],
+    args: argparse.Namespace,
+    announce: Callable[[], None] | None = None,
+    tls: TlsServer | None = None,
+) -> int:
     """Serve EXPORTS until SIGTERM or SIGINT."""
+    authz = tls.credentials.authz if tls is not None else None
+    if authz is not None:
+        for warning in authz.check(exports):
+            log.warning("%s", warning)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        server = runner.run(_make_server(exports, args.handshake_timeout))
+        server = runner.run(_make_server(exports, args.handshake_timeout, tls))
         try:
             runner.run(_serve(server, args, announce))
         except BaseException:
@@ -327,12 +405,13 @@ def run_server(exports: dict[str, Export], args: argparse.Namespace, announce: C
     return 0
 
 
-async def _make_server(exports: dict[str, Export], timeout: float) -> NbdServer:
-    return NbdServer(exports, handshake_timeout=timeout)
+async def _make_server(exports: dict[str, Export], timeout: float, tls: TlsServer | None = None) -> NbdServer:
+    return NbdServer(exports, handshake_timeout=timeout, tls=tls)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """prlnbd serve: export disks over NBD."""
+    tls = make_tls(args)
     exports = _open_exports(
         args.disks,
         read_only=args.read_only,
@@ -340,7 +419,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache=args.cache,
         allow_outside_bundle=args.allow_outside_bundle,
     )
-    return run_server(exports, args)
+    return run_server(exports, args, tls=tls)
 
 
 # ---- info

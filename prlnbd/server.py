@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -28,8 +29,9 @@ from typing import Any, cast
 from prlnbd.errors import PrlNbdError, ProtocolError, RequestError
 from prlnbd.export import Export
 from prlnbd.iopool import DEFAULT_WORKERS, Callback, IoPool
-from prlnbd.nbd.connection import Disconnect, ExportSelected, Request, ServerConnection, State
+from prlnbd.nbd.connection import Disconnect, ExportSelected, Request, ServerConnection, StartTLS, State, TlsMode
 from prlnbd.nbd.constants import Cmd, CmdFlag, Errno
+from prlnbd.tls import TlsServer, TlsSession
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ MAX_SPARE_BUFFERS = 4
 # How long a stop waits for connections to finish what they have in flight before it
 # aborts them (SIGTERM): a client that does not read its replies cannot hold a stop up.
 STOP_TIMEOUT = 30.0
+# Ciphertext is received into a buffer of this size before it is decrypted.
+TLS_RECV_BUFFER = 256 * 1024
 
 _DF = int(CmdFlag.DF)
 _FUA = int(CmdFlag.FUA)
@@ -75,7 +79,16 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, unix: bool) -> None:
         self.server = server
         self.unix = unix  # a Unix socket (else TCP): known from the listener, not asked of each socket
-        self.conn = ServerConnection(server.infos, server.default, buffer=server.spare_buffer())
+        self.conn = ServerConnection(
+            server.infos,
+            server.default,
+            buffer=server.spare_buffer(),
+            tls=server.tls_mode,
+            tls_only=server.tls.tls_only(server.infos) if server.tls is not None else (),
+        )
+        # The TLS session once the client sent STARTTLS; ciphertext arrives in _cipher.
+        self.tls: TlsSession | None = None
+        self._cipher = memoryview(b"")
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.peer = "?"
@@ -124,16 +137,35 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.shutdown()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """Hand the transport the protocol core's receive buffer: no copy of what arrives."""
+        """Hand the transport the protocol core's receive buffer: no copy of what arrives.
+
+        Under TLS, ciphertext goes into a buffer of its own; it is decrypted
+        into the core's buffer as the core asks for more (_decrypt).
+        """
+        if self.tls is not None:
+            return self._cipher
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         """Take the requests the new bytes complete and act on them."""
-        self.conn.buffer_updated(nbytes)
-        self._process()
+        tls = self.tls
+        if tls is None:
+            self.conn.buffer_updated(nbytes)
+            self._process()
+            return
+        tls.feed(self._cipher[:nbytes])
+        if tls.established:
+            self._process()
+        else:
+            self._tls_handshake()
 
     def eof_received(self) -> bool | None:
         """The client closed its side: close ours (once what is in flight is answered)."""
+        tls = self.tls
+        if tls is not None:
+            tls.feed_eof()
+            if not tls.established:
+                self._tls_handshake()  # says how the handshake ended
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -144,6 +176,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._closing = self._closed = self._lost = True
         if exc is not None and self.reason == "client closed":
             self.reason = f"connection lost: {exc}"
+        if self.tls is not None and not self.tls.established and not self.reason.startswith("TLS"):
+            self.reason = f"TLS handshake not finished: {self.reason}"
         self.server.keep_buffer(self.conn.release_buffer())
         # Requests still in the pool finish (their replies go nowhere); the server counts the
         # connection as gone only then, so a stop never closes a disk under them.
@@ -181,6 +215,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
                     break
                 ev = conn.next_event()
                 if ev is None:
+                    if self.tls is not None and self._decrypt():
+                        continue
                     break
                 if type(ev) is Request:
                     taken += 1
@@ -190,11 +226,84 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 elif isinstance(ev, Disconnect):
                     self.reason = "client disconnected"
                     self._close()
+                elif isinstance(ev, StartTLS):
+                    self._start_tls()
         except ProtocolError as e:
             self.reason = f"protocol error: {e}"
             self._close()
         self._flush()
         self._update_reading()
+
+    # ---- TLS
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged: send the ACK in the clear, then run TLS on this connection."""
+        tls_server = self.server.tls
+        if tls_server is None:  # pragma: no cover - the core only says StartTLS when TLS is on
+            raise ProtocolError("STARTTLS without TLS configured")
+        self._flush()
+        self.tls = TlsSession(tls_server.credentials.context)
+        self._cipher = memoryview(bytearray(TLS_RECV_BUFFER))
+        # What the client sent behind STARTTLS (a pipelined ClientHello) is the handshake's.
+        self.tls.feed(self.conn.take_tls_bytes())
+        self._tls_handshake()
+
+    def _tls_handshake(self) -> None:
+        tls = cast(TlsSession, self.tls)
+        try:
+            done = tls.handshake()
+        except (ssl.SSLError, ValueError) as e:
+            # Too late for plaintext: the ACK is sent. The alert goes out, then the connection closes.
+            # (ValueError: a client certificate whose subject cannot be read.)
+            self._send_tls()
+            self.reason = f"TLS handshake failed: {getattr(e, 'reason', None) or e}"
+            self._closing = True
+            self._close()
+            return
+        self._send_tls()
+        if not done:
+            return
+        authz = self.server.tls.credentials.authz if self.server.tls is not None else None
+        allowed = authz.allowed(tls.subject) if authz is not None else None
+        self.conn.tls_started(allowed)
+        log.debug(
+            "%s: %s up%s%s",
+            self.peer,
+            tls.obj.version(),
+            f", client {tls.subject}" if tls.subject else "",
+            "" if allowed is None else f", may use {sorted(allowed) or 'no export'}",
+        )
+        # Options may already be waiting behind the client's Finished.
+        self._process()
+
+    def _decrypt(self) -> bool:
+        """Decrypt what the core can take next; False when nothing more is there (or TLS ended)."""
+        tls = cast(TlsSession, self.tls)
+        if not tls.established or self.conn.state is State.CLOSED:
+            return False
+        try:
+            n = tls.read_into(self.conn.get_buffer())
+        except ssl.SSLZeroReturnError:
+            if self.reason == "client closed":
+                self.reason = "client closed TLS"
+            self._close()
+            return False
+        except ssl.SSLError as e:
+            raise ProtocolError(f"TLS: {e.reason or e}") from e
+        if n <= 0:
+            return False
+        self.conn.buffer_updated(n)
+        return True
+
+    def _send_tls(self) -> None:
+        """Send the TLS layer's own output (handshake, alerts, close_notify)."""
+        tls = self.tls
+        transport = self.transport
+        if tls is None or transport is None or transport.is_closing():
+            return
+        data = tls.data_to_send()
+        if data:
+            transport.write(data)
 
     def _throttled(self) -> bool:
         return self.inflight >= MAX_INFLIGHT or self._inflight_bytes >= MAX_INFLIGHT_BYTES
@@ -399,7 +508,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._queued = 0
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self._closed and not self.transport.is_closing():
-            self.transport.writelines(out)
+            tls = self.tls
+            if tls is not None and tls.established:
+                tls.encrypt(out)
+                self.transport.write(tls.data_to_send())
+            else:
+                self.transport.writelines(out)
 
     def _close(self) -> None:
         """Take no more requests; close the socket once every request in flight is answered."""
@@ -408,6 +522,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if self.inflight or self._closed:
             return
         self._flush()
+        if self.tls is not None and self.tls.established:
+            self.tls.close()
+            self._send_tls()
         self._closed = True
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -431,9 +548,14 @@ class NbdProtocol(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_soon(self._log_closed)
 
     def _log_closed(self) -> None:
+        tls = self.tls
+        how = ""
+        if tls is not None:
+            how = f" ({tls.obj.version() or 'TLS'}{', ' + tls.subject if tls.subject else ''})"
         log.info(
-            "connection %s export %r: %d requests, %d bytes read, %.1fs, %s",
+            "connection %s%s export %r: %d requests, %d bytes read, %.1fs, %s",
             self.peer,
+            how,
             self.export.name if self.export else None,
             self.requests,
             self.bytes_read,
@@ -444,7 +566,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        if self.conn.state in (State.CLIENT_FLAGS, State.OPTIONS):
+        if self.conn.state in (State.CLIENT_FLAGS, State.OPTIONS, State.TLS_HANDSHAKE):
             self.reason = f"handshake not finished within {self.server.handshake_timeout:g}s"
             self._close()
 
@@ -488,8 +610,11 @@ class NbdServer:
         *,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         workers: int = DEFAULT_WORKERS,
+        tls: TlsServer | None = None,
     ) -> None:
         self.exports = dict(exports)
+        self.tls = tls
+        self.tls_mode = tls.mode if tls is not None else TlsMode.OFF
         self.infos = {name: export.info for name, export in self.exports.items()}
         self.default = next(iter(self.exports)) if len(self.exports) == 1 else None
         self.pool = IoPool(asyncio.get_running_loop(), workers)

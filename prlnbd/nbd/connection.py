@@ -8,6 +8,13 @@ collected with data_to_send(). The class enforces every rule of the
 fixed-newstyle handshake and validates each transmission request, answering
 bad ones itself, so the server only ever sees requests it can act on.
 
+TLS (NBD_OPT_STARTTLS) is decided here and done by the caller: the core
+learns the policy (TlsMode) when it is made, answers STARTTLS, and after the
+ACK yields StartTLS and parses nothing more; the bytes it already holds past
+the option belong to the TLS handshake (take_tls_bytes()). Once the caller has
+the TLS session up, tls_started() forgets everything negotiated before it and
+the options go on, now in plaintext inside TLS.
+
 Every request header is parsed and validated in one place (_next_request and
 _check_request, by the rules in COMMANDS) before anything is allocated for it:
 a WRITE that is refused has its payload skipped, never buffered.
@@ -16,7 +23,7 @@ a WRITE that is refused has its payload skipped, never buffered.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import NamedTuple
@@ -166,7 +173,16 @@ class Disconnect:
     """The client asked to end the session (NBD_CMD_DISC or NBD_OPT_ABORT)."""
 
 
-Event = ExportSelected | Request | Disconnect
+@dataclass
+class StartTLS:
+    """STARTTLS was acknowledged: send the ACK, then run the TLS handshake (server side).
+
+    The core parses nothing more until tls_started(); take_tls_bytes() gives
+    what the client sent after the option, the start of its handshake.
+    """
+
+
+Event = ExportSelected | Request | Disconnect | StartTLS
 
 
 class State(Enum):
@@ -174,8 +190,17 @@ class State(Enum):
 
     CLIENT_FLAGS = auto()
     OPTIONS = auto()
+    TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; the caller runs the TLS handshake
     TRANSMISSION = auto()
     CLOSED = auto()
+
+
+class TlsMode(Enum):
+    """The server's TLS policy (proto.md, "TLS support")."""
+
+    OFF = "off"  # NOTLS: STARTTLS is refused with ERR_POLICY
+    ON = "on"  # SELECTIVETLS: TLS at the client's choice (exports in tls_only need it)
+    REQUIRE = "require"  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
 
 
 @dataclass
@@ -190,15 +215,29 @@ class ServerConnection:
     """One NBD connection's protocol state, from greeting to disconnect."""
 
     def __init__(
-        self, exports: Mapping[str, ExportInfo], default: str | None = None, *, buffer: bytearray | None = None
+        self,
+        exports: Mapping[str, ExportInfo],
+        default: str | None = None,
+        *,
+        buffer: bytearray | None = None,
+        tls: TlsMode = TlsMode.OFF,
+        tls_only: Collection[str] = (),
     ) -> None:
         """Start a connection to serve EXPORTS (DEFAULT for the empty name).
 
         BUFFER, if given, is a receive buffer to reuse (from release_buffer() of
-        a finished connection); its contents are never read.
+        a finished connection); its contents are never read. TLS is the
+        server's TLS policy; with TlsMode.ON, the exports named in TLS_ONLY are
+        served only once TLS is up (with REQUIRE, all of them are).
         """
         self.exports = exports
         self.default = default
+        self.tls_mode = tls
+        self.tls_only = frozenset(tls_only)
+        self.tls_active = False
+        # The exports this client may see once TLS is up (None: all): the server's authorization.
+        self.allowed: frozenset[str] | None = None
+        self._tls_rest = b""  # bytes given to receive_data() after a STARTTLS, not parsed
         self.state = State.CLIENT_FLAGS
         self.no_zeroes = False
         self.structured = False
@@ -271,6 +310,9 @@ class ServerConnection:
                 while ev is not None:
                     events.append(ev)
                     ev = self.next_event()
+                if self.state is State.TLS_HANDSHAKE:
+                    self._tls_rest = bytes(src[pos:])
+                    return events
                 if pos >= total or self._closed():
                     return events
                 buf = self.get_buffer(total - pos)
@@ -289,6 +331,35 @@ class ServerConnection:
     def _closed(self) -> bool:
         # A method, not an inline test: the state changes under mypy's narrowing above.
         return self.state is State.CLOSED
+
+    # ---- TLS
+
+    def take_tls_bytes(self) -> bytes:
+        """After StartTLS: the bytes received past the STARTTLS option, for the TLS layer, and none kept here."""
+        if self.state is not State.TLS_HANDSHAKE:
+            raise ValueError("take_tls_bytes() belongs after a StartTLS event")
+        early = bytes(self._view[self._pos : self._end]) + self._tls_rest
+        self._tls_rest = b""
+        self._pos = self._end = 0
+        return early
+
+    def tls_started(self, allowed: Collection[str] | None = None) -> None:
+        """The TLS handshake succeeded: option haggling starts afresh, inside TLS.
+
+        Everything negotiated before STARTTLS is forgotten (structured replies,
+        metadata contexts). ALLOWED names the exports this client may see and
+        use (None: all); the others are left out of LIST and unknown to it.
+        """
+        if self.state is not State.TLS_HANDSHAKE:
+            raise ValueError("tls_started() belongs after a StartTLS event")
+        self.tls_active = True
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self.structured = False
+        self.contexts = {}
+        self._contexts_export = None
+        self._context_ids = {}
+        self.export = None
+        self.state = State.OPTIONS
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next bytes from the peer go (asyncio.BufferedProtocol.get_buffer)."""
@@ -315,7 +386,7 @@ class ServerConnection:
         Raises ProtocolError when the peer broke the protocol, as receive_data().
         """
         try:
-            while self.state is not State.CLOSED:
+            while self.state is not State.CLOSED and self.state is not State.TLS_HANDSHAKE:
                 if self._discard:
                     skip = min(self._discard, self._end - self._pos)
                     self._pos += skip
@@ -392,12 +463,20 @@ class ServerConnection:
         return self._handle_option(opt, data)
 
     def _handle_option(self, opt: int, data: bytes) -> Event | bool:
-        if opt == Opt.EXPORT_NAME:
-            return self._opt_export_name(data)
         if opt == Opt.ABORT:
             self._option_reply(opt, Reply.ACK)
             self.state = State.CLOSED
             return Disconnect()
+        if opt == Opt.STARTTLS:
+            return self._opt_starttls(data)
+        if self.tls_mode is TlsMode.REQUIRE and not self.tls_active:
+            if opt == Opt.EXPORT_NAME:
+                # EXPORT_NAME cannot be answered with an error: the spec says to disconnect.
+                raise ProtocolError("EXPORT_NAME before STARTTLS on a server that requires TLS")
+            self._error(opt, Reply.ERR_TLS_REQD, "this server requires TLS: send STARTTLS first")
+            return True
+        if opt == Opt.EXPORT_NAME:
+            return self._opt_export_name(data)
         if opt == Opt.LIST:
             self._opt_list(data)
         elif opt in (Opt.INFO, Opt.GO):
@@ -410,11 +489,32 @@ class ServerConnection:
                 self._option_reply(opt, Reply.ACK)
         elif opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
             self._opt_meta_context(opt, data)
-        elif opt == Opt.STARTTLS:
-            self._error(opt, Reply.ERR_POLICY, "TLS is not configured on this server")
         else:
             self._error(opt, Reply.ERR_UNSUP, f"option {opt} is not supported")
         return True
+
+    def _opt_starttls(self, data: bytes) -> Event | bool:
+        if data:
+            self._error(Opt.STARTTLS, Reply.ERR_INVALID, "STARTTLS takes no data")
+        elif self.tls_mode is TlsMode.OFF:
+            self._error(Opt.STARTTLS, Reply.ERR_POLICY, "TLS is not configured on this server")
+        elif self.tls_active:
+            self._error(Opt.STARTTLS, Reply.ERR_INVALID, "TLS is already running")
+        else:
+            self._option_reply(Opt.STARTTLS, Reply.ACK)
+            self.state = State.TLS_HANDSHAKE
+            return StartTLS()
+        return True
+
+    def _needs_tls(self, exp: ExportInfo) -> bool:
+        """Whether EXP is out of reach until TLS is up (SELECTIVETLS: a TLS-only export)."""
+        return not self.tls_active and (self.tls_mode is TlsMode.REQUIRE or exp.name in self.tls_only)
+
+    def _visible(self, exp: ExportInfo) -> bool:
+        """Whether this client may see EXP at all: not before TLS if it needs TLS, nor unless authorized."""
+        if self._needs_tls(exp):
+            return False
+        return self.allowed is None or exp.name in self.allowed
 
     def _flags(self, exp: ExportInfo) -> int:
         """EXP's transmission flags as this client may see them: DF only with structured replies."""
@@ -429,6 +529,10 @@ class ServerConnection:
     def _opt_export_name(self, data: bytes) -> Event:
         name = data.decode("utf-8", "replace")
         exp = self._lookup(name)
+        if exp is not None and self._needs_tls(exp):
+            raise ProtocolError(f"EXPORT_NAME of TLS-only export {name!r} before STARTTLS")
+        if exp is not None and not self._visible(exp):
+            exp = None
         if exp is None:
             # EXPORT_NAME cannot be answered with an error: the spec says to disconnect.
             raise ProtocolError(f"unknown export {name!r} requested with EXPORT_NAME")
@@ -450,6 +554,8 @@ class ServerConnection:
             self._error(Opt.LIST, Reply.ERR_INVALID, "LIST takes no data")
             return
         for exp in self.exports.values():
+            if not self._visible(exp):
+                continue
             name = exp.name.encode()
             payload = wire.U32.pack(len(name)) + name + exp.description.encode()
             self._option_reply(Opt.LIST, Reply.SERVER, payload)
@@ -469,7 +575,10 @@ class ServerConnection:
             self._error(opt, Reply.ERR_INVALID, f"malformed {Opt(opt).name} option: {e}")
             return True
         exp = self._lookup(name)
-        if exp is None:
+        if exp is not None and self._needs_tls(exp):
+            self._error(opt, Reply.ERR_TLS_REQD, f"export {name!r} is served over TLS only: send STARTTLS first")
+            return True
+        if exp is None or not self._visible(exp):
             self._error(opt, Reply.ERR_UNKNOWN, f"no export named {name!r}")
             return True
         self._option_reply(opt, Reply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, exp.size, self._flags(exp)))
@@ -496,7 +605,7 @@ class ServerConnection:
             self._error(opt, Reply.ERR_INVALID, f"malformed {Opt(opt).name} option: {e}")
             return
         exp = self._lookup(query.export)
-        if exp is None:
+        if exp is None or not self._visible(exp):
             self._error(opt, Reply.ERR_UNKNOWN, f"no export named {query.export!r}")
             return
         if opt == Opt.LIST_META_CONTEXT:

@@ -68,6 +68,9 @@ LOG_MS = 100  # fio bandwidth log interval for the vm-backup windows
 # prlnbd / qemu-nbd for throughput, qemu-nbd time / prlnbd time for the maps,
 # chain / single layer for chain-read. Override with --target NAME=RATIO.
 TARGETS = {
+    "tls-read-seq": 1.0,
+    "tls-read-rand": 1.0,
+    "tls-write-seq": 1.0,
     "read-seq": 2.0,
     "read-rand": 3.0,
     "map-1t": 1.0,
@@ -97,8 +100,9 @@ VM_BACKUPS = ("vm-backup-write-hot", "vm-backup-write-cold", "vm-backup-copy-hot
               "vm-backup-copy-cold")
 MANY = ("many-8x4", "many-32x1")
 SCENES = (*COLD_READS, *VM_BACKUPS, "newcomer", *MANY, "durable-write")
+TLS_ROWS = ("tls-read-seq", "tls-read-rand", "tls-write-seq")
 BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand",
-              *SCENES)
+              *SCENES, *TLS_ROWS)
 GROUPS = {
     "reads": ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t"),
     "writes": ("write-seq", "write-rand"),
@@ -106,6 +110,7 @@ GROUPS = {
     "vm-backup": VM_BACKUPS,
     "many": MANY,
     "scenes": SCENES,
+    "tls": TLS_ROWS,
     "all": BENCHMARKS,
 }
 DEFAULT_GROUP = "reads"
@@ -641,15 +646,16 @@ class Bench:
 
     def fio_job(self, target: Sequence[str], rw: str, bs: str, iodepth: int,
                 runtime: float | None = None, size: int | None = None,
-                extra: Sequence[str] = (), jobs: int = 1, tag: str = "fio") -> dict[str, Any]:
+                extra: Sequence[str] = (), jobs: int = 1, tag: str = "fio",
+                env: dict[str, str] | None = None) -> dict[str, Any]:
         """Run one fio job (TARGET: its engine and file options) and return its JSON report."""
         return self.fio_finish(self.fio_start(target, rw, bs, iodepth, runtime, size, extra,
-                                              jobs, tag))
+                                              jobs, tag, env))
 
     def fio_start(self, target: Sequence[str], rw: str, bs: str, iodepth: int,
                   runtime: float | None = None, size: int | None = None,
                   extra: Sequence[str] = (), jobs: int = 1,
-                  tag: str = "fio") -> FioRun:
+                  tag: str = "fio", env: dict[str, str] | None = None) -> FioRun:
         """Start fio in the background; fio_finish() waits for it and reads its report."""
         out = self.work / f"{tag}.json"
         out.unlink(missing_ok=True)
@@ -662,7 +668,7 @@ class Bench:
             cmd += ["--time_based", f"--runtime={runtime}"]
         else:
             cmd += [f"--size={size}", "--runtime=300"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         return FioRun(proc, out, rw, f"fio {rw} on {' '.join(target)}")
 
     def fio_finish(self, run: FioRun) -> dict[str, Any]:
@@ -988,6 +994,100 @@ class Bench:
             self.stop(server)
             image.unlink(missing_ok=True)
 
+    # ---- TLS ------------------------------------------------------------------------
+
+    def tls_setup(self) -> tuple[Path, dict[str, str]]:
+        """Certificates for the TLS rows: the servers' directory, and fio's environment.
+
+        fio's nbd engine connects with a URI and libnbd refuses tls-certificates=
+        there (local file access); without it libnbd reads $HOME/.pki/libnbd, so
+        fio runs with HOME pointing at a directory holding the client's files.
+        """
+        from tests.tlspki import make_test_pki
+
+        pki = make_test_pki(self.work / "pki")
+        home = self.work / "tls-home"
+        (home / ".pki").mkdir(parents=True)
+        shutil.copytree(pki.client1, home / ".pki" / "libnbd")
+        return pki.server, {**os.environ, "HOME": str(home)}
+
+    def bench_tls(self, names: Sequence[str]) -> None:
+        """tls-*: prlnbd --tls=require against qemu-nbd --tls-creds (x509, no client verification).
+
+        Reads on one pair of servers over the full image; sequential writes each
+        on a fresh image. Each row also notes the server's CPU time per GiB moved.
+        """
+        certs, env = self.tls_setup()
+        prl_tls = ["--tls=require", f"--tls-certificates={certs}"]
+        qemu_tls = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off",
+                    "--tls-creds=tls0"]
+
+        def uri(server: Server) -> str:
+            return server.uri().replace("nbd+unix://", "nbds+unix://", 1)
+
+        def subject(image: Path, read_only: bool) -> Server:
+            if self.self_test:
+                return self.start_qemu(image, read_only, *qemu_tls)
+            return self.start_subject(image, read_only, extra=prl_tls)
+
+        def run_fio(server: Server, cpu: list[float], rw: str, bs: str, qd: int, unit: str,
+                    runtime: float | None, size: int | None = None) -> float:
+            c0 = cpu_seconds(server.proc.pid)
+            job = self.fio_job(nbd_target(uri(server)), rw, bs, qd, runtime=runtime, size=size, env=env)
+            used = cpu_seconds(server.proc.pid) - c0
+            side = fio_side(job, rw)
+            moved = side["io_bytes"] or 1
+            cpu.append(used / (moved / GiB))
+            return side["bw_bytes"] / MiB if unit == "MiB/s" else float(side["iops"])
+
+        def cpu_note(row: Row, cpu: dict[bool, list[float]]) -> None:
+            if cpu[True] and cpu[False]:
+                row.notes.append(f"server CPU per GiB (median): {self.subject} {statistics.median(cpu[True]):.2f} s,"
+                                 f" qemu-nbd {statistics.median(cpu[False]):.2f} s")
+
+        reads = [(n, rw, bs, qd, unit) for n, rw, bs, qd, unit in (
+            ("tls-read-seq", "read", "1M", 8, "MiB/s"), ("tls-read-rand", "randread", "4k", 32, "IOPS"))
+            if n in names]
+        if reads:
+            image = self.full_image()
+            warm(image)
+            with self.pair(subject(image, True), self.start_qemu(image, True, *qemu_tls)) as (s, q):
+                for name, rw, bs, qd, unit in reads:
+                    row = self.new_row(name, unit, "qemu-nbd TLS")
+                    cpu: dict[bool, list[float]] = {True: [], False: []}
+                    try:
+                        for server in (s, q):
+                            run_fio(server, [], rw, bs, qd, unit, self.warmup)
+                        self.alternate(
+                            row,
+                            lambda _i, rw=rw, bs=bs, qd=qd, unit=unit, c=cpu: run_fio(
+                                s, c[True], rw, bs, qd, unit, self.runtime),
+                            lambda _i, rw=rw, bs=bs, qd=qd, unit=unit, c=cpu: run_fio(
+                                q, c[False], rw, bs, qd, unit, self.runtime))
+                    except BenchError as exc:
+                        row.status = "ERROR"
+                        row.notes.append(str(exc))
+                    cpu_note(row, cpu)
+        if "tls-write-seq" in names:
+            row = self.new_row("tls-write-seq", "MiB/s", "qemu-nbd TLS")
+            cpu = {True: [], False: []}
+
+            def measure(i: int, is_subject: bool) -> float:
+                image = create_image(self.write_dir / f"tw-{'s' if is_subject else 'q'}{i}.hds", WRITE_SIZE)
+                server = subject(image, False) if is_subject else self.start_qemu(image, False, *qemu_tls)
+                try:
+                    return run_fio(server, cpu[is_subject], "write", "1M", 8, "MiB/s", None, WRITE_SIZE)
+                finally:
+                    self.stop(server)
+                    image.unlink(missing_ok=True)
+
+            try:
+                self.alternate(row, lambda i: measure(i, True), lambda i: measure(i, False))
+            except BenchError as exc:
+                row.status = "ERROR"
+                row.notes.append(str(exc))
+            cpu_note(row, cpu)
+
     # ---- scenes (issue 14) ----------------------------------------------------------
 
     def prlnbd_serve_help(self) -> str:
@@ -1293,6 +1393,9 @@ class Bench:
             steps.append((" + ".join(many), lambda: self.bench_many(many)))
         if "durable-write" in wanted:
             steps.append(("durable-write", lambda: self.bench_write("durable-write")))
+        tls = [n for n in TLS_ROWS if n in wanted]
+        if tls:
+            steps.append((" + ".join(tls), lambda: self.bench_tls(tls)))
         for label, step in steps:
             t0 = time.monotonic()
             log(f"== {label}")

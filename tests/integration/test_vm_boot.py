@@ -12,6 +12,7 @@ cluster copied from below, and the lower layers did not change by one byte.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import time
@@ -339,12 +340,15 @@ def build_bundle(bundle: Path) -> tuple[list[Path], bytes]:
     return files, bytes(view)
 
 
-def boot(tmp: Path, uri: str, serial: Path) -> str:
-    """Boot QEMU from URI until the guest reports on COM1; return the serial output."""
+def boot(tmp: Path, uri: str, serial: Path, drive: str | None = None, extra: tuple[str, ...] = ()) -> str:
+    """Boot QEMU from URI (or the -drive DRIVE, with EXTRA options) until the guest reports on COM1.
+
+    Returns the serial output.
+    """
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-nographic", "-no-reboot", "-m", "64",
-        "-nodefaults", "-nic", "none", "-display", "none", "-monitor", "none",
-        "-drive", f"file={uri},format=raw,if=virtio",
+        "-nodefaults", "-nic", "none", "-display", "none", "-monitor", "none", *extra,
+        "-drive", drive or f"file={uri},format=raw,if=virtio",
         "-serial", f"file:{serial}",
     ]
     qlog = tmp / "qemu.log"
@@ -444,3 +448,28 @@ def test_vm_boots_from_chain_and_writes_cow(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     assert {p: support.file_digest(p) for p in (root, mid)} == before
+
+
+@pytest.mark.skipif(not support.have("certtool"), reason="certtool (gnutls-bin) is needed")
+def test_vm_boots_over_tls(tmp_path: Path) -> None:
+    """The same guest boots from an export served with --tls=require and client certificates."""
+    from tests.tlspki import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    bundle = tmp_path / "vm.pvm" / "harddisk.hdd"
+    _, view = build_bundle(bundle)
+    want_ck = checksum(b"".join(view[lba * SECTOR:(lba + n) * SECTOR] for lba, n in READS))
+    server = support.start_prlnbd(tmp_path, [f"vm={bundle}"], "--tls=require",
+                                  f"--tls-certificates={pki.server}", "--tls-verify-peer")
+    try:
+        drive = (f"file.driver=nbd,file.server.type=unix,file.server.path={server.sock},file.export=vm,"
+                 "file.tls-creds=tls0,file.tls-hostname=localhost,format=raw,if=virtio")
+        extra = ("-object", f"tls-creds-x509,id=tls0,endpoint=client,dir={pki.client1}")
+        out = boot(tmp_path, "", tmp_path / "serial.txt", drive, extra)
+        assert "PRLNBD-OK " in out, f"no report from the guest: {out!r}\n{server.log_text()}"
+    finally:
+        status = server.stop(signal.SIGTERM)
+    assert status == 0, server.log_text()
+    assert int(out.split("PRLNBD-OK ", 1)[1][:4], 16) == want_ck
+    log = server.log_text()
+    assert re.search(r"connection unix socket \(TLSv1\.[23], CN=client1,O=Example\) export 'vm'", log), log

@@ -25,7 +25,9 @@ from prlnbd.nbd.connection import (
     ExportSelected,
     Request,
     ServerConnection,
+    StartTLS,
     State,
+    TlsMode,
 )
 
 # ---- the protocol's numbers, spelled out again on the client side
@@ -1070,7 +1072,7 @@ def test_next_request_completes_after_trailing_bytes() -> None:
 # ---- fuzzing: any input ends in events or ProtocolError
 
 
-EVENT_TYPES = (ExportSelected, Request, Disconnect)
+EVENT_TYPES = (ExportSelected, Request, Disconnect, StartTLS)
 
 
 def feed_all(conn: ServerConnection, chunks: list[bytes]) -> tuple[list[object], bool]:
@@ -1289,3 +1291,232 @@ def test_error_messages_echo_a_long_name_within_the_recommended_256_bytes(opt: i
     assert (r.opt, r.type) == (opt, R_UNKNOWN)
     assert len(r.data) <= 256
     assert r.data.decode().startswith("no export named") and r.data.endswith(b"...")
+
+
+# ---- STARTTLS (proto.md, "TLS support")
+
+R_TLS_REQD = ERR + 5
+
+
+def tls_conn(mode: TlsMode, tls_only: tuple[str, ...] = ()) -> ServerConnection:
+    conn = ServerConnection(exports(), default="disk", tls=mode, tls_only=tls_only)
+    take(conn)
+    assert conn.receive_data(client_flags()) == []
+    return conn
+
+
+def start_tls(conn: ServerConnection, allowed: list[str] | None = None, after: bytes = b"") -> bytes:
+    """STARTTLS, its ACK, and the handshake's success; returns the bytes handed to the TLS layer."""
+    events = conn.receive_data(option(O_STARTTLS) + after)
+    assert [type(e) for e in events] == [StartTLS]
+    (r,) = parse_option_replies(take(conn))
+    assert (r.opt, r.type, r.data) == (O_STARTTLS, R_ACK, b"")
+    assert conn.state is State.TLS_HANDSHAKE
+    early = conn.take_tls_bytes()
+    conn.tls_started(allowed)
+    return early
+
+
+@pytest.mark.parametrize("mode", [TlsMode.ON, TlsMode.REQUIRE])
+def test_starttls_with_data_is_invalid(mode: TlsMode) -> None:
+    conn = tls_conn(mode)
+    (r,) = ask(conn, O_STARTTLS, b"x")
+    assert (r.opt, r.type) == (O_STARTTLS, R_INVALID) and r.data
+    assert conn.state is State.OPTIONS
+
+
+@pytest.mark.parametrize("mode", [TlsMode.ON, TlsMode.REQUIRE])
+def test_second_starttls_is_invalid(mode: TlsMode) -> None:
+    conn = tls_conn(mode)
+    start_tls(conn)
+    (r,) = ask(conn, O_STARTTLS)
+    assert (r.opt, r.type) == (O_STARTTLS, R_INVALID) and b"already" in r.data
+    assert ask(conn, O_LIST)[-1].type == R_ACK
+
+
+@pytest.mark.parametrize("opt", [O_LIST, O_INFO, O_GO, O_STRUCTURED, O_LIST_META, O_SET_META, O_PEEK, 99])
+def test_require_refuses_options_before_tls(opt: int) -> None:
+    conn = tls_conn(TlsMode.REQUIRE)
+    data = info_data("disk") if opt in (O_INFO, O_GO) else b""
+    (r,) = ask(conn, opt, data)
+    assert (r.opt, r.type) == (opt, R_TLS_REQD) and r.data
+    assert not conn.structured and conn.state is State.OPTIONS
+
+
+def test_require_export_name_before_tls_disconnects() -> None:
+    conn = tls_conn(TlsMode.REQUIRE)
+    with pytest.raises(ProtocolError, match="TLS"):
+        conn.receive_data(option(O_EXPORT_NAME, b"disk"))
+    assert take(conn) == b""
+    assert conn.state is State.CLOSED
+
+
+def test_require_abort_before_tls() -> None:
+    conn = tls_conn(TlsMode.REQUIRE)
+    assert [type(e) for e in conn.receive_data(option(O_ABORT))] == [Disconnect]
+    (r,) = parse_option_replies(take(conn))
+    assert r.type == R_ACK
+
+
+def test_require_after_tls_serves_everything() -> None:
+    conn = tls_conn(TlsMode.REQUIRE)
+    start_tls(conn)
+    names = [parse_string(r.data) for r in ask(conn, O_LIST)[:-1]]
+    assert names == ["disk", "ro"]
+    handshake_after_tls(conn)
+
+
+def parse_string(data: bytes) -> str:
+    (n,) = struct.unpack_from(">I", data)
+    return data[4 : 4 + n].decode()
+
+
+def handshake_after_tls(conn: ServerConnection, export: str = "disk") -> None:
+    events = conn.receive_data(option(O_STRUCTURED) + option(O_GO, info_data(export)))
+    assert [type(e) for e in events] == [ExportSelected]
+    take(conn)
+
+
+def test_starttls_stops_parsing_and_hands_over_the_bytes_after_it() -> None:
+    conn = tls_conn(TlsMode.ON)
+    # A client that pipelines its TLS ClientHello (and more) behind STARTTLS: none of it is an option.
+    hello = b"\x16\x03\x01\x00\x05hello" + option(O_LIST) + option(O_ABORT)
+    events = conn.receive_data(option(O_STARTTLS) + hello)
+    assert [type(e) for e in events] == [StartTLS]
+    assert parse_option_replies(take(conn))[0].type == R_ACK
+    assert take(conn) == b""
+    assert conn.next_event() is None
+    assert conn.take_tls_bytes() == hello
+    assert conn.take_tls_bytes() == b""
+
+
+def test_starttls_bytes_fed_through_the_buffer() -> None:
+    conn = tls_conn(TlsMode.ON)
+    data = option(O_STARTTLS) + b"\x16\x03\x01 early"
+    # One byte at a time through get_buffer/buffer_updated, as a BufferedProtocol feeds it.
+    events = []
+    for i in range(len(data)):
+        buf = conn.get_buffer(1)
+        buf[0] = data[i]
+        conn.buffer_updated(1)
+        ev = conn.next_event()
+        if ev is not None:
+            events.append(ev)
+        if conn.state is State.TLS_HANDSHAKE:
+            rest = data[i + 1 :]
+            break
+    assert [type(e) for e in events] == [StartTLS]
+    assert conn.take_tls_bytes() + rest == b"\x16\x03\x01 early"
+
+
+def test_negotiation_before_starttls_is_forgotten() -> None:
+    conn = tls_conn(TlsMode.ON)
+    conn.receive_data(option(O_STRUCTURED) + option(O_SET_META, meta_data("disk", ["base:allocation"])))
+    take(conn)
+    assert conn.structured and conn.contexts
+    start_tls(conn)
+    assert not conn.structured and not conn.contexts
+    # SET_META_CONTEXT needs STRUCTURED_REPLY again.
+    (r,) = ask(conn, O_SET_META, meta_data("disk", ["base:allocation"]))
+    assert r.type == R_INVALID
+    events = conn.receive_data(option(O_GO, info_data("disk")))
+    assert [type(e) for e in events] == [ExportSelected]
+    take(conn)
+    # Simple replies, no contexts: BLOCK_STATUS is refused.
+    conn.receive_data(request(BLOCK_STATUS, cookie=5, length=512))
+    (reply,) = parse_replies(take(conn))
+    assert isinstance(reply, Simple) and reply.error == EINVAL
+
+
+def test_on_serves_plaintext_clients() -> None:
+    conn = tls_conn(TlsMode.ON)
+    assert len(ask(conn, O_LIST)) == 3
+    handshake_after_tls(conn)
+
+
+def test_on_tls_only_exports() -> None:
+    conn = tls_conn(TlsMode.ON, tls_only=("disk",))
+    names = [parse_string(r.data) for r in ask(conn, O_LIST)[:-1]]
+    assert names == ["ro"]
+    (r,) = ask(conn, O_INFO, info_data("disk"))
+    assert r.type == R_TLS_REQD
+    (r,) = ask(conn, O_GO, info_data(""))  # the default export is "disk"
+    assert r.type == R_TLS_REQD
+    conn.receive_data(option(O_STRUCTURED))
+    take(conn)
+    (r,) = ask(conn, O_LIST_META, meta_data("disk", []))
+    assert r.type == R_UNKNOWN  # TLS_REQD is for INFO and GO only
+    with pytest.raises(ProtocolError, match="TLS"):
+        conn.receive_data(option(O_EXPORT_NAME, b"disk"))
+
+
+def test_authorization_hides_exports() -> None:
+    conn = tls_conn(TlsMode.REQUIRE)
+    start_tls(conn, allowed=["ro"])
+    names = [parse_string(r.data) for r in ask(conn, O_LIST)[:-1]]
+    assert names == ["ro"]
+    for opt in (O_INFO, O_GO):
+        (r,) = ask(conn, opt, info_data("disk"))
+        assert r.type == R_UNKNOWN
+    conn.receive_data(option(O_STRUCTURED))
+    take(conn)
+    (r,) = ask(conn, O_LIST_META, meta_data("disk", []))
+    assert r.type == R_UNKNOWN
+    handshake_after_tls(conn, "ro")
+
+
+def test_authorization_export_name_of_a_hidden_export_disconnects() -> None:
+    conn = tls_conn(TlsMode.REQUIRE)
+    start_tls(conn, allowed=[])
+    assert len(ask(conn, O_LIST)) == 1
+    with pytest.raises(ProtocolError, match="unknown export"):
+        conn.receive_data(option(O_EXPORT_NAME, b"disk"))
+
+
+def test_tls_calls_out_of_order_are_refused() -> None:
+    conn = tls_conn(TlsMode.ON)
+    with pytest.raises(ValueError):
+        conn.take_tls_bytes()
+    with pytest.raises(ValueError):
+        conn.tls_started()
+
+
+def feed_until_tls(conn: ServerConnection, chunks: list[bytes]) -> tuple[list[object], bool, bytes]:
+    """As feed_all, but stop at StartTLS: (events, ended in ProtocolError, the bytes the TLS layer gets)."""
+    events: list[object] = []
+    for i, chunk in enumerate([*chunks, b""]):
+        try:
+            events += conn.receive_data(chunk)
+        except ProtocolError:
+            assert conn.state is State.CLOSED
+            return events, True, b""
+        if conn.state is State.TLS_HANDSHAKE:
+            assert isinstance(events[-1], StartTLS)
+            return events, False, conn.take_tls_bytes() + b"".join(chunks[i + 1 :])
+    return events, False, b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from([TlsMode.ON, TlsMode.REQUIRE]),
+    opts=st.lists(st.one_of(options, st.just(option(O_STARTTLS)), st.just(option(O_STARTTLS, b"x"))), max_size=8),
+    tail=st.binary(max_size=60),
+    sizes=st.lists(st.integers(1, 50), max_size=5),
+)
+def test_fuzz_tls_policies(mode: TlsMode, opts: list[bytes], tail: bytes, sizes: list[int]) -> None:
+    """Under any TLS policy, however the bytes are split: the same events, and after STARTTLS's ACK
+    exactly the bytes that followed the option go to the TLS layer, none parsed as NBD."""
+    data = client_flags() + b"".join(opts) + tail
+    whole_conn = ServerConnection(exports(), default="disk", tls=mode)
+    whole = feed_until_tls(whole_conn, [data])
+    split_conn = ServerConnection(exports(), default="disk", tls=mode)
+    pieces = feed_until_tls(split_conn, split(data, sizes))
+    assert whole == pieces
+    check_events(whole_conn, whole[0])
+    if whole[0] and isinstance(whole[0][-1], StartTLS):
+        out = take(whole_conn)
+        # The last thing sent in the clear is STARTTLS's ACK.
+        assert out.endswith(struct.pack(">QIII", REPLY_MAGIC, O_STARTTLS, R_ACK, 0))
+        assert data.endswith(whole[2])
+    if mode is TlsMode.REQUIRE:
+        assert not any(isinstance(e, (ExportSelected, Request)) for e in whole[0])
