@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -19,7 +21,7 @@ from prlnbd.disk.chain import Disk, open_disk
 from prlnbd.errors import PrlNbdError
 from prlnbd.export import CACHE_MODES, Export
 from prlnbd.nbd.connection import TlsMode
-from prlnbd.server import DEFAULT_HANDSHAKE_TIMEOUT, NbdServer
+from prlnbd.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_ADDRESS, NbdServer
 from prlnbd.tls import TlsError, TlsServer, TlsSettings, default_certificates
 
 log = logging.getLogger("prlnbd")
@@ -72,6 +74,17 @@ def disk_exports(specs: Sequence[str], *, allow_outside_bundle: bool = False) ->
         else:
             out.append((name, path))
     return out
+
+
+def positive_int(text: str) -> int:
+    """A count given on the command line: a whole number of at least 1."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
 
 
 def tcp_port(text: str) -> int:
@@ -142,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("threads",),
         default="threads",
         help="how disk I/O leaves the event loop: a pool of worker threads (the only choice yet)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once; more are closed before the greeting (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections-per-address",
+        type=positive_int,
+        default=DEFAULT_MAX_PER_ADDRESS,
+        metavar="N",
+        help="connections served at once from one TCP address (default %(default)s)",
     )
     serve.add_argument(
         "--snapshot", metavar="GUID", help="export the disk as it was at snapshot GUID (implies --read-only)"
@@ -395,7 +422,7 @@ def run_server(
         for warning in authz.check(exports):
             log.warning("%s", warning)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        server = runner.run(_make_server(exports, args.handshake_timeout, tls))
+        server = runner.run(_make_server(exports, args, tls))
         try:
             runner.run(_serve(server, args, announce))
         except BaseException:
@@ -405,12 +432,42 @@ def run_server(
     return 0
 
 
-async def _make_server(exports: dict[str, Export], timeout: float, tls: TlsServer | None = None) -> NbdServer:
-    return NbdServer(exports, handshake_timeout=timeout, tls=tls)
+async def _make_server(exports: dict[str, Export], args: argparse.Namespace, tls: TlsServer | None) -> NbdServer:
+    return NbdServer(
+        exports,
+        handshake_timeout=args.handshake_timeout,
+        tls=tls,
+        max_connections=getattr(args, "max_connections", DEFAULT_MAX_CONNECTIONS),
+        max_per_address=getattr(args, "max_connections_per_address", DEFAULT_MAX_PER_ADDRESS),
+    )
+
+
+# Descriptors the server needs besides its connections: images, listeners, the loop's own.
+RESERVED_FDS = 64
+
+
+def ensure_descriptors(connections: int) -> None:
+    """Raise the open-file limit to the hard limit, and check it leaves room for CONNECTIONS.
+
+    With room for every connection admitted, accept() never runs out of
+    descriptors (plain asyncio logs a line for each such failure, thousands a
+    second): a connection past --max-connections is accepted and closed.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if connections + RESERVED_FDS > soft:
+        raise PrlNbdError(
+            f"--max-connections {connections} needs {connections + RESERVED_FDS} file descriptors;"
+            f" the limit (ulimit -n) is {soft}"
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """prlnbd serve: export disks over NBD."""
+    ensure_descriptors(args.max_connections)
     tls = make_tls(args)
     exports = _open_exports(
         args.disks,

@@ -52,14 +52,19 @@ UNIX_SNDBUF = 1 << 20
 # client that pipelines without end holds at most this much (plus one request arriving).
 MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 << 20
+# Connections served at once, in total and from one TCP address (Unix sockets count only in
+# the total): past them a new connection is closed before the greeting.
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_PER_ADDRESS = 32
+# WRITE payload held for requests in flight over every connection; past it, connections
+# take no more requests until some complete.
+MAX_WRITE_BYTES = 512 << 20
 # One connection's turn on the event loop: at most this many requests, or this many bytes
 # of reads answered from the cache, before other clients get theirs.
 TURN_REQUESTS = 16
 TURN_BYTES = 256 << 10
 # No client gets fewer workers of the I/O pool than this, however many share it.
 MIN_POOL_SHARE = 4
-# Receive buffers kept from closed connections for new ones (each is RECV_BUFFER bytes).
-MAX_SPARE_BUFFERS = 4
 # How long a stop waits for connections to finish what they have in flight before it
 # aborts them (SIGTERM): a client that does not read its replies cannot hold a stop up.
 STOP_TIMEOUT = 30.0
@@ -82,7 +87,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.conn = ServerConnection(
             server.infos,
             server.default,
-            buffer=server.spare_buffer(),
             tls=server.tls_mode,
             tls_only=server.tls.tls_only(server.infos) if server.tls is not None else (),
         )
@@ -106,6 +110,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.inflight = 0  # requests in the I/O pool or waiting on a flush
         self._inflight_bytes = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.address: str | None = None  # the TCP peer's address, as counted by the server's limits
+        self._quiet = False  # a refused connection: no closing line (the server logs refusals itself)
         self._resume_pending = False
         self._deferred = False  # requests are left for the next turn (_process)
         self._jobs = 0  # jobs of this connection in the I/O pool
@@ -129,6 +135,14 @@ class NbdProtocol(asyncio.BufferedProtocol):
         else:
             peer = self.transport.get_extra_info("peername")
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        why = self.server.admit(self, None if self.unix else self.peer.rpartition(":")[0])
+        if why is not None:
+            # Before the greeting: the client learns nothing, and costs no more than this.
+            self.reason = f"refused: {why}"
+            self._quiet = True
+            self.server.refused(self.peer, why)
+            self.abort()
+            return
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
         log.debug("%s: connected", self.peer)
@@ -178,7 +192,6 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.reason = f"connection lost: {exc}"
         if self.tls is not None and not self.tls.established and not self.reason.startswith("TLS"):
             self.reason = f"TLS handshake not finished: {self.reason}"
-        self.server.keep_buffer(self.conn.release_buffer())
         # Requests still in the pool finish (their replies go nowhere); the server counts the
         # connection as gone only then, so a stop never closes a disk under them.
         self._maybe_gone()
@@ -306,7 +319,17 @@ class NbdProtocol(asyncio.BufferedProtocol):
             transport.write(data)
 
     def _throttled(self) -> bool:
-        return self.inflight >= MAX_INFLIGHT or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+        if self.inflight >= MAX_INFLIGHT or self._inflight_bytes >= MAX_INFLIGHT_BYTES:
+            return True  # resumed as its own requests complete
+        if self.server.over_write_budget():
+            self.server.wait_for_budget(self)
+            return True
+        return False
+
+    def resume_taking(self) -> None:
+        """The server's write budget has room again: take the requests waiting in the buffer."""
+        if not self._closed:
+            self._process()
 
     def _update_reading(self) -> None:
         """Read the socket exactly while requests can be taken."""
@@ -357,7 +380,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def _submit(self, req: Request, fn: Callable[..., Any], args: tuple[Any, ...], then: Done) -> None:
         """Run FN(*ARGS) in the I/O pool; THEN(req, result) answers the request back on the loop."""
         self.inflight += 1
-        self._inflight_bytes += len(req.payload) if req.payload is not None else 0
+        held = len(req.payload) if req.payload is not None else 0
+        self._inflight_bytes += held
+        self.server.write_bytes += held
         self._pool(fn, args, partial(self._completed, req, then))
 
     def _pool(self, fn: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> None:
@@ -386,7 +411,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def _completed(self, req: Request, then: Done, result: Any, exc: BaseException | None) -> None:
         """A request's pool job ended: bookkeeping, then THEN's reply or the error boundary's."""
         self.inflight -= 1
-        self._inflight_bytes -= len(req.payload) if req.payload is not None else 0
+        held = len(req.payload) if req.payload is not None else 0
+        self._inflight_bytes -= held
+        self.server.write_bytes -= held
+        if held:
+            self.server.budget_freed()
         export = self.export
         if COMMANDS[req.cmd].writes and export is not None:
             # Even a write that failed part-way may have changed some clusters.
@@ -542,12 +571,15 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """Once the socket is closed and nothing is in flight, the connection is over."""
         if self.inflight or not self._lost or self not in self.server.connections:
             return
-        self.server.connections.discard(self)
+        self.server.forget(self)
         # The transport closes the socket when connection_lost returns, and a client that sent
         # DISC waits for that: log afterwards.
         asyncio.get_running_loop().call_soon(self._log_closed)
 
     def _log_closed(self) -> None:
+        if self._quiet:
+            self.server.connection_closed()
+            return
         tls = self.tls
         how = ""
         if tls is not None:
@@ -611,6 +643,8 @@ class NbdServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         workers: int = DEFAULT_WORKERS,
         tls: TlsServer | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
     ) -> None:
         self.exports = dict(exports)
         self.tls = tls
@@ -618,10 +652,15 @@ class NbdServer:
         self.infos = {name: export.info for name, export in self.exports.items()}
         self.default = next(iter(self.exports)) if len(self.exports) == 1 else None
         self.pool = IoPool(asyncio.get_running_loop(), workers)
-        # Receive buffers of closed connections, for new ones to reuse.
-        self._spare_buffers: list[bytearray] = []
         self.handshake_timeout = handshake_timeout
         self.connections: set[NbdProtocol] = set()
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self._per_address: dict[str, int] = {}
+        self._refused = 0  # connections refused since the last line saying so
+        self._refused_logged = float("-inf")
+        self.write_bytes = 0  # WRITE payload held for requests in flight, over every connection
+        self._waiting_for_budget: set[NbdProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # flushes in flight, of every connection
         self.pool_users: set[NbdProtocol] = set()  # connections with jobs in the I/O pool
         self.stopping = False
@@ -643,14 +682,53 @@ class NbdServer:
         users.add(conn)
         return max(MIN_POOL_SHARE, self.pool.workers // len(users))
 
-    def spare_buffer(self) -> bytearray | None:
-        """A receive buffer a closed connection left, if any."""
-        return self._spare_buffers.pop() if self._spare_buffers else None
+    def admit(self, conn: NbdProtocol, address: str | None) -> str | None:
+        """Count a new connection from ADDRESS (None: a Unix socket); why it is refused, if it is."""
+        if len(self.connections) > self.max_connections:
+            return f"more than {self.max_connections} connections (--max-connections)"
+        if address is not None:
+            count = self._per_address.get(address, 0)
+            if count >= self.max_per_address:
+                return f"more than {self.max_per_address} connections from {address} (--max-connections-per-address)"
+            self._per_address[address] = count + 1
+            conn.address = address
+        return None
 
-    def keep_buffer(self, buffer: bytearray | None) -> None:
-        """Keep a closed connection's receive buffer (a few at most) for the next connection."""
-        if buffer is not None and len(self._spare_buffers) < MAX_SPARE_BUFFERS:
-            self._spare_buffers.append(buffer)
+    def refused(self, peer: str, why: str) -> None:
+        """Log a refused connection: at most one line a second, counting the others."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:
+            more = f" (and {self._refused - 1} more since the last such line)" if self._refused > 1 else ""
+            log.warning("refused connection from %s: %s%s", peer, why, more)
+            self._refused = 0
+            self._refused_logged = now
+
+    def forget(self, conn: NbdProtocol) -> None:
+        """A connection is over: it no longer counts against the limits."""
+        self.connections.discard(conn)
+        if conn.address is not None:
+            left = self._per_address.get(conn.address, 1) - 1
+            if left:
+                self._per_address[conn.address] = left
+            else:
+                self._per_address.pop(conn.address, None)
+            conn.address = None
+
+    def over_write_budget(self) -> bool:
+        """Whether the WRITE payload held over every connection is at its bound."""
+        return self.write_bytes >= MAX_WRITE_BYTES
+
+    def wait_for_budget(self, conn: NbdProtocol) -> None:
+        """CONN stopped taking requests for the total write budget: resume it once there is room."""
+        self._waiting_for_budget.add(conn)
+
+    def budget_freed(self) -> None:
+        """Write payload was released: let the connections that waited for room go on."""
+        if self._waiting_for_budget and not self.over_write_budget():
+            waiting, self._waiting_for_budget = self._waiting_for_budget, set()
+            for conn in waiting:
+                conn.resume_taking()
 
     def connection_closed(self) -> None:
         """Note that a connection ended."""

@@ -68,6 +68,7 @@ MAX_DISCARD = 4 * MAX_PAYLOAD
 # largest option plus a partial next message; WRITE payloads up to RING_PAYLOAD are taken
 # from it as views, larger ones are received straight into a buffer of their own.
 RECV_BUFFER = 256 * 1024
+INITIAL_BUFFER = 4096
 RING_PAYLOAD = 64 * 1024
 # get_buffer() offers at least this much room, so a ring payload or an option always fits.
 _MIN_ROOM = max(RING_PAYLOAD, MAX_OPTION_LENGTH) + 64
@@ -219,14 +220,12 @@ class ServerConnection:
         exports: Mapping[str, ExportInfo],
         default: str | None = None,
         *,
-        buffer: bytearray | None = None,
         tls: TlsMode = TlsMode.OFF,
         tls_only: Collection[str] = (),
     ) -> None:
         """Start a connection to serve EXPORTS (DEFAULT for the empty name).
 
-        BUFFER, if given, is a receive buffer to reuse (from release_buffer() of
-        a finished connection); its contents are never read. TLS is the
+        TLS is the
         server's TLS policy; with TlsMode.ON, the exports named in TLS_ONLY are
         served only once TLS is up (with REQUIRE, all of them are).
         """
@@ -249,8 +248,9 @@ class ServerConnection:
         self._context_ids: dict[str, int] = {}
         # The receive buffer: bytes in [_pos, _end) are received and not yet parsed. _shared
         # says WRITE payloads were handed out as views of it: it is then never overwritten,
-        # a fresh one replaces it once it is used up.
-        self._in = buffer if buffer is not None and len(buffer) == RECV_BUFFER else bytearray(RECV_BUFFER)
+        # a fresh one replaces it once it is used up. It starts small, so an idle connection
+        # costs little, and grows to RECV_BUFFER the first time a message does not fit.
+        self._in = bytearray(INITIAL_BUFFER)
         self._view = memoryview(self._in)
         self._pos = 0
         self._end = 0
@@ -272,20 +272,6 @@ class ServerConnection:
         out = self._out
         self._out = []
         return out
-
-    def release_buffer(self) -> bytearray | None:
-        """End the connection and hand over its receive buffer for a new one, if nothing still uses it.
-
-        A fresh buffer costs a page fault per 4 KiB written on the next
-        connection; reusing one saves that on every connect.
-        """
-        self.state = State.CLOSED
-        buf = self._in
-        self._in = bytearray()
-        self._view = memoryview(self._in)
-        self._pos = self._end = 0
-        # WRITE payloads handed out as views of the buffer may still be referenced.
-        return None if self._shared else buf
 
     # ---- input
 
@@ -412,8 +398,11 @@ class ServerConnection:
     def _compact(self) -> None:
         """Move the unparsed bytes to the front, into a fresh buffer if views of the old one are out."""
         n = self._end - self._pos
-        if self._shared:
-            new = bytearray(RECV_BUFFER)
+        size = len(self._in)
+        if size - n < _MIN_ROOM:
+            size = RECV_BUFFER  # the small first buffer: this message needs the full one
+        if self._shared or size > len(self._in):
+            new = bytearray(size)
             new[:n] = self._view[self._pos : self._end]
             self._in = new
             self._view = memoryview(new)

@@ -459,3 +459,103 @@ def test_bad_listen_options_are_one_line_errors(tmp_path: Path, image: Path, arg
     assert res.returncode != 0
     assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert len([line for line in res.stderr.splitlines() if "error" in line]) == 1, res.stderr
+
+
+# ---------------------------------------------------------------- limits a hostile client meets
+
+
+def greeted(sock: socket.socket) -> bool:
+    """Whether the server greeted this connection (False: it was closed before the greeting)."""
+    data = b""
+    while len(data) < 8:
+        chunk = sock.recv(8 - len(data))
+        if not chunk:
+            return False
+        data += chunk
+    return data == b"NBDMAGIC"
+
+
+def rss(pid: int) -> int:
+    m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert m is not None
+    return int(m.group(1)) * 1024
+
+
+def test_connections_past_the_limit_are_closed_before_the_greeting(tmp_path: Path, image: Path) -> None:
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], "--read-only", "--max-connections", "3")
+    with support.running(srv):
+        srv.wait_for_log("export None")  # start_server()'s probe has come and gone
+        held = [Client.unix(srv.sock).connect() for _ in range(3)]
+        refused = 0
+        for _ in range(20):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(str(srv.sock))
+                refused += not greeted(s)
+        assert refused == 20
+        # One of the three leaves; once the server has let it go, a good client gets in.
+        held.pop().close()
+        srv.wait_for_log("export 'd'")
+        with Client.unix(srv.sock) as c:
+            c.connect()
+            assert c.read(0, 4096) == pattern(0, 4096)
+        for c in held:
+            assert c.read(M1, 512) == pattern(M1, 512)  # the others were never disturbed
+            c.close()
+    lines = [ln for ln in srv.log_text().splitlines() if "refused connection" in ln]
+    # One line a second at most, each counting the refusals it stands for.
+    assert 1 <= len(lines) <= 20 and "more than 3 connections (--max-connections)" in lines[0]
+    assert "Traceback" not in srv.log_text()
+
+
+def test_one_tcp_address_cannot_take_every_connection(tmp_path: Path, image: Path) -> None:
+    srv = support.start_prlnbd(
+        tmp_path, [f"d={image}"], "--read-only", "--port", "0", "--max-connections-per-address", "2"
+    )
+    with support.running(srv):
+        m = re.search(r"serving .* on .*\('127\.0\.0\.1', (\d+)\)", srv.wait_for_log("serving"))
+        assert m is not None
+        port = int(m.group(1))
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        assert all(greeted(s) for s in held)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            assert not greeted(s)
+        # Others (here: the Unix socket) are served as before.
+        assert support.nbd_pread(srv.uri("d"), 0, 4096) == pattern(0, 4096)
+        for s in held:
+            s.close()
+    assert "from 127.0.0.1 (--max-connections-per-address)" in srv.log_text()
+
+
+def test_idle_connections_cost_little_memory(tmp_path: Path, image: Path) -> None:
+    """Connections past the handshake that send nothing hold a small receive buffer, not 256 KiB."""
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], "--read-only", "--max-connections", "400")
+    with support.running(srv):
+        warm = [Client.unix(srv.sock).connect() for _ in range(20)]
+        before = rss(srv.proc.pid)
+        idle = [Client.unix(srv.sock).connect() for _ in range(300)]
+        grown = rss(srv.proc.pid) - before
+        for c in warm + idle:
+            c.close()
+    assert grown < 300 * 64 * 1024, f"{grown / 300 / 1024:.0f} KiB per idle connection"
+
+
+def test_a_client_that_never_reads_its_replies_holds_up_no_other(tmp_path: Path, image: Path) -> None:
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], "--read-only")
+    with support.running(srv):
+        hostile = Client.unix(srv.sock, rcvbuf=4096).connect()
+        # READs of 1 MiB, as many as the socket takes, and not one reply read.
+        wanted = b"".join(hostile.pack(Cmd.READ, 0, M1)[1] for _ in range(4000))
+        hostile.sock.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < len(wanted):
+                sent += hostile.sock.send(wanted[sent : sent + 65536])
+        assert sent > 64 * 28  # more than the server takes into flight at once
+        with Client.unix(srv.sock) as good:
+            good.connect()
+            for i in range(8):
+                assert good.read(i * M1, 4096) == pattern(i * M1, 4096)
+        before = rss(srv.proc.pid)
+        assert before < 512 << 20, f"server holds {before >> 20} MiB for one client"
+        hostile.close()
