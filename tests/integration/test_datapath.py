@@ -559,3 +559,23 @@ def test_a_client_that_never_reads_its_replies_holds_up_no_other(tmp_path: Path,
         before = rss(srv.proc.pid)
         assert before < 512 << 20, f"server holds {before >> 20} MiB for one client"
         hostile.close()
+
+
+def test_a_client_flooding_writes_holds_bounded_memory_and_up_no_other(tmp_path: Path, image: Path) -> None:
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"])
+    with support.running(srv):
+        hostile = Client.unix(srv.sock, rcvbuf=4096).connect()
+        payload = b"h" * M1
+        wanted = b"".join(hostile.pack(Cmd.WRITE, (i % 4) * M1, M1, payload=payload)[1] for i in range(400))
+        hostile.sock.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < len(wanted):
+                sent += hostile.sock.send(wanted[sent : sent + M1])
+        with Client.unix(srv.sock) as good:
+            good.connect()
+            for i in range(8, 12):
+                assert good.read(i * M1, 4096) == pattern(i * M1, 4096)
+        held = rss(srv.proc.pid)
+        assert held < 512 << 20, f"server holds {held >> 20} MiB for one client"
+        hostile.close()
