@@ -697,3 +697,63 @@ def test_bitmap_image_writes(tmp_path: Path) -> None:
     q = support.start_qemu_nbd(tmp_path, img, "-r", f"--bitmap={BITMAP}")
     with support.running(q):
         assert _dirty(q.uri()) == want
+
+
+# ---------------------------------------------------------------- 6. space
+
+
+def _allocated(path: Path) -> int:
+    """Bytes the file system holds for PATH (st_blocks)."""
+    return os.stat(path).st_blocks * 512
+
+
+def test_trim_and_zero_give_space_back_and_it_is_reused(tmp_path: Path) -> None:
+    size = 64 * M1
+    img = support.make_parallels(tmp_path / "s.hds", size, K64)
+    p = support.start_prlnbd(tmp_path, [f"s={img}"])
+    with support.running(p):
+        h = connect(p.uri("s"))
+        data = pattern(11, 16 * M1)
+        h.pwrite(data, 0)
+        h.flush()
+        full, full_size = _allocated(img), os.stat(img).st_size
+        assert full >= 16 * M1
+        # TRIM of whole clusters (and a partial one at each end, which stays).
+        h.trim(8 * M1 - 2 * K64 + 100, 100)
+        h.flush()
+        trimmed = _allocated(img)
+        assert trimmed <= full - (8 * M1 - 3 * K64), (full, trimmed)
+        # WRITE_ZEROES over whole clusters punches too.
+        h.zero(4 * M1, 10 * M1)
+        h.flush()
+        zeroed = _allocated(img)
+        assert zeroed <= trimmed - (4 * M1 - K64), (trimmed, zeroed)
+        assert h.pread(4 * M1, 10 * M1) == bytes(4 * M1)
+        assert h.pread(100, 0) == data[:100]
+        assert h.pread(2 * M1, 14 * M1) == data[14 * M1 :]
+        # New data elsewhere goes into the released clusters: the file does not grow.
+        more = pattern(12, 10 * M1)
+        h.pwrite(more, 40 * M1)
+        h.flush()
+        assert os.stat(img).st_size == full_size
+        assert _allocated(img) <= full + K64
+        assert h.pread(10 * M1, 40 * M1) == more
+        # A partial write into a reused (punched) cluster reads zeros around it.
+        h.trim(10 * M1, 40 * M1)
+        h.flush()
+        h.pwrite(b"x" * 100, 60 * M1 + 5000)
+        h.flush()
+        assert h.pread(K64, 60 * M1) == bytes(5000) + b"x" * 100 + bytes(K64 - 5100)
+        h.shutdown()
+    stop_clean(p)
+    rc, report = prlnbd_check(img)
+    assert rc == 0, report
+    qemu_check(img)
+
+
+def prlnbd_check(path: Path) -> tuple[int, dict[str, object]]:
+    import json
+
+    res = subprocess.run([support.PYTHON, "-m", "prlnbd", "check", "--json", str(path)],
+                         capture_output=True, text=True, cwd=support.ROOT, timeout=60, check=False)
+    return res.returncode, json.loads(res.stdout)
