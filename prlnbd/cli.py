@@ -535,11 +535,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
         return report.exit_code
     for f in report.findings:
-        label = "Leaked" if f.kind == "leak" else "ERROR"
+        label = "Leaked" if f.kind == "leak" else "Free" if f.kind == "free" else "ERROR"
         print(f"{label} {f.file}: {f.message}{' [fixed]' if f.fixed else ''}")
     d = report.as_dict()
     if report.exit_code == 0:
-        print("No errors were found on the disk." if not report.findings else "All problems were repaired.")
+        problems = [f for f in report.findings if f.kind != "free"]
+        print("No errors were found on the disk." if not problems else "All problems were repaired.")
     else:
         print(f"{d['corruptions']} errors and {d['leaks']} leaks remain.")
     return report.exit_code

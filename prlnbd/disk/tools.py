@@ -19,7 +19,7 @@ from prlnbd.disk.descriptor import (
 from prlnbd.disk.vm import is_vm_directory, vm_disks
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
-from prlnbd.image.check import NOTICE_KINDS, Finding, check_image
+from prlnbd.image.check import FREE_KIND, NOTICE_KINDS, Finding, check_image
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
@@ -129,8 +129,9 @@ class CheckReport:
             "corruptions": sum(1 for f in left if f.corruption),
             "leaks": sum(1 for f in left if f.kind == "leak"),
             "leaked-bytes": sum(f.leaked_bytes for f in left),
+            "free-bytes": sum(f.free_bytes for f in self.findings),
             "repaired": self.repaired,
-            "problems": [f.as_dict() for f in self.findings],
+            "problems": [f.as_dict() for f in self.findings if f.kind != FREE_KIND],
         }
 
 

@@ -757,3 +757,22 @@ def prlnbd_check(path: Path) -> tuple[int, dict[str, object]]:
     res = subprocess.run([support.PYTHON, "-m", "prlnbd", "check", "--json", str(path)],
                          capture_output=True, text=True, cwd=support.ROOT, timeout=60, check=False)
     return res.returncode, json.loads(res.stdout)
+
+
+def test_check_counts_punched_clusters_as_free_not_leaked(tmp_path: Path) -> None:
+    img = support.make_parallels(tmp_path / "f.hds", 32 * M1, K64)
+    p = support.start_prlnbd(tmp_path, [f"f={img}"])
+    with support.running(p):
+        h = connect(p.uri("f"))
+        h.pwrite(pattern(5, 8 * M1), 0)
+        h.flush()
+        h.trim(2 * M1, M1)  # whole clusters in the middle: punched, free
+        h.flush()
+        h.shutdown()
+    stop_clean(p)
+    rc, report = prlnbd_check(img)
+    assert rc == 0 and report["leaks"] == 0 and not report["problems"], report
+    assert report["free-bytes"] == 2 * M1, report
+    out = support.run(support.PYTHON, "-m", "prlnbd", "check", img).stdout
+    assert "Free" in out and "2097152 bytes (32 clusters) free" in out and "No errors were found" in out, out
+    qemu_check(img)
