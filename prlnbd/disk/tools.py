@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from prlnbd.disk.vm import is_vm_directory, vm_disks
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
 from prlnbd.image.check import FREE_KIND, NOTICE_KINDS, Finding, check_image
+from prlnbd.image.compact import CompactResult, compact_image
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
@@ -188,6 +190,11 @@ def _top_image_path(path: Path) -> Path:
             raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
         return top.file
     return path
+
+
+def compact_disk(path: Path, progress: Callable[[int, int], None] | None = None) -> CompactResult:
+    """Compact the top image of the disk at PATH (offline): see compact_image."""
+    return compact_image(_top_image_path(path), progress)
 
 
 def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) -> list[dict[str, object]]:
