@@ -194,7 +194,14 @@ def _top_image_path(path: Path) -> Path:
 
 def compact_disk(path: Path, progress: Callable[[int, int], None] | None = None) -> CompactResult:
     """Compact the top image of the disk at PATH (offline): see compact_image."""
-    return compact_image(_top_image_path(path), progress)
+    top = path
+    if path.is_dir() or path.name.lower().endswith(".xml"):
+        desc = parse_descriptor(descriptor_path(path))
+        entry = desc.images[desc.top_guid]
+        if entry.type != "Compressed":
+            raise PrlNbdError(f"{entry.file}: a plain image has no clusters to move")
+        top = entry.file
+    return compact_image(top, progress)
 
 
 def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) -> list[dict[str, object]]:

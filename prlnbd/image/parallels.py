@@ -13,6 +13,7 @@ import os
 import stat
 import struct
 import sys
+import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_no_punch_lock = threading.Lock()  # so that a refusal is logged once, whichever worker sees it first
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -648,9 +650,12 @@ class ParallelsImage:
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
-                w.no_punch = True
-                log.warning("%s: the file system cannot punch holes (%s): released clusters stay allocated"
-                            " until they are reused", self.path, e.strerror)
+                with _no_punch_lock:
+                    first = not w.no_punch
+                    w.no_punch = True
+                if first:
+                    log.warning("%s: the file system cannot punch holes (%s): released clusters stay"
+                                " allocated until they are reused", self.path, e.strerror)
                 return
 
     def reuse(self, hosts: list[int]) -> None:

@@ -141,3 +141,52 @@ def test_compact_killed_at_every_step_reads_the_same(tmp_path: Path) -> None:
         assert guest_bytes(img) == expected, f"compacted again after a kill before step {step}"
         assert prlnbd("check", img).returncode == 0
     assert step > 10
+
+
+def test_compact_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    img = holey_image(tmp_path, size=8 * M1, data=4 * M1)
+    master, slave = pty.openpty()
+    try:
+        res = subprocess.run([support.PYTHON, "-m", "prlnbd", "compact", str(img)], stdout=subprocess.PIPE,
+                             stderr=slave, text=True, cwd=support.ROOT, timeout=120, check=False)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the writer side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert res.returncode == 0, out
+    assert b"compact: [" in out and b"100.0%" in out, out
+    assert "gave back" in res.stdout
+
+
+def test_compact_a_bundle_compacts_its_top_image(tmp_path: Path) -> None:
+    bundle = tmp_path / "b.hdd"
+    assert prlnbd("create", bundle, "--size", "8M", "--cluster-size", "64K").returncode == 0
+    p = support.start_prlnbd(tmp_path, [f"b={bundle}"])
+    with support.running(p):
+        h = nbd.NBD()
+        h.connect_uri(p.uri("b"))
+        h.pwrite(b"\x11" * (4 * M1), 0)
+        h.flush()
+        h.trim(2 * M1, 0)
+        h.shutdown()
+    assert p.proc.returncode == 0
+    before = guest_bytes(bundle)
+    res = prlnbd("compact", bundle, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["moved-clusters"] == 32 and out["size-after"] == out["size-before"] - 2 * M1, out
+    assert guest_bytes(bundle) == before
+    assert prlnbd("check", bundle).returncode == 0
