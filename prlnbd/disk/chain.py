@@ -519,6 +519,8 @@ class Disk:
         cs = top.cluster_size
         start = cluster * cs
         below = [r for r in self._below(start, cs) if not r.zero]
+        if not fresh and not below and len(piece) < cs:
+            fresh = top.clear_cluster(new_host)  # a reused cluster: punched, it reads as zeros
         if fresh and not below:
             # The new cluster reads as zeros already: write only the request's bytes.
             if len(piece) < cs:

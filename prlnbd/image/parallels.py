@@ -586,6 +586,23 @@ class ParallelsImage:
         w.data_end = end
         return host, fresh
 
+    def clear_cluster(self, host: int) -> bool:
+        """Make a cluster from allocate() read as zeros by punching it; False where that cannot be done.
+
+        For a reused cluster about to take a partial write: nothing maps it, on disk or in
+        memory, and no I/O still uses it, so punching it changes nothing anyone reads.
+        """
+        w = self._state()
+        if w.no_punch:
+            return False
+        try:
+            punch_hole(self.fd, host, self.cluster_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return False
+        return True
+
     def unallocate(self, host: int) -> None:
         """Give back a cluster from allocate() whose data could not be written."""
         w = self._state()

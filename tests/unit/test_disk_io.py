@@ -203,3 +203,38 @@ def test_a_reopened_image_reuses_clusters_nothing_references(tmp_path: Path) -> 
     assert int(img.bat[20]) == img.data_off + CS
     assert read(d, 0, 4 * CS) == b"a" * CS + bytes(CS) + b"a" * (2 * CS)
     d.close()
+
+
+@pytest.mark.parametrize("punch", [True, False])
+def test_a_partial_write_into_a_reused_stale_cluster_reads_zeros_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool
+) -> None:
+    """A slot nothing references but that holds old bytes (a crash's leftover) is reused: the new
+    cluster reads zeros around the write, whether it is punched first or written whole."""
+    import errno
+    import struct
+
+    from prlnbd.image import format as fmt
+    from prlnbd.image import parallels
+
+    path = tmp_path / "s.hds"
+    write_image(path, SIZE, cluster_size=CS)
+    d = open_disk(path, writable=True)
+    d.write(0, b"a" * (4 * CS))
+    d.close()
+    with path.open("r+b") as f:  # unmap cluster 1: its slot keeps its bytes
+        f.seek(fmt.HEADER_SIZE + 4)
+        f.write(struct.pack("<I", 0))
+    if not punch:
+        def refuse(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(parallels, "punch_hole", refuse)
+    d = open_disk(path, writable=True)
+    img = top(d)
+    stale = img.data_off + CS
+    assert img._state().free == [stale]
+    d.write(20 * CS + 100, b"b" * 50)
+    assert int(img.bat[20]) == stale
+    assert read(d, 20 * CS, CS) == bytes(100) + b"b" * 50 + bytes(CS - 150)
+    d.close()
