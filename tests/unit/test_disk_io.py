@@ -145,8 +145,8 @@ def test_concurrent_writes_and_trims_keep_the_image_consistent(disk: Disk) -> No
     disk.close()
 
 
-def test_released_clusters_are_punched_and_reused_as_whole_clusters(disk: Disk, tmp_path: Path) -> None:
-    """A TRIM punches the released cluster; reused, it is written whole (zeros around a partial write)."""
+def test_released_clusters_are_punched_and_reused(disk: Disk, tmp_path: Path) -> None:
+    """A TRIM punches the released cluster; reused by a partial write, it reads zeros around it."""
     import os
 
     disk.write(0, b"a" * (4 * CS))
