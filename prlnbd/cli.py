@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="open images a descriptor names outside its bundle directory (.., absolute paths, symlinks)",
         )
 
+    compact = sub.add_parser(
+        "compact", help="move the top image's clusters into its free space and shorten the file (offline)"
+    )
+    compact.add_argument("path", metavar="PATH")
+    compact.add_argument("--json", action="store_true", help="machine-readable output")
+
     bitmap = sub.add_parser("bitmap", help="manage the dirty bitmaps of the top image (offline)")
     bitmap.add_argument("path", metavar="PATH")
     bsub = bitmap.add_subparsers(dest="action", required=True)
@@ -264,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "snapshot": cmd_snapshot,
         "check": cmd_check,
         "bitmap": cmd_bitmap,
+        "compact": cmd_compact,
     }
     try:
         return handlers[args.command](args)
@@ -672,14 +679,46 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
         return report.exit_code
     for f in report.findings:
-        label = "Leaked" if f.kind == "leak" else "ERROR"
+        label = "Leaked" if f.kind == "leak" else "Free" if f.kind == "free" else "ERROR"
         print(f"{label} {f.file}: {f.message}{' [fixed]' if f.fixed else ''}")
     d = report.as_dict()
     if report.exit_code == 0:
-        print("No errors were found on the disk." if not report.findings else "All problems were repaired.")
+        problems = [f for f in report.findings if f.kind != "free"]
+        print("No errors were found on the disk." if not problems else "All problems were repaired.")
     else:
         print(f"{d['corruptions']} errors and {d['leaks']} leaks remain.")
     return report.exit_code
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    """prlnbd compact: fill the top image's holes with its last clusters, truncate, report the space."""
+    from prlnbd.disk.tools import compact_disk
+
+    bar = _progress_bar("compact") if sys.stderr.isatty() else None
+    result = compact_disk(Path(args.path), bar)
+    if bar is not None:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    print(
+        f"{result.path}: moved {result.moved} clusters; file {result.size_before} -> {result.size_after} bytes,"
+        f" allocated {result.allocated_before} -> {result.allocated_after} bytes;"
+        f" gave back {result.given_back} bytes ({_human(result.given_back)})"
+    )
+    return 0
+
+
+def _progress_bar(label: str, width: int = 40) -> Callable[[int, int], None]:
+    """A progress callback drawing one line on stderr (a terminal)."""
+
+    def show(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        fill = int(frac * width)
+        sys.stderr.write(f"\r{label}: [{'#' * fill}{' ' * (width - fill)}] {frac:6.1%} {done}/{total} clusters")
+        sys.stderr.flush()
+
+    return show
 
 
 def cmd_bitmap(args: argparse.Namespace) -> int:

@@ -234,7 +234,8 @@ class Disk:
     # reads or writes it. Every I/O in a worker runs inside an epoch (_enter/_leave); a flush
     # that makes releases durable puts their host clusters in quarantine under the current
     # epoch and starts a new one (end_flush, on the thread that answers requests); they become
-    # reusable once no I/O of that epoch or older is running.
+    # reusable once no I/O of that epoch or older is running. A TRIM or zeroing punches the
+    # clusters it released before it leaves its epoch, so never one already reused.
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -518,6 +519,8 @@ class Disk:
         cs = top.cluster_size
         start = cluster * cs
         below = [r for r in self._below(start, cs) if not r.zero]
+        if not fresh and not below and len(piece) < cs:
+            fresh = top.clear_cluster(new_host)  # a reused cluster: punched, it reads as zeros
         if fresh and not below:
             # The new cluster reads as zeros already: write only the request's bytes.
             if len(piece) < cs:
@@ -565,12 +568,18 @@ class Disk:
         plan = self._zero_plan(top, offset, length, trim=trim, no_hole=no_hole)
         if fast and any(action == "write" for action, _, _ in plan):
             raise NotImplementedError("zeroing this range would have to write zeros over data")
+        released: list[int] = []
         for action, at, n in plan:
             if action == "release":
                 with self._lock:
-                    top.release_cluster(at // top.cluster_size)
+                    host = top.release_cluster(at // top.cluster_size)
+                if host:
+                    released.append(host)
             else:
                 self._write_zeros(at, n)
+        if released:
+            # Punched inside this request's epoch: the hosts are not reusable before it ends.
+            top.punch(released)
 
     def _zero_plan(
         self, top: ParallelsImage, offset: int, length: int, *, trim: bool, no_hole: bool

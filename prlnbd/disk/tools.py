@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from prlnbd.disk.descriptor import (
 from prlnbd.disk.vm import is_vm_directory, vm_disks
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
-from prlnbd.image.check import NOTICE_KINDS, Finding, check_image
+from prlnbd.image.check import FREE_KIND, NOTICE_KINDS, Finding, check_image
+from prlnbd.image.compact import CompactResult, compact_image
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
@@ -129,8 +131,9 @@ class CheckReport:
             "corruptions": sum(1 for f in left if f.corruption),
             "leaks": sum(1 for f in left if f.kind == "leak"),
             "leaked-bytes": sum(f.leaked_bytes for f in left),
+            "free-bytes": sum(f.free_bytes for f in self.findings),
             "repaired": self.repaired,
-            "problems": [f.as_dict() for f in self.findings],
+            "problems": [f.as_dict() for f in self.findings if f.kind != FREE_KIND],
         }
 
 
@@ -187,6 +190,18 @@ def _top_image_path(path: Path) -> Path:
             raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
         return top.file
     return path
+
+
+def compact_disk(path: Path, progress: Callable[[int, int], None] | None = None) -> CompactResult:
+    """Compact the top image of the disk at PATH (offline): see compact_image."""
+    top = path
+    if path.is_dir() or path.name.lower().endswith(".xml"):
+        desc = parse_descriptor(descriptor_path(path))
+        entry = desc.images[desc.top_guid]
+        if entry.type != "Compressed":
+            raise PrlNbdError(f"{entry.file}: a plain image has no clusters to move")
+        top = entry.file
+    return compact_image(top, progress)
 
 
 def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) -> list[dict[str, object]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ CORRUPTION_KINDS = frozenset(
     ("busy", "in_use", "data_off", "below_data", "outside", "duplicate", "header", "extension", "chain")
 )
 # Kinds that only inform: they need no repair and do not change the exit code.
-NOTICE_KINDS = frozenset(("bitmap",))
+NOTICE_KINDS = frozenset(("bitmap", "free"))
+# Free space inside the data area: reported in the totals, not as a problem.
+FREE_KIND = "free"
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Finding:
     message: str
     fixed: bool = False
     leaked_bytes: int = 0
+    free_bytes: int = 0
 
     @property
     def corruption(self) -> bool:
@@ -167,6 +171,9 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
         img.header.data_off = new_data_off // fmt.SECTOR
         os.pwrite(fd, img.header.pack(), 0)
         os.fsync(fd)
+    free = _free_space(img, high)
+    if free is not None:
+        out.append(free)
     size = os.fstat(fd).st_size if repair else img.file_size
     if size > high:
         leaked = size - high
@@ -202,3 +209,39 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
             f.fixed = True
         out.append(f)
     return out
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) of FD holds no data (SEEK_DATA finds none in it)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data from OFFSET to the end of the file
+            return True
+        raise
+
+
+def _free_space(img: ParallelsImage, high: int) -> Finding | None:
+    """The cluster slots before HIGH that no BAT entry or extension cluster uses.
+
+    Those that are holes in the file (punched by a TRIM or WRITE_ZEROES) are free
+    space, not leaks; those that still hold bytes (a write a crash left unmapped)
+    are reported with them. A writer reuses both before it grows the file, and
+    `qemu-img check` counts neither (it only counts space past the last cluster).
+    """
+    cs = img.cluster_size
+    holes = stale = 0
+    for host in img.unreferenced():
+        if host + cs > high:
+            break
+        if _is_hole(img.fd, host, cs):
+            holes += 1
+        else:
+            stale += 1
+    if not holes and not stale:
+        return None
+    msg = f"{holes * cs} bytes ({holes} clusters) free: holes no BAT entry maps"
+    if stale:
+        msg += f"; {stale * cs} bytes ({stale} clusters) unused that still hold data"
+    msg += "; a writer reuses them before the file grows, `prlnbd compact` gives them back"
+    return Finding(img.path.as_posix(), FREE_KIND, msg, free_bytes=(holes + stale) * cs)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
+import errno
 import fcntl
 import itertools
+import logging
 import os
 import stat
 import struct
 import sys
+import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +30,26 @@ from prlnbd.image.extension import (
     kept_features,
     read_extension,
 )
+
+log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+_no_punch_lock = threading.Lock()  # so that a refusal is logged once, whichever worker sees it first
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset+length) of FD, keeping its size: it reads as zeros after.
+
+    Raises OSError (EOPNOTSUPP where the file system cannot). ctypes drops the GIL for the call.
+    """
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 @dataclass
@@ -395,6 +419,33 @@ class ParallelsImage:
             yield Segment(pos, stop - pos, start_host)
             pos = stop
 
+    def unreferenced(self) -> list[int]:
+        """Host offsets of the cluster slots before the last used cluster that nothing references.
+
+        Slots lie on the data area's cluster grid (as allocate() places clusters);
+        a slot any BAT entry or extension cluster overlaps is in use.
+        """
+        cs = self.cluster_size
+        first = self._align_host(self.data_off)
+        used_hosts = [int(self.bat[c]) for c in self.allocated]
+        if self.extension is not None:
+            used_hosts += self.extension.clusters()
+        if not used_hosts:
+            return []
+        end = max(used_hosts) + cs
+        slots = max(0, -(-(end - first) // cs))
+        used = bytearray(slots)
+        for host in used_hosts:
+            lo = max(0, (host - first) // cs)
+            hi = min(slots, -(-(host + cs - first) // cs))
+            used[lo:hi] = b"\1" * (hi - lo)
+        out: list[int] = []
+        pos = used.find(0)
+        while pos >= 0:
+            out.append(first + pos * cs)
+            pos = used.find(0, pos + 1)
+        return out
+
     def allocated_bytes(self) -> int:
         """How many guest bytes this image maps."""
         return len(self.allocated) * self.cluster_size
@@ -439,6 +490,9 @@ class ParallelsImage:
             data_end=self._align_host(used_end),
             closed_in_use=self.header.in_use,
         )
+        # Clusters no BAT entry or extension references (freed by an earlier writer, or left by a
+        # crash) are reusable now, lowest first.
+        self._writer.free = sorted(self.unreferenced(), reverse=True)
         if ext is not None and ext.bitmaps:
             self._invalidate_bitmaps(ext)
         self._set_in_use(fmt.IN_USE_OPEN)
@@ -532,6 +586,23 @@ class ParallelsImage:
         w.data_end = end
         return host, fresh
 
+    def clear_cluster(self, host: int) -> bool:
+        """Make a cluster from allocate() read as zeros by punching it; False where that cannot be done.
+
+        For a reused cluster about to take a partial write: nothing maps it, on disk or in
+        memory, and no I/O still uses it, so punching it changes nothing anyone reads.
+        """
+        w = self._state()
+        if w.no_punch:
+            return False
+        try:
+            punch_hole(self.fd, host, self.cluster_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return False
+        return True
+
     def unallocate(self, host: int) -> None:
         """Give back a cluster from allocate() whose data could not be written."""
         w = self._state()
@@ -556,17 +627,53 @@ class ParallelsImage:
             bisect.insort(self.allocated, cluster)
         w.dirty.add(cluster)
 
-    def release_cluster(self, cluster: int) -> None:
-        """Unmap guest CLUSTER; its host cluster is reused once the unmapping is durable."""
+    def release_cluster(self, cluster: int) -> int:
+        """Unmap guest CLUSTER; its host cluster is reused once the unmapping is durable.
+
+        Returns the host offset it was mapped to (0 when it was not).
+        """
         w = self._state()
         host = int(self.bat[cluster])
         if not host:
-            return
+            return 0
         i = bisect.bisect_left(self.allocated, cluster)
         del self.allocated[i]
         self.bat[cluster] = 0
         w.dirty.add(cluster)
         w.pending_free.append(host)
+        return host
+
+    def punch(self, hosts: list[int]) -> None:
+        """Give the space of released host clusters back to the file system (safe in a worker thread).
+
+        Only for clusters just released by a TRIM or WRITE_ZEROES of the very guest
+        cluster they held, before they can be reused: after a crash, a BAT entry on
+        disk may still map one, and it then reads as zeros, as the guest asked.
+        Where the file system cannot punch holes, the clusters stay allocated (logged once).
+        """
+        w = self._state()
+        if w.no_punch:
+            return
+        cs = self.cluster_size
+        runs: list[list[int]] = []
+        for host in sorted(hosts):
+            if runs and runs[-1][1] == host:
+                runs[-1][1] = host + cs
+            else:
+                runs.append([host, host + cs])
+        for start, end in runs:
+            try:
+                punch_hole(self.fd, start, end - start)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                with _no_punch_lock:
+                    first = not w.no_punch
+                    w.no_punch = True
+                if first:
+                    log.warning("%s: the file system cannot punch holes (%s): released clusters stay"
+                                " allocated until they are reused", self.path, e.strerror)
+                return
 
     def reuse(self, hosts: list[int]) -> None:
         """Let allocate() hand out HOSTS again: clusters whose release is durable and no longer read."""
@@ -681,6 +788,7 @@ class _WriteState:
     dirty: set[int] = field(default_factory=set)  # guest clusters whose BAT entry is not yet on disk
     pending_free: list[int] = field(default_factory=list)  # released, not yet durable: not reusable
     free: list[int] = field(default_factory=list)  # released and durable: reusable
+    no_punch: bool = False  # the file system refused PUNCH_HOLE: stop trying
 
 
 @dataclass

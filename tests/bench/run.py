@@ -102,10 +102,11 @@ MANY = ("many-8x4", "many-32x1")
 SCENES = (*COLD_READS, *VM_BACKUPS, "newcomer", *MANY, "durable-write")
 TLS_ROWS = ("tls-read-seq", "tls-read-rand", "tls-write-seq")
 BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand",
-              *SCENES, *TLS_ROWS)
+              *SCENES, *TLS_ROWS, "space-reuse")
 GROUPS = {
     "reads": ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t"),
     "writes": ("write-seq", "write-rand"),
+    "space": ("space-reuse",),
     "cold-read": COLD_READS,
     "vm-backup": VM_BACKUPS,
     "many": MANY,
@@ -979,6 +980,59 @@ class Bench:
                              f"{statistics.median(flushes[True]):.0f}, qemu-nbd "
                              f"{statistics.median(flushes[False] or [0]):.0f}; images on {where}")
 
+    def bench_space(self) -> None:
+        """space-reuse: write 1 GiB, TRIM it all and flush, write 1 GiB elsewhere; the file's st_blocks.
+
+        Each side on a fresh 2 GiB image; the figure is what the image's allocated size grew by
+        (st_blocks after the server stopped, less the empty image's header and BAT). The verdict
+        is absolute: prlnbd within one cluster of 1 GiB.
+        qemu-nbd runs with --discard=unmap (without it, it ignores TRIM).
+        """
+        row = self.new_row("space-reuse", "MiB", "qemu-nbd --discard=unmap", higher=False)
+        sizes: dict[bool, list[int]] = {True: [], False: []}
+        headers: dict[bool, int] = {}
+
+        def measure(i: int, subject: bool) -> float:
+            image = create_image(self.write_dir / f"sp-{'s' if subject else 'q'}{i}.hds", 2 * GiB)
+            empty = image.stat().st_blocks  # header and BAT, as qemu-img wrote them
+            server = (self.start_subject(image, False) if subject
+                      else self.start_qemu(image, False, "--discard=unmap"))
+            try:
+                if subject and is_read_only(server):
+                    raise SkipBench(f"{self.subject} exports the image read-only")
+                self.fio_job(nbd_target(server.uri()), "write", "1M", 8, size=GiB)
+                run_cmd([PYTHON, "-c", "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n"
+                         f"h.trim({GiB}, 0)\nh.flush()\nh.shutdown()", server.uri()])
+                self.fio_job(nbd_target(server.uri()), "write", "1M", 8, size=GiB,
+                             extra=[f"--offset={GiB}"])
+            finally:
+                self.stop(server)
+            try:
+                st = image.stat()
+                sizes[subject].append(st.st_size)
+                headers[subject] = empty * SECTOR
+                return (st.st_blocks - empty) * SECTOR / MiB
+            finally:
+                image.unlink(missing_ok=True)
+
+        try:
+            self.alternate(row, lambda i: measure(i, True), lambda i: measure(i, False))
+        except SkipBench as exc:
+            row.status = "SKIP"
+            row.notes.append(f"{exc}")
+            return
+        except BenchError as exc:
+            row.status = "ERROR"
+            row.notes.append(str(exc))
+            return
+        limit = (GiB + CLUSTER) / MiB
+        worst = max(row.prlnbd)
+        row.status = "PASS" if worst <= limit else "FAIL"
+        row.notes.append(f"{self.subject} allocated at most {worst:.3f} MiB (limit {limit:.0f} MiB ="
+                         f" 1 GiB + one cluster) over the empty image's {headers.get(True, 0)} bytes;"
+                         f" file sizes {self.subject} {max(sizes[True]) / MiB:.0f} MiB,"
+                         f" qemu-nbd {max(sizes[False] or [0]) / MiB:.0f} MiB; images on {self.write_dir}")
+
     def verify_writes(self, row: Row, rw: str, bs: str, iodepth: int) -> None:
         """Write 256 MiB with checksummed blocks through prlnbd, then read them back."""
         image = create_image(self.write_dir / "verify.hds", WRITE_SIZE)
@@ -1396,6 +1450,8 @@ class Bench:
         tls = [n for n in TLS_ROWS if n in wanted]
         if tls:
             steps.append((" + ".join(tls), lambda: self.bench_tls(tls)))
+        if "space-reuse" in wanted:
+            steps.append(("space-reuse", self.bench_space))
         for label, step in steps:
             t0 = time.monotonic()
             log(f"== {label}")

@@ -697,3 +697,106 @@ def test_bitmap_image_writes(tmp_path: Path) -> None:
     q = support.start_qemu_nbd(tmp_path, img, "-r", f"--bitmap={BITMAP}")
     with support.running(q):
         assert _dirty(q.uri()) == want
+
+
+# ---------------------------------------------------------------- 6. space
+
+
+def _allocated(path: Path) -> int:
+    """Bytes the file system holds for PATH (st_blocks)."""
+    return os.stat(path).st_blocks * 512
+
+
+def test_trim_and_zero_give_space_back_and_it_is_reused(tmp_path: Path) -> None:
+    size = 64 * M1
+    img = support.make_parallels(tmp_path / "s.hds", size, K64)
+    p = support.start_prlnbd(tmp_path, [f"s={img}"])
+    with support.running(p):
+        h = connect(p.uri("s"))
+        data = pattern(11, 16 * M1)
+        h.pwrite(data, 0)
+        h.flush()
+        full, full_size = _allocated(img), os.stat(img).st_size
+        assert full >= 16 * M1
+        # TRIM of whole clusters (and a partial one at each end, which stays).
+        h.trim(8 * M1 - 2 * K64 + 100, 100)
+        h.flush()
+        trimmed = _allocated(img)
+        assert trimmed <= full - (8 * M1 - 3 * K64), (full, trimmed)
+        # WRITE_ZEROES over whole clusters punches too.
+        h.zero(4 * M1, 10 * M1)
+        h.flush()
+        zeroed = _allocated(img)
+        assert zeroed <= trimmed - (4 * M1 - K64), (trimmed, zeroed)
+        assert h.pread(4 * M1, 10 * M1) == bytes(4 * M1)
+        assert h.pread(100, 0) == data[:100]
+        assert h.pread(2 * M1, 14 * M1) == data[14 * M1 :]
+        # New data elsewhere goes into the released clusters: the file does not grow.
+        more = pattern(12, 10 * M1)
+        h.pwrite(more, 40 * M1)
+        h.flush()
+        assert os.stat(img).st_size == full_size
+        assert _allocated(img) <= full + K64
+        assert h.pread(10 * M1, 40 * M1) == more
+        # A partial write into a reused (punched) cluster reads zeros around it.
+        h.trim(10 * M1, 40 * M1)
+        h.flush()
+        h.pwrite(b"x" * 100, 60 * M1 + 5000)
+        h.flush()
+        assert h.pread(K64, 60 * M1) == bytes(5000) + b"x" * 100 + bytes(K64 - 5100)
+        h.shutdown()
+    stop_clean(p)
+    rc, report = prlnbd_check(img)
+    assert rc == 0, report
+    qemu_check(img)
+
+
+def prlnbd_check(path: Path) -> tuple[int, dict[str, object]]:
+    import json
+
+    res = subprocess.run([support.PYTHON, "-m", "prlnbd", "check", "--json", str(path)],
+                         capture_output=True, text=True, cwd=support.ROOT, timeout=60, check=False)
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_check_counts_punched_clusters_as_free_not_leaked(tmp_path: Path) -> None:
+    img = support.make_parallels(tmp_path / "f.hds", 32 * M1, K64)
+    p = support.start_prlnbd(tmp_path, [f"f={img}"])
+    with support.running(p):
+        h = connect(p.uri("f"))
+        h.pwrite(pattern(5, 8 * M1), 0)
+        h.flush()
+        h.trim(2 * M1, M1)  # whole clusters in the middle: punched, free
+        h.flush()
+        h.shutdown()
+    stop_clean(p)
+    rc, report = prlnbd_check(img)
+    assert rc == 0 and report["leaks"] == 0 and not report["problems"], report
+    assert report["free-bytes"] == 2 * M1, report
+    out = support.run(support.PYTHON, "-m", "prlnbd", "check", img).stdout
+    assert "Free" in out and "2097152 bytes (32 clusters) free" in out and "No errors were found" in out, out
+    qemu_check(img)
+
+
+def test_check_and_qemu_img_check_agree_after_a_crash_with_punched_clusters(tmp_path: Path) -> None:
+    """Punched clusters in the middle are free for both (qemu counts nothing there); punched ones at
+    the end of the file are the same leaked bytes for both."""
+    img = support.make_parallels(tmp_path / "k.hds", 32 * M1, K64)
+    p = support.start_prlnbd(tmp_path, [f"k={img}"])
+    try:
+        h = connect(p.uri("k"))
+        h.pwrite(pattern(8, 8 * M1), 0)
+        h.flush()
+        h.trim(M1, 2 * M1)
+        h.trim(M1, 7 * M1)
+        h.flush()
+    finally:
+        p.stop(signal.SIGKILL)
+    rc, report = prlnbd_check(img)
+    assert rc == 2 and report["leaked-bytes"] == M1 and report["free-bytes"] == M1, report
+    assert {pr["kind"] for pr in report["problems"]} == {"in_use", "leak"}, report  # type: ignore[union-attr]
+    res = support.run("qemu-img", "check", "-f", "parallels", img, check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode == 2, text
+    assert f"ERROR space leaked at the end of the image {M1}" in text, text
+    assert f"{M1 // K64} leaked clusters were found" in text, text

@@ -143,3 +143,98 @@ def test_concurrent_writes_and_trims_keep_the_image_consistent(disk: Disk) -> No
     assert sorted(c for c in range(len(img.bat)) if img.bat[c]) == img.allocated
     assert not set(hosts) & set(img._state().free)
     disk.close()
+
+
+def test_released_clusters_are_punched_and_reused(disk: Disk, tmp_path: Path) -> None:
+    """A TRIM punches the released cluster; reused by a partial write, it reads zeros around it."""
+    import os
+
+    disk.write(0, b"a" * (4 * CS))
+    img = top(disk)
+    flush(disk)
+    before = os.fstat(img.fd).st_blocks
+    disk.zero(CS, 2 * CS, trim=True)
+    assert os.fstat(img.fd).st_blocks * 512 <= before * 512 - 2 * CS
+    flush(disk)
+    disk.write(40 * CS + 10, b"b" * 10)
+    assert read(disk, 40 * CS, 30) == bytes(10) + b"b" * 10 + bytes(10)
+    assert img._state().data_end == img.data_off + 4 * CS  # reused, the file did not grow
+    disk.close()
+
+
+def test_a_file_system_without_punch_hole_keeps_the_cluster(
+    disk: Disk, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EOPNOTSUPP from PUNCH_HOLE: the TRIM still succeeds, logged once, and the cluster is reused."""
+    import errno
+
+    from prlnbd.image import parallels
+
+    calls = []
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        calls.append(offset)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(parallels, "punch_hole", refuse)
+    disk.write(0, b"a" * (4 * CS))
+    disk.zero(0, CS, trim=True)
+    disk.zero(2 * CS, CS)
+    assert len(calls) == 1
+    assert sum("cannot punch holes" in r.getMessage() for r in caplog.records) == 1
+    assert read(disk, 0, 3 * CS) == bytes(CS) + b"a" * CS + bytes(CS)
+    flush(disk)
+    disk.write(50 * CS, b"c" * CS)
+    assert top(disk)._state().data_end == top(disk).data_off + 4 * CS
+    disk.close()
+
+
+def test_a_reopened_image_reuses_clusters_nothing_references(tmp_path: Path) -> None:
+    """Freed clusters in the middle of the file are reused by the next writer before the file grows."""
+    path = tmp_path / "r.hds"
+    write_image(path, SIZE, cluster_size=CS)
+    d = open_disk(path, writable=True)
+    d.write(0, b"a" * (4 * CS))
+    d.zero(CS, CS, trim=True)
+    d.close()
+    d = open_disk(path, writable=True)
+    d.write(20 * CS, b"b" * CS)
+    img = top(d)
+    assert int(img.bat[20]) == img.data_off + CS
+    assert read(d, 0, 4 * CS) == b"a" * CS + bytes(CS) + b"a" * (2 * CS)
+    d.close()
+
+
+@pytest.mark.parametrize("punch", [True, False])
+def test_a_partial_write_into_a_reused_stale_cluster_reads_zeros_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool
+) -> None:
+    """A slot nothing references but that holds old bytes (a crash's leftover) is reused: the new
+    cluster reads zeros around the write, whether it is punched first or written whole."""
+    import errno
+    import struct
+
+    from prlnbd.image import format as fmt
+    from prlnbd.image import parallels
+
+    path = tmp_path / "s.hds"
+    write_image(path, SIZE, cluster_size=CS)
+    d = open_disk(path, writable=True)
+    d.write(0, b"a" * (4 * CS))
+    d.close()
+    with path.open("r+b") as f:  # unmap cluster 1: its slot keeps its bytes
+        f.seek(fmt.HEADER_SIZE + 4)
+        f.write(struct.pack("<I", 0))
+    if not punch:
+        def refuse(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(parallels, "punch_hole", refuse)
+    d = open_disk(path, writable=True)
+    img = top(d)
+    stale = img.data_off + CS
+    assert img._state().free == [stale]
+    d.write(20 * CS + 100, b"b" * 50)
+    assert int(img.bat[20]) == stale
+    assert read(d, 20 * CS, CS) == bytes(100) + b"b" * 50 + bytes(CS - 150)
+    d.close()
