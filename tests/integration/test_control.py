@@ -213,3 +213,28 @@ def test_control_path_that_cannot_be_a_socket_is_refused(tmp_path: Path, what: s
     assert res.returncode == 1 and str(control) in res.stderr
     if what == "file":
         assert control.read_text() == "keep me"
+
+
+def test_a_connection_that_chose_a_removed_bitmap_gets_einval_for_it_and_goes_on(tmp_path: Path) -> None:
+    import nbd
+
+    srv, _, control = serve(tmp_path)
+    with support.running(srv):
+        ctl(control, "bitmap", "d", "add", A)
+        context = f"qemu:dirty-bitmap:{A}"
+        h = nbd.NBD()
+        h.add_meta_context(context)
+        h.connect_uri(srv.uri("d"))
+        try:
+            assert h.can_meta_context(context)
+            seen: list[int] = []
+            h.block_status(64 * K, 0, lambda ctx, offset, entries, err: seen.extend(entries) or 0)
+            assert seen[1] == 0
+            ctl(control, "bitmap", "d", "remove", A)
+            with pytest.raises(nbd.Error) as info:
+                h.block_status(64 * K, 0, lambda ctx, offset, entries, err: 0)
+            assert "Invalid argument" in str(info.value)
+            assert h.pread(512, 0) == bytes(512)
+        finally:
+            h.shutdown()
+        assert "Traceback" not in srv.log_text()
