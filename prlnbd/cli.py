@@ -363,43 +363,31 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable[[], None] | None = None) -> None:
-    inherited = inherited_sockets()
-    if inherited:
-        for sock in inherited:
-            await server.listen_socket(sock)
-    else:
-        for path, host, port in listen_addresses(args):
-            where = path or f"{host}:{port}"
-            try:
-                if path:
-                    await server.listen_unix(path)
-                else:
-                    await server.listen_tcp(host, port)
-            except OSError as e:
-                raise PrlNbdError(f"cannot listen on {where}: {e.strerror or e}") from None
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    tls = server.tls
-    if tls is not None:
-        # New connections get the new certificates; those already up keep theirs.
-        loop.add_signal_handler(signal.SIGHUP, tls.reload)
-    log.info(
-        "serving %s on %s (%s loop%s)",
-        ", ".join(repr(n) for n in server.exports),
-        ", ".join(server.addresses()),
-        type(loop).__module__.split(".")[0],
-        f", TLS {server.tls_mode.value}" if tls is not None else "",
-    )
     control: ControlServer | None = None
-    if getattr(args, "control", None):
-        control = ControlServer(server)
-        await control.listen(args.control)
-        log.info("control socket at %s", args.control)
-    if announce is not None:
-        announce()
     try:
+        if getattr(args, "control", None):
+            # Before the NBD listeners: once a client can connect, the control socket answers too.
+            control = ControlServer(server)
+            await control.listen(args.control)
+        await _listen(server, args)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tls = server.tls
+        if tls is not None:
+            # New connections get the new certificates; those already up keep theirs.
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        log.info(
+            "serving %s on %s (%s loop%s)%s",
+            ", ".join(repr(n) for n in server.exports),
+            ", ".join(server.addresses()),
+            type(loop).__module__.split(".")[0],
+            f", TLS {server.tls_mode.value}" if tls is not None else "",
+            f", control socket {args.control}" if control is not None else "",
+        )
+        if announce is not None:
+            announce()
         await stop.wait()
     finally:
         if control is not None:
@@ -407,6 +395,23 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
     log.info("stopping: finishing in-flight requests")
     await server.stop()
     log.info("stopped cleanly")
+
+
+async def _listen(server: NbdServer, args: argparse.Namespace) -> None:
+    inherited = inherited_sockets()
+    if inherited:
+        for sock in inherited:
+            await server.listen_socket(sock)
+        return
+    for path, host, port in listen_addresses(args):
+        where = path or f"{host}:{port}"
+        try:
+            if path:
+                await server.listen_unix(path)
+            else:
+                await server.listen_tcp(host, port)
+        except OSError as e:
+            raise PrlNbdError(f"cannot listen on {where}: {e.strerror or e}") from None
 
 
 def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
