@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prlnbd import __version__
+from prlnbd.control import ControlServer
 from prlnbd.disk.chain import Disk, open_disk
 from prlnbd.errors import PrlNbdError
 from prlnbd.export import CACHE_MODES, Export
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--snapshot", metavar="GUID", help="export the disk as it was at snapshot GUID (implies --read-only)"
     )
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        help="answer control requests (`prlnbd ctl`) on a Unix socket at PATH, mode 0600",
+    )
     serve.add_argument("disks", nargs="+", metavar="DISK", help="[NAME=]PATH: bundle dir, DiskDescriptor.xml or .hds")
     tls = serve.add_argument_group("TLS")
     tls.add_argument(
@@ -246,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.add_parser("remove", help="remove a bitmap").add_argument("name")
     bsub.add_parser("clear", help="mark a bitmap all clean").add_argument("name")
 
+    ctl = sub.add_parser("ctl", help="query or change a running server through its control socket")
+    ctl.add_argument("control", metavar="PATH", help="the server's --control socket")
+    ctl.add_argument("--json", action="store_true", help="print the JSON reply")
+    csub = ctl.add_subparsers(dest="ctl_command", required=True)
+    csub.add_parser("query", help="exports, disks, layers, bitmaps and connections")
+    cbm = csub.add_parser("bitmap", help="add, remove or clear a dirty bitmap of a served export")
+    cbm.add_argument("export", metavar="EXPORT")
+    cbm.add_argument("action", choices=("add", "remove", "clear"))
+    cbm.add_argument("name", nargs="?", help="the bitmap (a UUID; add generates one when left out)")
+    cbm.add_argument("--granularity", type=parse_size, default=None, help="bytes per bit, for add (default 64K)")
+    for p in (csub.choices["query"], cbm):
+        # SUPPRESS: a --json given before COMMAND is not reset by the subcommand's default.
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the JSON reply")
+
     demo = sub.add_parser("demo", help="build a demo disk with a 3-layer snapshot chain and serve it")
     demo.add_argument("--dir", default="prlnbd-demo", help="where to build the demo bundle")
     _add_listen_options(demo)
@@ -271,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": cmd_check,
         "bitmap": cmd_bitmap,
         "compact": cmd_compact,
+        "ctl": cmd_ctl,
     }
     try:
         return handlers[args.command](args)
@@ -350,41 +371,55 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable[[], None] | None = None) -> None:
+    control: ControlServer | None = None
+    try:
+        if getattr(args, "control", None):
+            # Before the NBD listeners: once a client can connect, the control socket answers too.
+            control = ControlServer(server)
+            await control.listen(args.control)
+        await _listen(server, args)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tls = server.tls
+        if tls is not None:
+            # New connections get the new certificates; those already up keep theirs.
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        log.info(
+            "serving %s on %s (%s loop%s)%s",
+            ", ".join(repr(n) for n in server.exports),
+            ", ".join(server.addresses()),
+            type(loop).__module__.split(".")[0],
+            f", TLS {server.tls_mode.value}" if tls is not None else "",
+            f", control socket {args.control}" if control is not None else "",
+        )
+        if announce is not None:
+            announce()
+        await stop.wait()
+    finally:
+        if control is not None:
+            await control.close()
+    log.info("stopping: finishing in-flight requests")
+    await server.stop()
+    log.info("stopped cleanly")
+
+
+async def _listen(server: NbdServer, args: argparse.Namespace) -> None:
     inherited = inherited_sockets()
     if inherited:
         for sock in inherited:
             await server.listen_socket(sock)
-    else:
-        for path, host, port in listen_addresses(args):
-            where = path or f"{host}:{port}"
-            try:
-                if path:
-                    await server.listen_unix(path)
-                else:
-                    await server.listen_tcp(host, port)
-            except OSError as e:
-                raise PrlNbdError(f"cannot listen on {where}: {e.strerror or e}") from None
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    tls = server.tls
-    if tls is not None:
-        # New connections get the new certificates; those already up keep theirs.
-        loop.add_signal_handler(signal.SIGHUP, tls.reload)
-    log.info(
-        "serving %s on %s (%s loop%s)",
-        ", ".join(repr(n) for n in server.exports),
-        ", ".join(server.addresses()),
-        type(loop).__module__.split(".")[0],
-        f", TLS {server.tls_mode.value}" if tls is not None else "",
-    )
-    if announce is not None:
-        announce()
-    await stop.wait()
-    log.info("stopping: finishing in-flight requests")
-    await server.stop()
-    log.info("stopped cleanly")
+        return
+    for path, host, port in listen_addresses(args):
+        where = path or f"{host}:{port}"
+        try:
+            if path:
+                await server.listen_unix(path)
+            else:
+                await server.listen_tcp(host, port)
+        except OSError as e:
+            raise PrlNbdError(f"cannot listen on {where}: {e.strerror or e}") from None
 
 
 def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
@@ -738,3 +773,68 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
         for b in result:
             print(f"{args.action}: {b['name']}")
     return 0
+
+
+# ---- the control socket's client
+
+
+def control_request(path: str, command: str, arguments: dict[str, object]) -> dict[str, object]:
+    """Send one request to the control socket at PATH and return the reply object."""
+    request = json.dumps({"id": 1, "command": command, "arguments": arguments}).encode() + b"\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            s.sendall(request)
+            with s.makefile("rb") as f:
+                line = f.readline()
+    except OSError as e:
+        raise PrlNbdError(f"{path}: cannot reach the control socket: {e.strerror or e}") from None
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise PrlNbdError(f"{path}: no valid reply from the control socket")
+    return reply
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """prlnbd ctl: one request to a running server's control socket."""
+    arguments: dict[str, object] = {}
+    if args.ctl_command == "bitmap":
+        arguments = {"export": args.export, "action": args.action}
+        if args.name is not None:
+            arguments["name"] = args.name
+        if args.granularity is not None:
+            arguments["granularity"] = args.granularity
+    reply = control_request(args.control, args.ctl_command, arguments)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    error = reply.get("error")
+    if error is not None:
+        message = error.get("message") if isinstance(error, dict) else error
+        print(f"prlnbd: error: {message}", file=sys.stderr)
+        return 1
+    if not args.json:
+        _print_ctl(args, reply.get("return"))
+    return 0
+
+
+def _print_ctl(args: argparse.Namespace, result: object) -> None:
+    if not isinstance(result, dict):
+        return
+    if args.ctl_command == "bitmap":
+        print(f"{args.action}: {result.get('name')} on export {args.export}")
+        return
+    for e in result.get("exports", []):
+        mode = "read-only" if e["read-only"] else "read-write"
+        print(f"export {e['name']}: {_human(e['size'])}, {mode}, disk {e['disk']}")
+        for layer in e["layers"]:
+            print(f"  layer {layer['guid'] or '-'} {layer['kind']} {layer['file']}")
+        for b in e["bitmaps"]:
+            print(f"  bitmap {b['name']}: granularity {_human(b['granularity'])}, {b['dirty-bytes']} bytes dirty")
+    conns = result.get("connections", [])
+    if not conns:
+        print("no connections")
+    for c in conns:
+        print(f"connection {c['peer']} export {c['export'] or '-'}: {c['requests']} requests")

@@ -39,6 +39,14 @@ class ImageBusy(ImageError):
     """The image is marked in use (unclean) and cannot be opened for writing."""
 
 
+class ImageLocked(ImageBusy):
+    """Another process holds the image file's locks (QEMU's lock bytes) in a way that forbids this open."""
+
+    def __init__(self, message: str, holder: object | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class DescriptorError(PrlNbdError):
     """DiskDescriptor.xml is invalid."""
 

@@ -17,8 +17,8 @@ from array import array
 from collections.abc import Awaitable, Callable, Sequence
 
 from prlnbd.disk.chain import Disk
-from prlnbd.errors import RequestError
-from prlnbd.image.extension import DirtyBitmap
+from prlnbd.errors import PrlNbdError, RequestError
+from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
 from prlnbd.nbd.connection import ExportInfo
 from prlnbd.nbd.constants import (
@@ -470,8 +470,76 @@ class Export:
     def _index(self, context: str) -> _Status:
         try:
             return self._status[context]
-        except KeyError:  # pragma: no cover - the protocol only selects offered contexts
+        except KeyError:  # a bitmap removed (control socket) after this connection chose its context
             raise RequestError(Errno.EINVAL, f"no metadata context {context}") from None
+
+    # ---- bitmaps changed while serving (the control socket); on the event loop, in memory only:
+    # the top image stores its bitmaps at the clean stop, as it stores those it was opened with.
+
+    def add_bitmap(self, name: str | None, granularity: int) -> DirtyBitmap:
+        """Add a clean bitmap to the top image: writes mark it from now on; new connections see its context."""
+        top = self._writable_top("add a bitmap")
+        bm = new_bitmap(top.size, granularity, name, chunk=top.cluster_size)
+        ext = top.extension if top.extension is not None else Extension(offset=0)
+        if any(b.id == bm.id for b in ext.bitmaps):
+            raise PrlNbdError(f"export {self.name!r}: bitmap {bm.name} already exists")
+        if feature_space([*ext.bitmaps, bm], kept_features(ext), top.cluster_size) > top.cluster_size:
+            raise PrlNbdError(
+                f"export {self.name!r}: no room for another bitmap in {top.path}'s"
+                f" {top.cluster_size}-byte extension cluster"
+            )
+        ext.bitmaps.append(bm)
+        top.extension = ext
+        bm.index()
+        context = DIRTY_BITMAP_PREFIX + bm.name
+        self.bitmaps[context] = bm
+        status = _BitmapStatus(bm, self.disk.size)
+        self._marked.append(status)
+        self._status[context] = status
+        self._publish()
+        return bm
+
+    def remove_bitmap(self, name: str) -> DirtyBitmap:
+        """Remove a bitmap from the top image; connections that chose its context get EINVAL for it."""
+        top = self._writable_top("remove a bitmap")
+        context, bm = self._bitmap(name)
+        if top.extension is not None:
+            top.extension.bitmaps.remove(bm)
+        del self.bitmaps[context]
+        status = self._status.pop(context)
+        self._marked.remove(status)  # type: ignore[arg-type]
+        self._publish()
+        return bm
+
+    def clear_bitmap(self, name: str) -> DirtyBitmap:
+        """Mark a bitmap of the top image all clean (writes go on marking it)."""
+        self._writable_top("clear a bitmap")
+        context, bm = self._bitmap(name)
+        bm.clear()
+        old = self._status[context]
+        status = _BitmapStatus(bm, self.disk.size)
+        self._marked[self._marked.index(old)] = status  # type: ignore[arg-type]
+        self._status[context] = status
+        return bm
+
+    def _writable_top(self, what: str) -> ParallelsImage:
+        if self.read_only:
+            raise PrlNbdError(f"export {self.name!r} is read-only: cannot {what}")
+        top = self._top
+        if top is None:
+            raise PrlNbdError(f"export {self.name!r}: its top image is a plain image, which holds no bitmaps")
+        return top
+
+    def _bitmap(self, name: str) -> tuple[str, DirtyBitmap]:
+        context = DIRTY_BITMAP_PREFIX + name.lower()
+        bm = self.bitmaps.get(context)
+        if bm is None:
+            raise PrlNbdError(f"export {self.name!r}: no dirty bitmap named {name}")
+        return context, bm
+
+    def _publish(self) -> None:
+        """Offer the contexts as they are now to connections that negotiate from now on."""
+        self.info.contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
 
     def close(self) -> None:
         """Close the disk (a clean stop for a writable one)."""

@@ -95,9 +95,20 @@ def start_qemu_nbd(
     sock = tmp / f"qemu-nbd-{os.getpid()}-{time.monotonic_ns()}.sock"
     log = sock.with_suffix(".log")
     cmd = ["qemu-nbd", "--socket", str(sock), "--persistent", "--shared=16", *extra]
+    image = str(image)
+    if "-r" in extra:
+        # A reference reader beside a prlnbd that writes the same files: QEMU readers of a format
+        # image never share writing, so without force-share the image locks refuse them
+        # (this qemu-nbd has no --force-share option; the block option does the same).
+        if "--image-opts" in extra:
+            image += ",force-share=on"
+        elif fmt is not None:
+            cmd.append("--image-opts")
+            image = f"driver={fmt},file.filename={image},force-share=on"
+            fmt = None
     if fmt is not None:
         cmd += ["-f", fmt]
-    cmd.append(str(image))
+    cmd.append(image)
     with log.open("wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     wait_for_socket(sock, proc, log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
     ZERO_GUID,
+    Descriptor,
     add_element,
     build_descriptor,
     descriptor_path,
@@ -24,7 +26,8 @@ from prlnbd.image.check import FREE_KIND, NOTICE_KINDS, Finding, check_image
 from prlnbd.image.compact import CompactResult, compact_image
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
-from prlnbd.image.parallels import ParallelsImage
+from prlnbd.image.locking import lock_image
+from prlnbd.image.parallels import ParallelsImage, open_file
 
 
 def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE) -> Path:
@@ -59,6 +62,18 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if not dpath.exists():
         raise DescriptorError(f"{path}: snapshots need a bundle with {DESCRIPTOR_NAME}, not a single image")
     desc = parse_descriptor(dpath)
+    top = desc.images[desc.top_guid]
+    # Hold the top as a writer would for the whole change: a server (or QEMU) that has it open
+    # refuses the snapshot, and none can open it while the chain changes under it.
+    _, guard = open_file(top.file, writable=False)
+    try:
+        lock_image(guard, top.file, write=True)
+        return _snapshot(desc, dpath)
+    finally:
+        os.close(guard)
+
+
+def _snapshot(desc: Descriptor, dpath: Path) -> tuple[str, str]:
     top = desc.images[desc.top_guid]
     cluster_size = desc.blocksize * fmt.SECTOR
     bitmaps: list[DirtyBitmap] = []

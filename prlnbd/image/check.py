@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prlnbd.errors import ImageError
+from prlnbd.errors import ImageError, ImageLocked
 from prlnbd.image import format as fmt
+from prlnbd.image.locking import lock_image
 from prlnbd.image.parallels import ParallelsImage
 
 # Problem kinds that are corruption (exit 2); "leak" alone is exit 3.
@@ -61,13 +61,12 @@ def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
         try:
             if fd >= 0:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    # Repairing an image a live server writes to would corrupt it: only report.
+                    lock_image(fd, path, write=True)
+                except ImageLocked as e:
+                    # Repairing an image a live server (or QEMU) writes to would corrupt it: only report.
                     os.close(fd)
                     fd = -1
-                    msg = "image is open for writing by a running prlnbd: not repaired"
-                    findings.append(Finding(name, "busy", msg))
+                    findings.append(Finding(name, "busy", f"{str(e).removeprefix(f'{path}: ')}: not repaired"))
             findings += _check(img, fd, name)
         finally:
             if fd >= 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import fcntl
 import heapq
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 from prlnbd.errors import ImageBusy, ImageError
 from prlnbd.image import format as fmt
 from prlnbd.image.extension import encode_extension, kept_features
+from prlnbd.image.locking import lock_image
 from prlnbd.image.parallels import ParallelsImage
 
 # Clusters copied before one fdatasync and one round of BAT updates.
@@ -80,10 +80,8 @@ def compact_image(path: Path, progress: Callable[[int, int], None] | None = None
         img.close()
         raise ImageError(f"{path}: cannot open for writing: {e.strerror}") from e
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ImageBusy(f"{path}: image is open for writing by another process (a running prlnbd?)") from None
+        # The writer's lock bytes, as QEMU takes them: refused while prlnbd or QEMU writes the image.
+        lock_image(fd, Path(path), write=True)
         if img.in_use:
             raise ImageBusy(
                 f"{path}: image is marked in use: it is being served, or was not closed cleanly"

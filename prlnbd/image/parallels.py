@@ -6,7 +6,6 @@ import bisect
 import contextlib
 import ctypes
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -30,6 +29,7 @@ from prlnbd.image.extension import (
     kept_features,
     read_extension,
 )
+from prlnbd.image.locking import lock_image
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def open_file(path: str | os.PathLike[str], *, writable: bool) -> tuple[Path, in
     """Open an image file (a regular file only); raise ImageError naming it when that fails.
 
     O_NONBLOCK keeps open(2) from waiting forever on a FIFO with no writer; anything
-    but a regular file (FIFO, socket, device, directory) is then refused.
+    but a regular file (FIFO, socket, device, directory) is then refused. The file
+    is locked as QEMU locks it (prlnbd.image.locking): ImageLocked when another
+    program holds it for writing and WRITABLE is asked for.
     """
     p = Path(path)
     try:
@@ -93,6 +95,12 @@ def open_file(path: str | os.PathLike[str], *, writable: bool) -> tuple[Path, in
         what = "a directory" if stat.S_ISDIR(mode) else _file_kind(mode)
         raise ImageError(f"{p}: is {what}, not an image file (only regular files are served)")
     os.set_blocking(fd, True)
+    try:
+        # QEMU's lock bytes: a writer forbids other writers, a reader shares everything (qemu-io -r -U).
+        lock_image(fd, p, write=writable)
+    except BaseException:
+        os.close(fd)
+        raise
     return p, fd
 
 
@@ -455,14 +463,10 @@ class ParallelsImage:
     def _start_writing(self) -> None:
         """Check the image may be changed, then mark it in use on disk before any write."""
         p = self.path
-        try:
-            # Only one writer at a time; the lock is dropped with the file descriptor.
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ImageBusy(f"{p}: image is open for writing by another process") from None
+        # open_file took the writer's lock bytes: no other prlnbd or QEMU writes this file now.
         if self.in_use:
             raise ImageBusy(
-                f"{p}: image is marked in use (in_use flag set) but no prlnbd holds it: it was not closed"
+                f"{p}: image is marked in use (in_use flag set) but no program holds it: it was not closed"
                 f" cleanly, or another program has it open; if none has, run `prlnbd check --repair {p}`"
                 " (or open it read-only)"
             )

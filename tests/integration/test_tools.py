@@ -102,9 +102,9 @@ def test_snapshot_keeps_unknown_elements_and_chain(tmp_path: Path) -> None:
     # A single image has no snapshots; an image in use cannot be frozen.
     prl("create", tmp_path / "one.hds", "--size", "1M")
     assert prl("snapshot", tmp_path / "one.hds", check=False).returncode == 1
-    with support.running(support.start_prlnbd(tmp_path, [f"vm={bundle}"])):
+    with support.running(support.start_prlnbd(tmp_path, [f"vm={bundle}"])) as srv:
         res = prl("snapshot", bundle, check=False)
-        assert res.returncode == 1 and "in use" in res.stderr
+        assert res.returncode == 1 and f"a prlnbd server, process {srv.proc.pid}" in res.stderr
 
 
 def test_check_clean_then_unclean_flag(tmp_path: Path) -> None:
