@@ -110,7 +110,9 @@ def test_compact_refuses_an_image_in_use(tmp_path: Path) -> None:
     p = support.start_prlnbd(tmp_path, [f"c={img}"])
     with support.running(p):
         res = prlnbd("compact", img)
-        assert res.returncode == 1 and "open for writing by another process" in res.stderr, res.stderr
+        assert res.returncode == 1 and f"(a prlnbd server, process {p.proc.pid}) holds this image open" in res.stderr, (
+            res.stderr
+        )
     p = support.start_prlnbd(tmp_path, [f"c={img}"])
     p.stop(signal.SIGKILL)
     res = prlnbd("compact", img)
