@@ -10,6 +10,7 @@ from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
     ZERO_GUID,
+    Descriptor,
     add_element,
     build_descriptor,
     descriptor_path,
@@ -46,6 +47,15 @@ def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE)
     return image
 
 
+def _refuse_split(desc: Descriptor, what: str) -> None:
+    """Refuse WHAT (an operation) on a split disk: it is supported only for disks of one Storage."""
+    if desc.split:
+        raise DescriptorError(
+            f"{desc.path}: the disk is split into {len(desc.pieces)} Storage pieces; {what} a split disk"
+            " is not supported"
+        )
+
+
 def snapshot_disk(path: Path) -> tuple[str, str]:
     """Freeze the current top of the bundle at PATH and add a new empty top image.
 
@@ -59,6 +69,7 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if not dpath.exists():
         raise DescriptorError(f"{path}: snapshots need a bundle with {DESCRIPTOR_NAME}, not a single image")
     desc = parse_descriptor(dpath)
+    _refuse_split(desc, "taking a snapshot of")
     top = desc.images[desc.top_guid]
     cluster_size = desc.blocksize * fmt.SECTOR
     bitmaps: list[DirtyBitmap] = []
@@ -156,15 +167,15 @@ def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool =
     if path.is_dir() or path.name.lower().endswith(".xml"):
         try:
             desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
-            entries = desc.chain()
+            chains = desc.piece_chains()
         except PrlNbdError as e:
             report.findings.append(Finding(str(dpath), "chain", str(e)))
             return report
-        if len(entries) > MAX_CHAIN_LENGTH:
-            msg = f"the snapshot chain has {len(entries)} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+        if len(chains[0]) > MAX_CHAIN_LENGTH:
+            msg = f"the snapshot chain has {len(chains[0])} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
             report.findings.append(Finding(str(dpath), "chain", msg))
             return report
-        for entry in entries:
+        for entry in (entry for chain in chains for entry in chain):  # every piece of a split disk
             if not entry.file.exists():
                 report.findings.append(Finding(str(entry.file), "chain", f"image {entry.guid} is missing"))
             elif entry.type == "Compressed":
@@ -185,6 +196,7 @@ def _top_image_path(path: Path) -> Path:
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         desc = parse_descriptor(dpath)
+        _refuse_split(desc, "managing the dirty bitmaps of")
         top = desc.images[desc.top_guid]
         if top.type != "Compressed":
             raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
@@ -197,6 +209,7 @@ def compact_disk(path: Path, progress: Callable[[int, int], None] | None = None)
     top = path
     if path.is_dir() or path.name.lower().endswith(".xml"):
         desc = parse_descriptor(descriptor_path(path))
+        _refuse_split(desc, "compacting")
         entry = desc.images[desc.top_guid]
         if entry.type != "Compressed":
             raise PrlNbdError(f"{entry.file}: a plain image has no clusters to move")
