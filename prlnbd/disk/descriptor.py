@@ -460,8 +460,18 @@ def new_guid() -> str:
     return "{" + str(uuid.uuid4()) + "}"
 
 
-def build_descriptor(size: int, cluster_size: int, chain: list[tuple[str, str, str]]) -> etree._ElementTree:
-    """A new DiskDescriptor.xml tree for CHAIN: (guid, type, file) from top to root."""
+def build_descriptor(
+    size: int,
+    cluster_size: int,
+    chain: list[tuple[str, str, str]],
+    *,
+    pieces: Sequence[tuple[int, int, list[tuple[str, str, str]]]] = (),
+) -> etree._ElementTree:
+    """A new DiskDescriptor.xml tree for CHAIN: (guid, type, file) from top to root.
+
+    With PIECES, a split disk: one Storage per (start sector, end sector, chain
+    of that piece, top to root); CHAIN then only gives the snapshots' GUIDs.
+    """
     from prlnbd.image.create import geometry
 
     sectors = size // 512
@@ -476,15 +486,17 @@ def build_descriptor(size: int, cluster_size: int, chain: list[tuple[str, str, s
         ("Padding", 0),
     ):
         etree.SubElement(params, tag).text = str(value)
-    storage = etree.SubElement(etree.SubElement(root, "StorageData"), "Storage")
-    etree.SubElement(storage, "Start").text = "0"
-    etree.SubElement(storage, "End").text = str(sectors)
-    etree.SubElement(storage, "Blocksize").text = str(cluster_size // 512)
-    for guid, itype, file in reversed(chain):
-        image = etree.SubElement(storage, "Image")
-        etree.SubElement(image, "GUID").text = guid
-        etree.SubElement(image, "Type").text = itype
-        etree.SubElement(image, "File").text = file
+    storage_data = etree.SubElement(root, "StorageData")
+    for start, end, piece_chain in pieces or [(0, sectors, chain)]:
+        storage = etree.SubElement(storage_data, "Storage")
+        etree.SubElement(storage, "Start").text = str(start)
+        etree.SubElement(storage, "End").text = str(end)
+        etree.SubElement(storage, "Blocksize").text = str(cluster_size // 512)
+        for guid, itype, file in reversed(piece_chain):
+            image = etree.SubElement(storage, "Image")
+            etree.SubElement(image, "GUID").text = guid
+            etree.SubElement(image, "Type").text = itype
+            etree.SubElement(image, "File").text = file
     snaps = etree.SubElement(root, "Snapshots")
     etree.SubElement(snaps, "TopGUID").text = chain[0][0]
     parents = [g for g, _, _ in chain[1:]] + [ZERO_GUID]

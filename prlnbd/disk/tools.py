@@ -27,13 +27,28 @@ from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_imag
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
 
+# Parallels Desktop splits a disk into pieces of this many sectors (1948 MiB), the last one shorter.
+SPLIT_PIECE_SECTORS = 3989504
 
-def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE) -> Path:
+
+def create_disk(
+    path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE, *, split: bool = False
+) -> Path:
     """Create a new disk: a single image when PATH ends in .hds, else a bundle directory.
 
-    Returns the image file created.
+    With SPLIT, the bundle's disk is split as Parallels Desktop splits one: a
+    piece of SPLIT_PIECE_SECTORS sectors after another, the last shorter, each
+    its own image NAME.N.{GUID}.hds. Returns the (first) image file created.
     """
     check_geometry(size, cluster_size)
+    if split:
+        if path.suffix == ".hds":
+            raise PrlNbdError(f"{path}: a split disk is a bundle directory, not a single .hds image")
+        if (SPLIT_PIECE_SECTORS * fmt.SECTOR) % cluster_size:
+            raise PrlNbdError(
+                f"{path}: split pieces are {SPLIT_PIECE_SECTORS} sectors, not a whole number of"
+                f" {cluster_size}-byte clusters"
+            )
     if path.suffix == ".hds":
         write_image(path, size, cluster_size=cluster_size)
         return path
@@ -41,6 +56,18 @@ def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE)
         raise PrlNbdError(f"{path}: already exists and is not an empty directory")
     path.mkdir(parents=True, exist_ok=True)
     guid = new_guid()
+    if split:
+        sectors = size // fmt.SECTOR
+        starts = list(range(0, sectors, SPLIT_PIECE_SECTORS))
+        pieces = []
+        for k, start in enumerate(starts):
+            end = min(sectors, start + SPLIT_PIECE_SECTORS)
+            name = f"{path.name}.{k}.{guid}.hds"
+            write_image(path / name, (end - start) * fmt.SECTOR, cluster_size=cluster_size)
+            pieces.append((start, end, [(guid, "Compressed", name)]))
+        tree = build_descriptor(size, cluster_size, [(guid, "Compressed", "")], pieces=pieces)
+        save_descriptor(tree, path / DESCRIPTOR_NAME)
+        return path / pieces[0][2][0][2]
     image = path / f"{path.name}.0.{guid}.hds"
     write_image(image, size, cluster_size=cluster_size)
     save_descriptor(build_descriptor(size, cluster_size, [(guid, "Compressed", image.name)]), path / DESCRIPTOR_NAME)
@@ -69,7 +96,8 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if not dpath.exists():
         raise DescriptorError(f"{path}: snapshots need a bundle with {DESCRIPTOR_NAME}, not a single image")
     desc = parse_descriptor(dpath)
-    _refuse_split(desc, "taking a snapshot of")
+    if desc.split:
+        return _snapshot_split(desc)
     top = desc.images[desc.top_guid]
     cluster_size = desc.blocksize * fmt.SECTOR
     bitmaps: list[DirtyBitmap] = []
@@ -102,6 +130,47 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     add_element(storage, "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
     if not snaps.findall("Shot"):
         # A descriptor with no Shot had its only image as the implicit root.
+        add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
+    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
+    top_el = snaps.find("TopGUID")
+    if top_el is None:
+        top_el = add_element(snaps, "TopGUID", index=0)
+    top_el.text = guid
+    save_descriptor(desc.tree, dpath)
+    return desc.top_guid, guid
+
+
+def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
+    """snapshot_disk() of a split disk: one new top image per piece, NAME.N.{GUID}.hds for piece N.
+
+    Every new image is written and synced before the descriptor is replaced.
+    Dirty bitmaps are not copied (a split disk with bitmaps is not served).
+    """
+    dpath = desc.path
+    guid = new_guid()
+    made: list[tuple[int, Path]] = []
+    for k, piece in enumerate(desc.pieces):
+        top = piece.images[desc.top_guid]
+        cluster_size = piece.blocksize * fmt.SECTOR
+        if top.type == "Compressed":
+            img = ParallelsImage.open(top.file)
+            try:
+                if img.in_use:
+                    raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
+                cluster_size = img.cluster_size
+            finally:
+                img.close()
+        image = dpath.parent / f"{dpath.parent.name}.{k}.{guid}.hds"
+        write_image(image, piece.size, cluster_size=cluster_size)
+        made.append((piece.index, image))
+    root = desc.tree.getroot()
+    storages = root.findall("StorageData/Storage")
+    snaps = root.find("Snapshots")
+    if snaps is None:
+        snaps = add_element(root, "Snapshots")
+    for index, image in made:
+        add_element(storages[index], "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
+    if not snaps.findall("Shot"):
         add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
     add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
     top_el = snaps.find("TopGUID")

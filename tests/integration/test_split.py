@@ -153,3 +153,63 @@ def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int) -> Non
             base = want[1]
             hole = [(o, n) for o, n, t in base if t == 3 and o <= STARTS[2] - M1 < o + n]
             assert hole and hole[0][0] + hole[0][1] >= STARTS[2] + M1, base
+
+
+def prl(*args: str | Path) -> str:
+    return support.run(support.PYTHON, "-m", "prlnbd", *args).stdout
+
+
+def test_create_split_info_snapshot_and_serve(tmp_path: Path) -> None:
+    """`create --split` lays a disk out as Parallels Desktop does; `snapshot` adds one image per piece."""
+    import json
+
+    import nbd
+
+    bundle = tmp_path / "big.hdd"
+    size = 4000 * M1  # two pieces of 3989504 sectors (1948 MiB) and one of 104 MiB
+    prl("create", bundle, "--size", f"{size}", "--split")
+    piece = 3989504 * 512
+    info = json.loads(prl("info", "--json", bundle))
+    pieces = info["pieces"]
+    assert [(p["start-sector"], p["end-sector"]) for p in pieces] == [
+        (0, 3989504),
+        (3989504, 2 * 3989504),
+        (2 * 3989504, size // 512),
+    ]
+    root = info["top-guid"]
+    for k, p in enumerate(pieces):
+        assert p["layers"][0]["file"] == str(bundle / f"big.hdd.{k}.{root}.hds")
+        assert p["layers"][0]["size"] == p["size"] and p["layers"][0]["cluster-size"] == M1
+        support.run("qemu-img", "check", "-f", "parallels", p["layers"][0]["file"])
+    assert support.run("qemu-img", "info", "-f", "parallels", pieces[2]["layers"][0]["file"]).stdout.count("104 MiB")
+    text = prl("info", bundle)
+    assert "split into 3 pieces" in text and "piece 2: sectors 7979008..8192000 (104 MiB" in text
+    at = piece - 1000
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as prl_srv:
+        h = nbd.NBD()
+        h.connect_uri(prl_srv.uri())
+        assert h.get_size() == size
+        h.pwrite(b"\x11" * 3000, at)
+        h.flush()
+        h.shutdown()
+    out = prl("snapshot", bundle)
+    assert f"snapshot {root}" in out
+    top = out.split("new top ", 1)[1].strip()
+    assert all((bundle / f"big.hdd.{k}.{top}.hds").exists() for k in range(3))
+    info = json.loads(prl("info", "--json", bundle))
+    assert [[x["guid"] for x in p["layers"]] for p in info["pieces"]] == [[top, root]] * 3
+    with support.running(support.start_prlnbd(tmp_path / "again", [str(bundle)])) as prl_srv:
+        h = nbd.NBD()
+        h.connect_uri(prl_srv.uri())
+        assert h.pread(3000, at) == b"\x11" * 3000
+        h.pwrite(b"\x22" * 10, piece * 2 - 5)
+        h.flush()
+        assert h.pread(12, piece * 2 - 6) == b"\x00" + b"\x22" * 10 + b"\x00"
+        h.shutdown()
+    # Each piece's chain, read by qemu through backing links: the write landed in both tops.
+    for k, (offset, want) in enumerate([(piece - 1024, bytes(24) + b"\x11" * 1000), (0, b"\x11" * 2000 + bytes(48))]):
+        chain = Chain([bundle / f"big.hdd.{k}.{g}.hds" for g in (root, top)], piece, [], [])
+        srv = support.start_qemu_nbd(tmp_path / f"q{k}", chain.image_opts(), "-r", "--image-opts", fmt=None)
+        with support.running(srv) as ref:
+            assert support.nbd_pread(ref.uri(), offset, len(want)) == want
+    assert "Traceback" not in prl_srv.log_text()

@@ -9,7 +9,7 @@ import pytest
 
 from prlnbd.disk.chain import open_disk
 from prlnbd.disk.split import SplitDisk
-from prlnbd.disk.tools import manage_bitmaps, snapshot_disk
+from prlnbd.disk.tools import compact_disk, manage_bitmaps, snapshot_disk
 from prlnbd.errors import DescriptorError
 from prlnbd.export import Export
 from prlnbd.image.create import write_image
@@ -155,6 +155,26 @@ def test_split_disk_with_dirty_bitmaps_is_refused(tmp_path: Path) -> None:
 def test_split_disk_tools_refuse_what_they_cannot_do(tmp_path: Path) -> None:
     b = bundle(tmp_path)
     with pytest.raises(DescriptorError, match="split into 3 Storage pieces"):
-        snapshot_disk(b)
-    with pytest.raises(DescriptorError, match="split into 3 Storage pieces"):
         manage_bitmaps(b, "list", None, CS)
+    with pytest.raises(DescriptorError, match="split into 3 Storage pieces"):
+        compact_disk(b)
+
+
+def test_split_snapshot_adds_one_image_per_piece(tmp_path: Path) -> None:
+    b = bundle(tmp_path, 2)
+    frozen, top = snapshot_disk(b)
+    assert frozen == GUIDS[1]
+    for k in range(3):
+        assert (b / f"vm.hdd.{k}.{top}.hds").exists()
+    disk = open_disk(b, writable=True)
+    try:
+        assert disk.guids == [top, GUIDS[1], GUIDS[0]]
+        assert bytes(disk.read(0, disk.size)[0]) == expected(2)
+        disk.write(STARTS[1] - 1, b"ab")
+    finally:
+        disk.close()
+    disk = open_disk(b, snapshot=GUIDS[1])
+    try:
+        assert bytes(disk.read(0, disk.size)[0]) == expected(2)
+    finally:
+        disk.close()
