@@ -79,7 +79,7 @@ def assert_serves(uri: str, want: tuple[bytes, list[tuple[int, int, int]], list[
 @pytest.mark.parametrize("layers", [1, 2], ids=["no-snapshot", "one-snapshot"])
 def test_split_reads_are_the_pieces_concatenated(tmp_path: Path, layers: int) -> None:
     bundle = tmp_path / "vm.hdd"
-    chains, _ = build(bundle, layers)
+    chains, guids = build(bundle, layers)
     want = reference(tmp_path, chains)
     # The harness: the pieces' own reads agree with the merge model.
     assert want[0] == b"".join(c.expected_bytes() for c in chains)
@@ -90,7 +90,10 @@ def test_split_reads_are_the_pieces_concatenated(tmp_path: Path, layers: int) ->
         assert f"{layers} layer" in info
         if layers == 2:
             # What changed since the root snapshot: every cluster a top image holds, in each piece.
-            assert "qemu:allocation-depth" in info
+            since = "qemu:dirty-bitmap:since-" + guids[0].strip("{}")
+            assert since in info
+            dirty = [(o, n) for o, n, t in support.nbdinfo_map(prl.uri(), since) if t & 1]
+            assert dirty == [(o, n) for o, n, d in want[2] if d == 1]
     assert [support.file_digest(p) for c in chains for p in c.paths] == digests
     assert "Traceback" not in prl.log_text()
 

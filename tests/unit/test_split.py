@@ -116,6 +116,11 @@ def test_split_disk_export_recomputes_status_in_every_piece(tmp_path: Path) -> N
     disk = open_disk(bundle(tmp_path, 2), writable=True)
     export = Export("vm", disk, read_only=False)
     try:
+        # What changed since the root snapshot: the clusters each piece's top holds.
+        since = "qemu:dirty-bitmap:since-" + GUIDS[0].strip("{}")
+        assert since in export.info.contexts
+        assert export.extents(since, STARTS[1], 3 * CS) == [(CS, 0), (CS, 1), (CS, 0)]
+        assert export.extents(since, STARTS[2] + CS, CS) == [(CS, 1)]
         at = STARTS[1] + 2 * CS  # a cluster no image of piece 1 holds
         assert export.extents("qemu:allocation-depth", at, CS) == [(CS, 0)]
         export.write(at + 5, memoryview(b"x"))
