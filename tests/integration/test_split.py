@@ -107,15 +107,19 @@ def test_split_snapshot_option_reads_the_roots(tmp_path: Path) -> None:
         assert support.nbd_pread(prl.uri()) == want
 
 
-@pytest.mark.parametrize("layers", [1, 2], ids=["no-snapshot", "one-snapshot"])
-def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int) -> None:
+@pytest.mark.parametrize(
+    ("layers", "cache"),
+    [(1, "writeback"), (2, "writeback"), (2, "none")],
+    ids=["no-snapshot", "one-snapshot", "one-snapshot-cache-none"],
+)
+def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int, cache: str) -> None:
     import nbd
 
     bundle = tmp_path / "vm.hdd"
     chains, _ = build(bundle, layers, seed=2)
     model = bytearray(b"".join(c.expected_bytes() for c in chains))
     roots = [support.file_digest(p) for c in chains for p in c.paths[:-1]]
-    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as prl:
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], f"--cache={cache}")) as prl:
         h = nbd.NBD()
         h.connect_uri(prl.uri())
         # One WRITE across the boundary of pieces 0 and 1, unaligned on both sides.
@@ -184,6 +188,7 @@ def test_create_split_info_snapshot_and_serve(tmp_path: Path) -> None:
         assert p["layers"][0]["file"] == str(bundle / f"big.hdd.{k}.{root}.hds")
         assert p["layers"][0]["size"] == p["size"] and p["layers"][0]["cluster-size"] == M1
         support.run("qemu-img", "check", "-f", "parallels", p["layers"][0]["file"])
+    assert "No errors were found" in prl("check", bundle)
     assert support.run("qemu-img", "info", "-f", "parallels", pieces[2]["layers"][0]["file"]).stdout.count("104 MiB")
     text = prl("info", bundle)
     assert "split into 3 pieces" in text and "piece 2: sectors 7979008..8192000 (104 MiB" in text
