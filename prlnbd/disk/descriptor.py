@@ -259,7 +259,7 @@ def _check_encryption(path: Path, params: etree._Element) -> str | None:
 
 def _piece(p: Path, index: int, st: etree._Element, disk_size: int, warnings: list[str]) -> Piece:
     """The Storage element ST, the INDEX-th of StorageData, with its images."""
-    w = "StorageData/Storage" if index == 0 else f"StorageData/Storage[{index}]"
+    w = "StorageData/Storage" if index == 0 else f"StorageData/Storage {index}"
     start = _int(p, st, "Start", w, optional=0)
     end = _int(p, st, "End", w, optional=disk_size)
     if end <= start:

@@ -829,6 +829,11 @@ SPLIT_ERRORS: dict[str, tuple[str, type[Exception], list[str]]] = {
         SnapshotChainError,
         ["Storage 1 (sectors 2048..4096) has no Image for snapshot " + TOP],
     ),
+    "text-end-of-second": (
+        split_xml([(0, 2048, [ROOT]), (2048, 4096, [ROOT])]).replace("<End>4096</End>", "<End>all</End>"),
+        DescriptorError,
+        ["StorageData/Storage 1/End is 'all'"],
+    ),
     "piece-without-image": (
         split_xml([(0, 2048, [ROOT]), (2048, 4096, [])]),
         DescriptorError,
