@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prlnbd import __version__
 from prlnbd.control import ControlServer
@@ -221,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("path", metavar="PATH")
     create.add_argument("--size", type=parse_size, required=True, help="disk size, e.g. 64G")
     create.add_argument("--cluster-size", type=parse_size, default=1 << 20, help="cluster size (default 1M)")
+    create.add_argument(
+        "--split",
+        action="store_true",
+        help="split the disk as Parallels Desktop does: one image per 3989504 sectors (1948 MiB), the last shorter",
+    )
 
     snap = sub.add_parser("snapshot", help="freeze the top image of a bundle and add a new empty top")
     snap.add_argument("path", metavar="PATH")
@@ -537,8 +543,8 @@ def _human(n: int) -> str:
     return f"{n // scale} {_UNITS[unit]}" if n % scale == 0 else f"{n / scale:.2f} {_UNITS[unit]}"
 
 
-def describe(disk: Disk) -> dict[str, object]:
-    """What `prlnbd info --json` prints about DISK."""
+def _describe_layers(disk: Disk) -> list[dict[str, object]]:
+    """The layers of DISK's chain, top first, as `info --json` shows them."""
     from prlnbd.image.parallels import ParallelsImage
 
     layers = []
@@ -567,6 +573,31 @@ def describe(disk: Disk) -> dict[str, object]:
         else:
             entry.update({"type": "Plain", "format": "raw"})
         layers.append(entry)
+    return layers
+
+
+def describe(disk: Disk) -> dict[str, object]:
+    """What `prlnbd info --json` prints about DISK.
+
+    For a split disk, layers is the first piece's chain and pieces lists every
+    piece (in disk order) with its sectors and its own chain.
+    """
+    from prlnbd.disk.split import SplitDisk
+
+    layers = _describe_layers(disk)
+    pieces: list[dict[str, object]] | None = None
+    if isinstance(disk, SplitDisk) and disk.descriptor is not None:
+        pieces = [
+            {
+                "storage": piece.index,
+                "start-sector": piece.start,
+                "end-sector": piece.end,
+                "offset": piece.offset,
+                "size": piece.size,
+                "layers": _describe_layers(part),
+            }
+            for piece, part in zip(disk.descriptor.pieces, disk.pieces, strict=True)
+        ]
     bitmaps = [
         {"name": b.name, "granularity": b.granularity, "dirty-bytes": b.dirty_bytes()} for b in disk.bitmaps()
     ]
@@ -578,6 +609,7 @@ def describe(disk: Disk) -> dict[str, object]:
         "virtual-size": disk.size,
         "top-guid": disk.guids[0] or None,
         "layers": layers,
+        "pieces": pieces,
         "bitmaps": bitmaps,
         "warnings": disk.warnings,
     }
@@ -617,6 +649,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_layers(layers: list[dict[str, Any]], indent: str) -> None:
+    """The snapshot chain LAYERS (top first), each line prefixed by INDENT."""
+    print(f"{indent}snapshot chain ({len(layers)} layer{'s' if len(layers) != 1 else ''}, top first):")
+    for layer in layers:
+        head = f"{indent}  [{layer['depth']}] {layer['file']}"
+        if layer["guid"]:
+            head += f" {layer['guid']}"
+        print(head)
+        if layer["type"] == "Compressed":
+            print(
+                f"{indent}      {layer['format']} (v{layer['version']}), cluster size {_human(layer['cluster-size'])},"
+                f" {layer['allocated-clusters']} clusters allocated ({_human(layer['allocated-bytes'])}),"
+                f" in use: {'yes' if layer['in-use'] else 'no'}"
+            )
+        else:
+            print(f"{indent}      plain (raw) image")
+        for problem in layer["problems"]:
+            print(f"{indent}      problem: {problem}")
+
+
 def _print_info(d: dict[str, object]) -> None:
     size = int(str(d["virtual-size"]))
     print(f"image: {d['path']}")
@@ -628,24 +680,19 @@ def _print_info(d: dict[str, object]) -> None:
             f"encryption: ploop LUKS volume inside the image (KeyId {encryption['key-id']}),"
             " served as stored: clients decrypt"
         )
-    layers = d["layers"]
-    assert isinstance(layers, list)
-    print(f"snapshot chain ({len(layers)} layer{'s' if len(layers) != 1 else ''}, top first):")
-    for layer in layers:
-        head = f"  [{layer['depth']}] {layer['file']}"
-        if layer["guid"]:
-            head += f" {layer['guid']}"
-        print(head)
-        if layer["type"] == "Compressed":
+    pieces = d.get("pieces")
+    if isinstance(pieces, list):
+        print(f"split into {len(pieces)} pieces (Storage elements), each with its own snapshot chain:")
+        for k, piece in enumerate(pieces):
             print(
-                f"      {layer['format']} (v{layer['version']}), cluster size {_human(layer['cluster-size'])},"
-                f" {layer['allocated-clusters']} clusters allocated ({_human(layer['allocated-bytes'])}),"
-                f" in use: {'yes' if layer['in-use'] else 'no'}"
+                f"piece {k}: sectors {piece['start-sector']}..{piece['end-sector']}"
+                f" ({_human(piece['size'])} at offset {piece['offset']}), Storage {piece['storage']}"
             )
-        else:
-            print("      plain (raw) image")
-        for problem in layer["problems"]:
-            print(f"      problem: {problem}")
+            _print_layers(piece["layers"], "  ")
+    else:
+        layers = d["layers"]
+        assert isinstance(layers, list)
+        _print_layers(layers, "")
     bitmaps = d["bitmaps"]
     assert isinstance(bitmaps, list)
     if bitmaps:
@@ -690,7 +737,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     """prlnbd create: a new empty disk."""
     from prlnbd.disk.tools import create_disk
 
-    image = create_disk(Path(args.path), args.size, args.cluster_size)
+    image = create_disk(Path(args.path), args.size, args.cluster_size, split=args.split)
     print(f"created {args.path} ({_human(args.size)}, {_human(args.cluster_size)} clusters): {image}")
     return 0
 

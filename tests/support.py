@@ -495,3 +495,58 @@ def random_writes(seed: int, size: int, cluster: int, count: int, base: int) -> 
         offset = rng.randrange(0, size - length)
         out.append(((base + j) & 0xFF if j != count // 2 else 0, offset, length))
     return out
+
+
+def write_split_descriptor(
+    bundle_dir: Path,
+    pieces: Sequence[Sequence[Path]],
+    sizes: Sequence[int],
+    guids: Sequence[str],
+    *,
+    order: Sequence[int] | None = None,
+    blocksize: int = 2048,
+) -> Path:
+    """Write BUNDLE_DIR/DiskDescriptor.xml for a split disk, as Parallels Desktop lays one out.
+
+    PIECES[k] is piece k's chain of images, root first, SIZES[k] its size in
+    bytes; GUIDS are the snapshots, root first, the same for every piece (image
+    i of each piece is snapshot GUIDS[i]). ORDER is the order the Storage
+    elements are written in (default: disk order). Files are relative.
+    """
+    from xml.sax.saxutils import escape
+
+    sectors = sum(sizes) // SECTOR
+    starts = list(itertools.accumulate((s // SECTOR for s in sizes), initial=0))
+    xml = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<Parallels_disk_image Version="1.0">',
+        "  <Disk_Parameters>",
+        f"    <Disk_size>{sectors}</Disk_size>",
+        f"    <Cylinders>{sectors}</Cylinders>",
+        "    <Heads>1</Heads>",
+        "    <Sectors>1</Sectors>",
+        "    <Padding>0</Padding>",
+        "  </Disk_Parameters>",
+        "  <StorageData>",
+    ]
+    for k in order if order is not None else range(len(pieces)):
+        xml += [
+            "    <Storage>",
+            f"      <Start>{starts[k]}</Start>",
+            f"      <End>{starts[k + 1]}</End>",
+            f"      <Blocksize>{blocksize}</Blocksize>",
+        ]
+        for guid, path in zip(guids, pieces[k], strict=True):
+            kind = "Compressed" if is_parallels(path) else "Plain"
+            text = os.path.relpath(path.resolve(), bundle_dir.resolve())
+            xml += ["      <Image>", f"        <GUID>{guid}</GUID>", f"        <Type>{kind}</Type>",
+                    f"        <File>{escape(text)}</File>", "      </Image>"]
+        xml.append("    </Storage>")
+    xml += ["  </StorageData>", "  <Snapshots>", f"    <TopGUID>{guids[-1]}</TopGUID>"]
+    for i, guid in enumerate(guids):
+        parent = guids[i - 1] if i else ROOT_PARENT_GUID
+        xml += ["    <Shot>", f"      <GUID>{guid}</GUID>", f"      <ParentGUID>{parent}</ParentGUID>", "    </Shot>"]
+    xml += ["  </Snapshots>", "</Parallels_disk_image>", ""]
+    out = bundle_dir / "DiskDescriptor.xml"
+    out.write_text("\n".join(xml))
+    return out

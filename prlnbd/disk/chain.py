@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from prlnbd.disk.descriptor import Descriptor, descriptor_path, parse_descriptor
+from prlnbd.disk.descriptor import Descriptor, ImageEntry, Piece, descriptor_path, parse_descriptor
 from prlnbd.errors import DescriptorError, ImageError
 from prlnbd.image import format as fmt
 from prlnbd.image.extension import DirtyBitmap
@@ -708,26 +708,47 @@ def open_disk(
 
 
 def _open_bundle(desc: Descriptor, *, writable: bool, snapshot: str | None) -> Disk:
+    if desc.split:
+        from prlnbd.disk.split import open_split
+
+        return open_split(desc, writable=writable, snapshot=snapshot)
     entries = desc.chain(snapshot)
     if len(entries) > MAX_CHAIN_LENGTH:
         raise DescriptorError(
             f"{desc.path}: the snapshot chain from {entries[0].guid} has {len(entries)} layers,"
             f" more than the {MAX_CHAIN_LENGTH} prlnbd opens"
         )
+    return open_chain(desc, entries, writable=writable)
+
+
+def open_chain(desc: Descriptor, entries: list[ImageEntry], *, writable: bool, piece: Piece | None = None) -> Disk:
+    """Open the images ENTRIES (top first) of DESC as one Disk: the whole disk, or PIECE of a split one.
+
+    Every image must be the size of the disk (of the piece): a split disk's
+    pieces each have their own header, whose size is the piece's.
+    """
+    size = piece.size if piece is not None else desc.size
+    blocksize = piece.blocksize if piece is not None else desc.blocksize
     layers: list[Layer] = []
     try:
         for i, entry in enumerate(entries):
             layer = _open_layer(entry.file, entry.type, writable and i == 0)
             layers.append(layer)
-            if layer.size != desc.size:
+            if layer.size != size:
+                if piece is not None:
+                    raise DescriptorError(
+                        f"{desc.path}: image {entry.file} ({entry.guid}) of Storage {piece.index} is"
+                        f" {layer.size} bytes, but the piece is sectors {piece.start}..{piece.end}"
+                        f" (End - Start = {piece.end - piece.start} sectors, {size} bytes)"
+                    )
                 raise DescriptorError(
                     f"{desc.path}: image {entry.file} ({entry.guid}) is {layer.size} bytes,"
                     f" Disk_size says {desc.size} ({desc.disk_size} sectors)"
                 )
-            if isinstance(layer, ParallelsImage) and layer.cluster_size != desc.blocksize * fmt.SECTOR:
+            if isinstance(layer, ParallelsImage) and layer.cluster_size != blocksize * fmt.SECTOR:
                 desc.warnings.append(
                     f"image {entry.file} has {layer.cluster_size}-byte clusters, Blocksize says"
-                    f" {desc.blocksize * fmt.SECTOR}"
+                    f" {blocksize * fmt.SECTOR}"
                 )
     except BaseException:
         for layer in layers:
@@ -737,7 +758,7 @@ def _open_bundle(desc: Descriptor, *, writable: bool, snapshot: str | None) -> D
         path=desc.path,
         layers=layers,
         guids=[e.guid for e in entries],
-        size=desc.size,
+        size=size,
         descriptor=desc,
         warnings=list(desc.warnings),
     )

@@ -64,8 +64,38 @@ class ImageEntry:
 
 
 @dataclass
+class Piece:
+    """One Storage element: sectors [start, end) of the disk, held by one image per snapshot.
+
+    A disk with one Storage has one piece covering it all; a split disk has
+    several, each with its own chain of images (one per snapshot GUID).
+    index is the Storage element's position in StorageData (0-based).
+    """
+
+    index: int
+    start: int  # sectors
+    end: int  # sectors
+    blocksize: int
+    images: dict[str, ImageEntry]
+
+    @property
+    def offset(self) -> int:
+        """Where the piece starts on the disk, in bytes."""
+        return self.start * 512
+
+    @property
+    def size(self) -> int:
+        """The piece's size in bytes."""
+        return (self.end - self.start) * 512
+
+
+@dataclass
 class Descriptor:
-    """A parsed DiskDescriptor.xml."""
+    """A parsed DiskDescriptor.xml.
+
+    images and blocksize are those of the first piece (the only one of a disk
+    that is not split); pieces holds every Storage, sorted by Start.
+    """
 
     path: Path
     tree: etree._ElementTree
@@ -80,14 +110,31 @@ class Descriptor:
     warnings: list[str] = field(default_factory=list)
     allow_outside: bool = False  # open images whose File leads out of the bundle directory
     key_id: str | None = None  # ploop's Encryption/KeyId: the image holds LUKS data, served as stored
+    pieces: list[Piece] = field(default_factory=list)  # every Storage, sorted by Start
 
     @property
     def size(self) -> int:
         """The disk size in bytes."""
         return self.disk_size * 512
 
+    @property
+    def split(self) -> bool:
+        """Whether the disk is split into several Storage pieces."""
+        return len(self.pieces) > 1
+
     def chain(self, top: str | None = None) -> list[ImageEntry]:
-        """The images from TOP (default: the top snapshot) down to the root."""
+        """The images from TOP (default: the top snapshot) down to the root (of the first piece)."""
+        return self._chain_of(self._guids(top), self.images, None)
+
+    def piece_chains(self, top: str | None = None) -> list[list[ImageEntry]]:
+        """The chain from TOP down to the root of every piece, in disk order."""
+        guids = self._guids(top)
+        if not self.pieces:
+            return [self._chain_of(guids, self.images, None)]
+        return [self._chain_of(guids, piece.images, piece) for piece in self.pieces]
+
+    def _guids(self, top: str | None) -> list[str]:
+        """The snapshot GUIDs from TOP (default: the top snapshot) down to the root."""
         guid = normalize_guid(top) if top else self.top_guid
         if guid not in self.parents:
             raise SnapshotChainError(f"{self.path}: snapshot {guid} is not in Snapshots")
@@ -107,11 +154,20 @@ class Descriptor:
                     " which is not a Shot"
                 )
             guid = parent
+        return seen
+
+    def _chain_of(self, guids: list[str], images: dict[str, ImageEntry], piece: Piece | None) -> list[ImageEntry]:
+        """The images of GUIDS in IMAGES (those of PIECE, when the disk is split), checked."""
         chain = []
-        for g in seen:
-            if g not in self.images:
+        for g in guids:
+            if g not in images:
+                if piece is not None and self.split:
+                    raise SnapshotChainError(
+                        f"{self.path}: Storage {piece.index} (sectors {piece.start}..{piece.end}) has no Image"
+                        f" for snapshot {g}"
+                    )
                 raise SnapshotChainError(f"{self.path}: snapshot {g} has no Image in StorageData")
-            chain.append(self.images[g])
+            chain.append(images[g])
         if not self.allow_outside:
             for entry in chain:
                 if entry.outside is not None:
@@ -201,6 +257,68 @@ def _check_encryption(path: Path, params: etree._Element) -> str | None:
     return key_id.strip() if key_id is not None and key_id.strip() else None
 
 
+def _piece(p: Path, index: int, st: etree._Element, disk_size: int, warnings: list[str]) -> Piece:
+    """The Storage element ST, the INDEX-th of StorageData, with its images."""
+    w = "StorageData/Storage" if index == 0 else f"StorageData/Storage {index}"
+    start = _int(p, st, "Start", w, optional=0)
+    end = _int(p, st, "End", w, optional=disk_size)
+    if end <= start:
+        raise DescriptorError(f"{p}: Storage {index} has Start {start} and End {end}: it holds no sector")
+    blocksize = _int(p, st, "Blocksize", w, optional=2048)
+    if blocksize == 0:
+        raise DescriptorError(f"{p}: {w}/Blocksize is 0")
+    images: dict[str, ImageEntry] = {}
+    for el in st.findall("Image"):
+        wi = f"{w}/Image"
+        guid = normalize_guid(_text(p, el, "GUID", wi))
+        itype = _text(p, el, "Type", wi)
+        if itype not in IMAGE_TYPES:
+            raise DescriptorError(f"{p}: image {guid} has Type {itype!r}; expected Plain or Compressed")
+        file, outside = locate_image(p.parent, _text(p, el, "File", wi), guid, warnings)
+        if guid in images:
+            raise DescriptorError(f"{p}: image GUID {guid} appears twice" + (f" in Storage {index}" if index else ""))
+        images[guid] = ImageEntry(guid, itype, file, outside)
+    if not images:
+        raise DescriptorError(f"{p}: Storage {index} has no Image" if index else f"{p}: Storage has no Image")
+    return Piece(index, start, end, blocksize, images)
+
+
+def _check_tiling(p: Path, pieces: list[Piece], disk_size: int) -> None:
+    """Sort PIECES by Start and check that they cover sectors 0..disk_size exactly once."""
+    pieces.sort(key=lambda piece: piece.start)
+    if len(pieces) == 1:
+        only = pieces[0]
+        if only.start != 0 or only.end != disk_size:
+            raise DescriptorError(
+                f"{p}: Storage covers sectors {only.start}..{only.end}, not the whole disk 0..{disk_size}"
+                " (Disk_size)"
+            )
+        return
+    pos = 0
+    prev: Piece | None = None
+    for piece in pieces:
+        if piece.start < pos:
+            assert prev is not None
+            raise DescriptorError(
+                f"{p}: Storage {piece.index} (sectors {piece.start}..{piece.end}) overlaps Storage {prev.index}"
+                f" (sectors {prev.start}..{prev.end})"
+            )
+        if piece.start > pos:
+            where = f"after Storage {prev.index} (sectors {prev.start}..{prev.end})" if prev else "at the start"
+            raise DescriptorError(
+                f"{p}: sectors {pos}..{piece.start} are in no Storage: a gap {where},"
+                f" before Storage {piece.index} (sectors {piece.start}..{piece.end})"
+            )
+        pos = piece.end
+        prev = piece
+    assert prev is not None
+    if pos != disk_size:
+        raise DescriptorError(
+            f"{p}: the last piece, Storage {prev.index} (sectors {prev.start}..{prev.end}), ends at sector {pos},"
+            f" but Disk_size is {disk_size}"
+        )
+
+
 def descriptor_path(path: Path) -> Path:
     """The DiskDescriptor.xml for PATH, a bundle directory or the file itself."""
     return path / DESCRIPTOR_NAME if path.is_dir() else path
@@ -270,36 +388,21 @@ def parse_descriptor(path: str | Path, *, allow_outside: bool = False) -> Descri
     if storage_data is None:
         raise DescriptorError(f"{p}: StorageData is missing")
     storages = storage_data.findall("Storage")
-    if len(storages) != 1:
-        raise DescriptorError(
-            f"{p}: StorageData has {len(storages)} Storage elements; exactly one is supported"
-            " (split images are not)"
-        )
-    st = storages[0]
-    w = "StorageData/Storage"
-    start = _int(p, st, "Start", w, optional=0)
-    end = _int(p, st, "End", w, optional=disk_size)
-    if start != 0 or end != disk_size:
-        raise DescriptorError(
-            f"{p}: Storage covers sectors {start}..{end}, not the whole disk 0..{disk_size} (split storage)"
-        )
-    blocksize = _int(p, st, "Blocksize", w, optional=2048)
-    if blocksize == 0:
-        raise DescriptorError(f"{p}: {w}/Blocksize is 0")
-
-    images: dict[str, ImageEntry] = {}
-    for el in st.findall("Image"):
-        w = "StorageData/Storage/Image"
-        guid = normalize_guid(_text(p, el, "GUID", w))
-        itype = _text(p, el, "Type", w)
-        if itype not in IMAGE_TYPES:
-            raise DescriptorError(f"{p}: image {guid} has Type {itype!r}; expected Plain or Compressed")
-        file, outside = locate_image(p.parent, _text(p, el, "File", w), guid, warnings)
-        if guid in images:
-            raise DescriptorError(f"{p}: image GUID {guid} appears twice")
-        images[guid] = ImageEntry(guid, itype, file, outside)
-    if not images:
-        raise DescriptorError(f"{p}: Storage has no Image")
+    if not storages:
+        raise DescriptorError(f"{p}: StorageData has no Storage")
+    pieces = [_piece(p, index, st, disk_size, warnings) for index, st in enumerate(storages)]
+    _check_tiling(p, pieces, disk_size)
+    files: dict[Path, int] = {}
+    for piece in pieces:
+        for entry in piece.images.values():
+            other = files.setdefault(entry.file, piece.index)
+            if other != piece.index:
+                raise DescriptorError(
+                    f"{p}: File {entry.file.name} is named by Storage {other} and Storage {piece.index}"
+                )
+    first = pieces[0]
+    images = first.images
+    blocksize = first.blocksize
 
     parents: dict[str, str] = {}
     top_guid: str | None = None
@@ -344,8 +447,9 @@ def parse_descriptor(path: str | Path, *, allow_outside: bool = False) -> Descri
         warnings=warnings,
         allow_outside=allow_outside,
         key_id=key_id,
+        pieces=pieces,
     )
-    desc.chain()  # validate the top chain now, so errors surface at open
+    desc.piece_chains()  # validate the top chain of every piece now, so errors surface at open
     for msg in warnings:
         log.warning("%s: %s", p, msg)
     return desc
@@ -356,8 +460,18 @@ def new_guid() -> str:
     return "{" + str(uuid.uuid4()) + "}"
 
 
-def build_descriptor(size: int, cluster_size: int, chain: list[tuple[str, str, str]]) -> etree._ElementTree:
-    """A new DiskDescriptor.xml tree for CHAIN: (guid, type, file) from top to root."""
+def build_descriptor(
+    size: int,
+    cluster_size: int,
+    chain: list[tuple[str, str, str]],
+    *,
+    pieces: Sequence[tuple[int, int, list[tuple[str, str, str]]]] = (),
+) -> etree._ElementTree:
+    """A new DiskDescriptor.xml tree for CHAIN: (guid, type, file) from top to root.
+
+    With PIECES, a split disk: one Storage per (start sector, end sector, chain
+    of that piece, top to root); CHAIN then only gives the snapshots' GUIDs.
+    """
     from prlnbd.image.create import geometry
 
     sectors = size // 512
@@ -372,15 +486,17 @@ def build_descriptor(size: int, cluster_size: int, chain: list[tuple[str, str, s
         ("Padding", 0),
     ):
         etree.SubElement(params, tag).text = str(value)
-    storage = etree.SubElement(etree.SubElement(root, "StorageData"), "Storage")
-    etree.SubElement(storage, "Start").text = "0"
-    etree.SubElement(storage, "End").text = str(sectors)
-    etree.SubElement(storage, "Blocksize").text = str(cluster_size // 512)
-    for guid, itype, file in reversed(chain):
-        image = etree.SubElement(storage, "Image")
-        etree.SubElement(image, "GUID").text = guid
-        etree.SubElement(image, "Type").text = itype
-        etree.SubElement(image, "File").text = file
+    storage_data = etree.SubElement(root, "StorageData")
+    for start, end, piece_chain in pieces or [(0, sectors, chain)]:
+        storage = etree.SubElement(storage_data, "Storage")
+        etree.SubElement(storage, "Start").text = str(start)
+        etree.SubElement(storage, "End").text = str(end)
+        etree.SubElement(storage, "Blocksize").text = str(cluster_size // 512)
+        for guid, itype, file in reversed(piece_chain):
+            image = etree.SubElement(storage, "Image")
+            etree.SubElement(image, "GUID").text = guid
+            etree.SubElement(image, "Type").text = itype
+            etree.SubElement(image, "File").text = file
     snaps = etree.SubElement(root, "Snapshots")
     etree.SubElement(snaps, "TopGUID").text = chain[0][0]
     parents = [g for g, _, _ in chain[1:]] + [ZERO_GUID]

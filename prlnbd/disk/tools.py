@@ -29,13 +29,28 @@ from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_f
 from prlnbd.image.locking import lock_image
 from prlnbd.image.parallels import ParallelsImage, open_file
 
+# Parallels Desktop splits a disk into pieces of this many sectors (1948 MiB), the last one shorter.
+SPLIT_PIECE_SECTORS = 3989504
 
-def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE) -> Path:
+
+def create_disk(
+    path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE, *, split: bool = False
+) -> Path:
     """Create a new disk: a single image when PATH ends in .hds, else a bundle directory.
 
-    Returns the image file created.
+    With SPLIT, the bundle's disk is split as Parallels Desktop splits one: a
+    piece of SPLIT_PIECE_SECTORS sectors after another, the last shorter, each
+    its own image NAME.N.{GUID}.hds. Returns the (first) image file created.
     """
     check_geometry(size, cluster_size)
+    if split:
+        if path.suffix == ".hds":
+            raise PrlNbdError(f"{path}: a split disk is a bundle directory, not a single .hds image")
+        if (SPLIT_PIECE_SECTORS * fmt.SECTOR) % cluster_size:
+            raise PrlNbdError(
+                f"{path}: split pieces are {SPLIT_PIECE_SECTORS} sectors, not a whole number of"
+                f" {cluster_size}-byte clusters"
+            )
     if path.suffix == ".hds":
         write_image(path, size, cluster_size=cluster_size)
         return path
@@ -43,10 +58,31 @@ def create_disk(path: Path, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE)
         raise PrlNbdError(f"{path}: already exists and is not an empty directory")
     path.mkdir(parents=True, exist_ok=True)
     guid = new_guid()
+    if split:
+        sectors = size // fmt.SECTOR
+        starts = list(range(0, sectors, SPLIT_PIECE_SECTORS))
+        pieces = []
+        for k, start in enumerate(starts):
+            end = min(sectors, start + SPLIT_PIECE_SECTORS)
+            name = f"{path.name}.{k}.{guid}.hds"
+            write_image(path / name, (end - start) * fmt.SECTOR, cluster_size=cluster_size)
+            pieces.append((start, end, [(guid, "Compressed", name)]))
+        tree = build_descriptor(size, cluster_size, [(guid, "Compressed", "")], pieces=pieces)
+        save_descriptor(tree, path / DESCRIPTOR_NAME)
+        return path / pieces[0][2][0][2]
     image = path / f"{path.name}.0.{guid}.hds"
     write_image(image, size, cluster_size=cluster_size)
     save_descriptor(build_descriptor(size, cluster_size, [(guid, "Compressed", image.name)]), path / DESCRIPTOR_NAME)
     return image
+
+
+def _refuse_split(desc: Descriptor, what: str) -> None:
+    """Refuse WHAT (an operation) on a split disk: it is supported only for disks of one Storage."""
+    if desc.split:
+        raise DescriptorError(
+            f"{desc.path}: the disk is split into {len(desc.pieces)} Storage pieces; {what} a split disk"
+            " is not supported"
+        )
 
 
 def snapshot_disk(path: Path) -> tuple[str, str]:
@@ -62,6 +98,8 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
     if not dpath.exists():
         raise DescriptorError(f"{path}: snapshots need a bundle with {DESCRIPTOR_NAME}, not a single image")
     desc = parse_descriptor(dpath)
+    if desc.split:
+        return _snapshot_split(desc)
     top = desc.images[desc.top_guid]
     # Hold the top as a writer would for the whole change: a server (or QEMU) that has it open
     # refuses the snapshot, and none can open it while the chain changes under it.
@@ -106,6 +144,47 @@ def _snapshot(desc: Descriptor, dpath: Path) -> tuple[str, str]:
     add_element(storage, "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
     if not snaps.findall("Shot"):
         # A descriptor with no Shot had its only image as the implicit root.
+        add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
+    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
+    top_el = snaps.find("TopGUID")
+    if top_el is None:
+        top_el = add_element(snaps, "TopGUID", index=0)
+    top_el.text = guid
+    save_descriptor(desc.tree, dpath)
+    return desc.top_guid, guid
+
+
+def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
+    """snapshot_disk() of a split disk: one new top image per piece, NAME.N.{GUID}.hds for piece N.
+
+    Every new image is written and synced before the descriptor is replaced.
+    Dirty bitmaps are not copied (a split disk with bitmaps is not served).
+    """
+    dpath = desc.path
+    guid = new_guid()
+    made: list[tuple[int, Path]] = []
+    for k, piece in enumerate(desc.pieces):
+        top = piece.images[desc.top_guid]
+        cluster_size = piece.blocksize * fmt.SECTOR
+        if top.type == "Compressed":
+            img = ParallelsImage.open(top.file)
+            try:
+                if img.in_use:
+                    raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
+                cluster_size = img.cluster_size
+            finally:
+                img.close()
+        image = dpath.parent / f"{dpath.parent.name}.{k}.{guid}.hds"
+        write_image(image, piece.size, cluster_size=cluster_size)
+        made.append((piece.index, image))
+    root = desc.tree.getroot()
+    storages = root.findall("StorageData/Storage")
+    snaps = root.find("Snapshots")
+    if snaps is None:
+        snaps = add_element(root, "Snapshots")
+    for index, image in made:
+        add_element(storages[index], "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
+    if not snaps.findall("Shot"):
         add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
     add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
     top_el = snaps.find("TopGUID")
@@ -171,15 +250,15 @@ def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool =
     if path.is_dir() or path.name.lower().endswith(".xml"):
         try:
             desc = parse_descriptor(dpath, allow_outside=allow_outside_bundle)
-            entries = desc.chain()
+            chains = desc.piece_chains()
         except PrlNbdError as e:
             report.findings.append(Finding(str(dpath), "chain", str(e)))
             return report
-        if len(entries) > MAX_CHAIN_LENGTH:
-            msg = f"the snapshot chain has {len(entries)} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+        if len(chains[0]) > MAX_CHAIN_LENGTH:
+            msg = f"the snapshot chain has {len(chains[0])} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
             report.findings.append(Finding(str(dpath), "chain", msg))
             return report
-        for entry in entries:
+        for entry in (entry for chain in chains for entry in chain):  # every piece of a split disk
             if not entry.file.exists():
                 report.findings.append(Finding(str(entry.file), "chain", f"image {entry.guid} is missing"))
             elif entry.type == "Compressed":
@@ -200,6 +279,7 @@ def _top_image_path(path: Path) -> Path:
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         desc = parse_descriptor(dpath)
+        _refuse_split(desc, "managing the dirty bitmaps of")
         top = desc.images[desc.top_guid]
         if top.type != "Compressed":
             raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
@@ -212,6 +292,7 @@ def compact_disk(path: Path, progress: Callable[[int, int], None] | None = None)
     top = path
     if path.is_dir() or path.name.lower().endswith(".xml"):
         desc = parse_descriptor(descriptor_path(path))
+        _refuse_split(desc, "compacting")
         entry = desc.images[desc.top_guid]
         if entry.type != "Compressed":
             raise PrlNbdError(f"{entry.file}: a plain image has no clusters to move")

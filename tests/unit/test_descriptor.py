@@ -267,7 +267,7 @@ ERRORS: dict[str, tuple[str | bytes, type[DescriptorError], list[str]]] = {
     ),
     "padding-1": (xml(padding="1"), DescriptorError, ["Padding is 1"]),
     "no-storage-data": (xml(storage=""), DescriptorError, ["StorageData is missing"]),
-    "no-storage": (xml(storage="<StorageData/>"), DescriptorError, ["0 Storage elements"]),
+    "no-storage": (xml(storage="<StorageData/>"), DescriptorError, ["has no Storage"]),
     "two-storages": (
         xml(
             storage="<StorageData>" + "<Storage><Start>0</Start><End>2048</End>"
@@ -276,9 +276,9 @@ ERRORS: dict[str, tuple[str | bytes, type[DescriptorError], list[str]]] = {
             + "</StorageData>"
         ),
         DescriptorError,
-        ["2 Storage elements", "split"],
+        ["Storage 1 (sectors 0..2048) overlaps Storage 0 (sectors 0..2048)"],
     ),
-    "start-not-0": (xml(start="8"), DescriptorError, ["8..2048", "split"]),
+    "start-not-0": (xml(start="8"), DescriptorError, ["8..2048", "0..2048"]),
     "end-short": (xml(end="1024"), DescriptorError, ["0..1024", "0..2048"]),
     "end-long": (xml(end="4096"), DescriptorError, ["0..4096"]),
     "text-end": (xml(end="all"), DescriptorError, ["Storage/End", "'all'"]),
@@ -736,3 +736,134 @@ def test_raw_plain_root_holes_read_as_zero(tmp_path: Path) -> None:
         assert bytes(data) == expected
     finally:
         disk.close()
+
+
+# ---- split disks: several Storage elements, each a piece with one image per snapshot
+
+
+def split_xml(
+    pieces: list[tuple[int, int, list[str]]],
+    *,
+    disk_size: int = 4096,
+    shots: list[tuple[str, str]] | None = None,
+    top: str = ROOT,
+) -> str:
+    """A split descriptor: one Storage per (start, end, GUIDs of its images), in the order given."""
+    storages = []
+    for n, (start, end, guids) in enumerate(pieces):
+        images = "".join(
+            f"<Image><GUID>{g}</GUID><Type>Compressed</Type><File>d.hdd.{n}.{g}.hds</File></Image>" for g in guids
+        )
+        storages.append(
+            f"<Storage><Start>{start}</Start><End>{end}</End><Blocksize>2048</Blocksize>{images}</Storage>"
+        )
+    return xml(
+        disk_size=str(disk_size),
+        storage=f"<StorageData>{''.join(storages)}</StorageData>",
+        shots=shots,
+        top=top,
+    )
+
+
+def test_split_descriptor_pieces_sorted_by_start(tmp_path: Path) -> None:
+    text = split_xml(
+        [(2048, 3072, [ROOT, TOP]), (0, 2048, [ROOT, TOP]), (3072, 4096, [TOP, ROOT])],
+        shots=[(ROOT, ZERO_GUID), (TOP, ROOT)],
+        top=TOP,
+    )
+    desc = parse_descriptor(write(tmp_path, text))
+    assert desc.split
+    assert [(pc.index, pc.start, pc.end) for pc in desc.pieces] == [(1, 0, 2048), (0, 2048, 3072), (2, 3072, 4096)]
+    assert [pc.offset for pc in desc.pieces] == [0, 2048 * 512, 3072 * 512]
+    chains = desc.piece_chains()
+    assert [[e.guid for e in chain] for chain in chains] == [[TOP, ROOT]] * 3
+    assert [chains[k][0].file.name for k in range(3)] == [f"d.hdd.{n}.{TOP}.hds" for n in (1, 0, 2)]
+    assert desc.images is desc.pieces[0].images  # the first piece, as for a disk that is not split
+    assert [[e.guid for e in chain] for chain in desc.piece_chains(ROOT)] == [[ROOT]] * 3
+
+
+def test_single_storage_is_not_split(tmp_path: Path) -> None:
+    desc = parse_descriptor(write(tmp_path, xml(top=ROOT)))
+    assert not desc.split
+    assert len(desc.pieces) == 1 and desc.pieces[0].size == desc.size
+
+
+SPLIT_ERRORS: dict[str, tuple[str, type[Exception], list[str]]] = {
+    "overlap": (
+        split_xml([(0, 2048, [ROOT]), (2000, 4096, [ROOT])]),
+        DescriptorError,
+        ["Storage 1 (sectors 2000..4096) overlaps Storage 0 (sectors 0..2048)"],
+    ),
+    "gap": (
+        split_xml([(0, 1024, [ROOT]), (2048, 4096, [ROOT])]),
+        DescriptorError,
+        ["sectors 1024..2048 are in no Storage", "after Storage 0 (sectors 0..1024)", "Storage 1 (sectors 2048..4096)"],
+    ),
+    "missing-first": (
+        split_xml([(1024, 2048, [ROOT]), (2048, 4096, [ROOT])]),
+        DescriptorError,
+        ["sectors 0..1024 are in no Storage", "at the start"],
+    ),
+    "missing-last": (
+        split_xml([(0, 2048, [ROOT]), (2048, 3072, [ROOT])]),
+        DescriptorError,
+        ["Storage 1 (sectors 2048..3072)", "ends at sector 3072", "Disk_size is 4096"],
+    ),
+    "past-disk-size": (
+        split_xml([(0, 2048, [ROOT]), (2048, 8192, [ROOT])]),
+        DescriptorError,
+        ["ends at sector 8192", "Disk_size is 4096"],
+    ),
+    "end-before-start": (
+        split_xml([(0, 2048, [ROOT]), (3072, 2048, [ROOT]), (3072, 4096, [ROOT])]),
+        DescriptorError,
+        ["Storage 1 has Start 3072 and End 2048"],
+    ),
+    "empty-piece": (
+        split_xml([(0, 2048, [ROOT]), (2048, 2048, [ROOT]), (2048, 4096, [ROOT])]),
+        DescriptorError,
+        ["Storage 1 has Start 2048 and End 2048"],
+    ),
+    "image-missing-for-one-snapshot": (
+        split_xml([(0, 2048, [ROOT, TOP]), (2048, 4096, [ROOT])], shots=[(ROOT, ZERO_GUID), (TOP, ROOT)], top=TOP),
+        SnapshotChainError,
+        ["Storage 1 (sectors 2048..4096) has no Image for snapshot " + TOP],
+    ),
+    "text-end-of-second": (
+        split_xml([(0, 2048, [ROOT]), (2048, 4096, [ROOT])]).replace("<End>4096</End>", "<End>all</End>"),
+        DescriptorError,
+        ["StorageData/Storage 1/End is 'all'"],
+    ),
+    "piece-without-image": (
+        split_xml([(0, 2048, [ROOT]), (2048, 4096, [])]),
+        DescriptorError,
+        ["Storage 1 has no Image"],
+    ),
+    "same-file-twice": (
+        xml(
+            disk_size="4096",
+            storage="<StorageData>"
+            + "".join(
+                f"<Storage><Start>{a}</Start><End>{b}</End>"
+                f"<Image><GUID>{ROOT}</GUID><Type>Compressed</Type><File>same.hds</File></Image></Storage>"
+                for a, b in ((0, 2048), (2048, 4096))
+            )
+            + "</StorageData>",
+        ),
+        DescriptorError,
+        ["same.hds is named by Storage 0 and Storage 1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPLIT_ERRORS))
+def test_split_descriptor_errors(tmp_path: Path, case: str) -> None:
+    text, exc, words = SPLIT_ERRORS[case]
+    path = write(tmp_path, text)
+    with pytest.raises(DescriptorError) as info:
+        parse_descriptor(path)
+    assert isinstance(info.value, exc), info.value
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)

@@ -1,0 +1,249 @@
+"""A split disk: several Storage pieces, each a Disk of its own chain, served as one disk.
+
+Parallels Desktop splits a disk into pieces of 3989504 sectors (the last one
+shorter), each a complete expanding image with its own header, its size the
+piece's, and one delta image per piece for each snapshot: every piece's chain
+follows the same Snapshots tree. SplitDisk has the interface the export uses
+of a Disk, made of one Disk per piece: offsets are translated, ranges split at
+piece boundaries (a request crossing one is still one request and one reply),
+and runs and depth maps shifted back to disk offsets.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, Run, open_chain
+from prlnbd.disk.descriptor import Descriptor
+from prlnbd.errors import DescriptorError
+from prlnbd.image.extension import DirtyBitmap
+from prlnbd.image.parallels import FlushToken, ParallelsImage
+
+
+@dataclass
+class SplitFlushToken(FlushToken):
+    """One flush of a split disk: the token of each piece."""
+
+    parts: list[FlushToken | None] = field(default_factory=list)
+
+
+class SplitDisk(Disk):
+    """A disk made of PIECES, one Disk each, the k-th starting at byte OFFSETS[k].
+
+    layers, guids and top are the first piece's: every piece has a chain of the
+    same snapshots, so depth k means the same snapshot in every piece, and
+    the export's shortcut over the top layer's clusters (Export._top_holds)
+    finds the first piece's clusters where they are and, past it, nothing, so
+    it recomputes status there through depth_runs(). Every piece's top is of
+    the same kind, with the same cluster size, and starts at a multiple of it,
+    so the export's grain (the top's cluster size) is that of every piece.
+    """
+
+    def __init__(self, path: Path, pieces: list[Disk], offsets: list[int], size: int, descriptor: Descriptor) -> None:
+        first = pieces[0]
+        super().__init__(
+            path=path,
+            layers=first.layers,
+            guids=first.guids,
+            size=size,
+            descriptor=descriptor,
+            warnings=list(descriptor.warnings),
+        )
+        self.pieces = pieces
+        self.offsets = offsets
+        self._ends = [*offsets[1:], size]
+
+    # ---- translating ranges
+
+    def _parts(self, offset: int, length: int) -> Iterator[tuple[Disk, int, int, int]]:
+        """(piece, its disk offset, piece-relative offset, length) for each piece [offset, offset+length) meets."""
+        end = offset + length
+        k = max(0, bisect.bisect_right(self.offsets, offset) - 1)
+        pos = offset
+        while pos < end and k < len(self.pieces):
+            base = self.offsets[k]
+            stop = min(end, self._ends[k])
+            yield self.pieces[k], base, pos - base, stop - pos
+            pos = stop
+            k += 1
+
+    @staticmethod
+    def _shift(runs: list[Run], base: int) -> list[Run]:
+        """RUNS (fresh objects of one piece) moved to disk offsets."""
+        if base:
+            for run in runs:
+                run.offset += base
+        return runs
+
+    # ---- what the export uses
+
+    @property
+    def writable(self) -> bool:
+        """Whether every piece's top layer is open for writing."""
+        return all(piece.writable for piece in self.pieces)
+
+    def bitmaps(self) -> list[DirtyBitmap]:
+        """None: a split disk whose pieces carry dirty bitmaps is refused at open."""
+        return []
+
+    @property
+    def direct(self) -> bool:
+        """Whether data I/O bypasses the page cache (O_DIRECT, `--cache=none`)."""
+        return any(piece.direct for piece in self.pieces)
+
+    def open_direct(self) -> None:
+        """Open every layer of every piece a second time with O_DIRECT (see Disk.open_direct)."""
+        for piece in self.pieces:
+            piece.open_direct()
+
+    def map(self, offset: int, length: int) -> Iterator[Run]:
+        """The runs of [offset, offset+length), piece by piece (never merged across a boundary)."""
+        for piece, base, at, n in self._parts(offset, length):
+            yield from self._shift(list(piece.map(at, n)), base)
+
+    def depth_runs(self, offset: int, end: int) -> tuple[list[int], list[int]]:
+        """Disk.depth_runs() of each piece the range meets, concatenated (equal codes merged at boundaries)."""
+        starts: list[int] = []
+        codes: list[int] = []
+        for piece, base, at, n in self._parts(offset, end - offset):
+            piece_starts, piece_codes = piece.depth_runs(at, at + n)
+            if codes and piece_codes and piece_codes[0] == codes[-1]:
+                piece_starts, piece_codes = piece_starts[1:], piece_codes[1:]
+            starts += [s + base for s in piece_starts] if base else piece_starts
+            codes += piece_codes
+        return starts, codes
+
+    def read(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]]:
+        """Read guest bytes, piece by piece; also return the runs (disk offsets). For a worker thread."""
+        parts = list(self._parts(offset, length))
+        if len(parts) == 1:
+            piece, base, at, n = parts[0]
+            buf, runs = piece.read(at, n)
+            return buf, self._shift(runs, base)
+        out = bytearray(length)
+        all_runs: list[Run] = []
+        for piece, base, at, n in parts:
+            buf, runs = piece.read(at, n)
+            start = base + at - offset
+            out[start : start + n] = buf
+            all_runs += self._shift(runs, base)
+        return out, all_runs
+
+    def read_nowait(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
+        """read(), when every piece can be read without waiting on storage; else None."""
+        parts = list(self._parts(offset, length))
+        if len(parts) == 1:
+            piece, base, at, n = parts[0]
+            got = piece.read_nowait(at, n)
+            if got is None:
+                return None
+            return got[0], self._shift(got[1], base)
+        out = bytearray(length)
+        all_runs: list[Run] = []
+        for piece, base, at, n in parts:
+            got = piece.read_nowait(at, n)
+            if got is None:
+                return None
+            start = base + at - offset
+            out[start : start + n] = got[0]
+            all_runs += self._shift(got[1], base)
+        return out, all_runs
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write DATA at OFFSET, each part into its piece's top layer. For a worker thread."""
+        view = memoryview(data)
+        for piece, base, at, n in self._parts(offset, len(view)):
+            start = base + at - offset
+            piece.write(at, view[start : start + n])
+
+    def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False, fast: bool = False) -> None:
+        """Disk.zero() in each piece the range meets.
+
+        With FAST, a later piece may refuse after an earlier one was zeroed: the
+        client then writes zeros over the whole range, which is what it asked for.
+        """
+        for piece, _, at, n in self._parts(offset, length):
+            piece.zero(at, n, trim=trim, no_hole=no_hole, fast=fast)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Disk.prefetch() in each piece the range meets."""
+        for piece, _, at, n in self._parts(offset, length):
+            piece.prefetch(at, n)
+
+    def begin_flush(self) -> FlushToken | None:
+        """Take what the next flush of every piece must make durable."""
+        return SplitFlushToken(entries=[], pending_free=[], parts=[piece.begin_flush() for piece in self.pieces])
+
+    def flush_io(self, token: FlushToken | None) -> None:
+        """Flush every piece (for a worker thread)."""
+        parts = token.parts if isinstance(token, SplitFlushToken) else [None] * len(self.pieces)
+        for piece, part in zip(self.pieces, parts, strict=True):
+            piece.flush_io(part)
+
+    def end_flush(self, token: FlushToken | None, ok: bool) -> None:
+        """Record a flush's outcome in every piece."""
+        if isinstance(token, SplitFlushToken):
+            for piece, part in zip(self.pieces, token.parts, strict=True):
+                piece.end_flush(part, ok)
+
+    def close(self) -> None:
+        """Close every piece, even when closing one fails; the first failure is raised after."""
+        error: BaseException | None = None
+        for piece in self.pieces:
+            try:
+                piece.close()
+            except BaseException as e:  # re-raised below, once the other pieces are closed
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def open_split(desc: Descriptor, *, writable: bool, snapshot: str | None) -> SplitDisk:
+    """Open every piece of the split disk DESC: one chain per piece, from SNAPSHOT (default: the top)."""
+    chains = desc.piece_chains(snapshot)
+    if len(chains[0]) > MAX_CHAIN_LENGTH:
+        raise DescriptorError(
+            f"{desc.path}: the snapshot chain from {chains[0][0].guid} has {len(chains[0])} layers,"
+            f" more than the {MAX_CHAIN_LENGTH} prlnbd opens"
+        )
+    pieces: list[Disk] = []
+    try:
+        for piece, entries in zip(desc.pieces, chains, strict=True):
+            pieces.append(open_chain(desc, entries, writable=writable, piece=piece))
+        _check_pieces(desc, pieces)
+    except BaseException:
+        for disk in pieces:
+            disk.close()
+        raise
+    return SplitDisk(desc.path, pieces, [piece.offset for piece in desc.pieces], desc.size, desc)
+
+
+def _check_pieces(desc: Descriptor, disks: list[Disk]) -> None:
+    """Refuse what a SplitDisk cannot serve: tops of different kinds or cluster sizes, pieces off a cluster
+    boundary, dirty bitmaps."""
+    first: Layer = disks[0].top
+    for piece, disk in zip(desc.pieces, disks, strict=True):
+        top = disk.top
+        where = f"{desc.path}: Storage {piece.index} (sectors {piece.start}..{piece.end}), top image {top.path}"
+        if type(top) is not type(first):
+            raise DescriptorError(f"{where}: its top image is of another kind than that of the first piece")
+        if isinstance(top, ParallelsImage) and isinstance(first, ParallelsImage):
+            if top.cluster_size != first.cluster_size:
+                raise DescriptorError(
+                    f"{where}: {top.cluster_size}-byte clusters, but the first piece's top has {first.cluster_size};"
+                    " the pieces of a split disk must share one cluster size"
+                )
+            if piece.offset % top.cluster_size:
+                raise DescriptorError(
+                    f"{where}: the piece starts at byte {piece.offset}, not on a {top.cluster_size}-byte cluster"
+                    " boundary"
+                )
+            if top.extension is not None and top.extension.bitmaps:
+                raise DescriptorError(
+                    f"{where}: holds dirty bitmaps ({', '.join(b.name for b in top.extension.bitmaps)}); dirty"
+                    " bitmaps of a split disk are not supported (remove them with `prlnbd bitmap` on each piece's"
+                    " image, or serve a disk that is not split)"
+                )

@@ -1,0 +1,223 @@
+"""Split disks (several Storage pieces, each its own chain of images) served as one disk.
+
+Each piece is built and read on its own by qemu (qemu-io writes, qemu-nbd reads the
+piece's chain through backing links); prlnbd must serve their concatenation, and
+requests crossing a piece boundary must land in both pieces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import support
+from tests.support import Chain
+
+pytestmark = pytest.mark.skipif(
+    not all(support.have(t) for t in ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")),
+    reason="qemu-utils and libnbd-bin are needed",
+)
+
+M1 = 1 << 20
+SIZES = [8 * M1, 8 * M1, 8 * M1, 4 * M1]  # Parallels Desktop: pieces of 3989504 sectors, the last shorter
+STARTS = [sum(SIZES[:k]) for k in range(len(SIZES))]
+TOTAL = sum(SIZES)
+
+
+def build(bundle: Path, layers: int, seed: int = 1) -> tuple[list[Chain], list[str]]:
+    """One chain of LAYERS images per piece (1 MiB clusters), with writes at both edges of every piece."""
+    guids = [support.new_guid() for _ in range(layers)]
+    chains = []
+    for k, size in enumerate(SIZES):
+        spec = []
+        for i in range(layers):
+            writes = support.random_writes(seed * 1000 + k * 10 + i, size, M1, 3, 0x10 * (i + 1) + k)
+            if i == 0:
+                writes += [(0xA0 + k, 0, 5000), (0xB0 + k, size - 7000, 7000)]
+            if i == layers - 1 and layers > 1:
+                writes += [(0xC0 + k, size - M1 + 100, 300)]  # the top hides the root's last cluster
+            spec.append((M1, writes))
+        names = [f"vm.hdd.{k}.{guid}.hds" if i else f"vm.hdd.{k}.hds" for i, guid in enumerate(guids)]
+        chains.append(support.build_chain(bundle, size, spec, names))
+    # Storage elements out of disk order: they are sorted by Start.
+    support.write_split_descriptor(bundle, [c.paths for c in chains], SIZES, guids, order=[2, 0, 3, 1])
+    return chains, guids
+
+
+def shifted(extents: list[tuple[int, int, int]], base: int) -> list[tuple[int, int, int]]:
+    return [(o + base, n, t) for o, n, t in extents]
+
+
+def reference(tmp: Path, chains: list[Chain]) -> tuple[bytes, list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Each piece's chain read by qemu-nbd on its own, concatenated: (bytes, base:allocation, allocation depth)."""
+    data = b""
+    base: list[tuple[int, int, int]] = []
+    depth: list[tuple[int, int, int]] = []
+    for k, chain in enumerate(chains):
+        srv = support.start_qemu_nbd(tmp / f"q{k}", chain.image_opts(), "-r", "-A", "--image-opts", fmt=None)
+        with support.running(srv) as ref:
+            piece = support.nbd_pread(ref.uri())
+            assert len(piece) == SIZES[k]
+            data += piece
+            base += shifted(support.nbdinfo_map(ref.uri()), STARTS[k])
+            depth += shifted(support.nbdinfo_map(ref.uri(), "qemu:allocation-depth"), STARTS[k])
+    return data, support.merge_extents(base), support.merge_extents(depth)
+
+
+def assert_serves(uri: str, want: tuple[bytes, list[tuple[int, int, int]], list[tuple[int, int, int]]]) -> None:
+    data, base, depth = want
+    assert support.nbd_size(uri) == TOTAL
+    got = support.nbd_pread(uri, chunk=3 * M1)  # 3 MiB reads: several cross a piece boundary
+    if got != data:
+        first = next(i for i in range(TOTAL) if got[i] != data[i])
+        raise AssertionError(f"first difference at {first} (piece boundaries {STARTS})")
+    assert support.nbdinfo_map(uri) == base
+    assert support.nbdinfo_map(uri, "qemu:allocation-depth") == depth
+
+
+@pytest.mark.parametrize("layers", [1, 2], ids=["no-snapshot", "one-snapshot"])
+def test_split_reads_are_the_pieces_concatenated(tmp_path: Path, layers: int) -> None:
+    bundle = tmp_path / "vm.hdd"
+    chains, guids = build(bundle, layers)
+    want = reference(tmp_path, chains)
+    # The harness: the pieces' own reads agree with the merge model.
+    assert want[0] == b"".join(c.expected_bytes() for c in chains)
+    digests = [support.file_digest(p) for c in chains for p in c.paths]
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], "--read-only")) as prl:
+        assert_serves(prl.uri(), want)
+        info = support.run("nbdinfo", prl.uri()).stdout
+        assert f"{layers} layer" in info
+        if layers == 2:
+            # What changed since the root snapshot: every cluster a top image holds, in each piece.
+            since = "qemu:dirty-bitmap:since-" + guids[0].strip("{}")
+            assert since in info
+            dirty = [(o, n) for o, n, t in support.nbdinfo_map(prl.uri(), since) if t & 1]
+            assert dirty == [(o, n) for o, n, d in want[2] if d == 1]
+    assert [support.file_digest(p) for c in chains for p in c.paths] == digests
+    assert "Traceback" not in prl.log_text()
+
+
+def test_split_snapshot_option_reads_the_roots(tmp_path: Path) -> None:
+    """--snapshot ROOT serves every piece's root image: the pieces' roots concatenated."""
+    bundle = tmp_path / "vm.hdd"
+    chains, guids = build(bundle, 2)
+    want = b"".join(c.contents[0] for c in chains)
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], "--snapshot", guids[0])) as prl:
+        assert support.nbd_pread(prl.uri()) == want
+
+
+@pytest.mark.parametrize(
+    ("layers", "cache"),
+    [(1, "writeback"), (2, "writeback"), (2, "none")],
+    ids=["no-snapshot", "one-snapshot", "one-snapshot-cache-none"],
+)
+def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int, cache: str) -> None:
+    import nbd
+
+    bundle = tmp_path / "vm.hdd"
+    chains, _ = build(bundle, layers, seed=2)
+    model = bytearray(b"".join(c.expected_bytes() for c in chains))
+    roots = [support.file_digest(p) for c in chains for p in c.paths[:-1]]
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], f"--cache={cache}")) as prl:
+        h = nbd.NBD()
+        h.connect_uri(prl.uri())
+        # One WRITE across the boundary of pieces 0 and 1, unaligned on both sides.
+        at, data = STARTS[1] - 3000, bytes(range(256)) * 40
+        h.pwrite(data, at)
+        model[at : at + len(data)] = data
+        assert h.pread(len(data), at) == data
+        # One WRITE of 3 pieces at once (piece 1 whole).
+        at, data = STARTS[1] - 100, b"\x5a" * (SIZES[1] + 200)
+        h.pwrite(data, at)
+        model[at : at + len(data)] = data
+        # WRITE_ZEROES across pieces 1 and 2: whole clusters on both sides and partial ones.
+        at, n = STARTS[2] - 2 * M1 - 1000, 4 * M1 + 3000
+        h.zero(n, at)
+        model[at : at + n] = bytes(n)
+        # TRIM across pieces 2 and 3: a hint, whole clusters only, whose bytes become unspecified.
+        at, n = STARTS[3] - M1, 2 * M1
+        h.trim(n, at)
+        h.flush()
+        got = h.pread(n, at)
+        model[at : at + n] = got  # what a TRIM leaves is the server's choice: checked against qemu below
+        got_all = b"".join(h.pread(M1, o) for o in range(0, TOTAL, M1))
+        assert got_all == bytes(model)
+        h.shutdown()
+    assert "Traceback" not in prl.log_text()
+    # The pieces' files, read by qemu on their own, hold exactly what was written.
+    want = reference(tmp_path / "after", chains)
+    assert want[0] == bytes(model)
+    for c in chains:
+        support.run("qemu-img", "check", "-f", "parallels", c.paths[-1])
+    if layers == 2:
+        assert [support.file_digest(p) for c in chains for p in c.paths[:-1]] == roots
+    # Served again, the disk gives the same bytes and maps as the pieces read on their own.
+    with support.running(support.start_prlnbd(tmp_path / "again", [str(bundle)], "--read-only")) as prl:
+        assert_serves(prl.uri(), want)
+        if layers == 1:
+            # Zeroing whole clusters with nothing below released them: holes in base:allocation.
+            base = want[1]
+            hole = [(o, n) for o, n, t in base if t == 3 and o <= STARTS[2] - M1 < o + n]
+            assert hole and hole[0][0] + hole[0][1] >= STARTS[2] + M1, base
+
+
+def prl(*args: str | Path) -> str:
+    return support.run(support.PYTHON, "-m", "prlnbd", *args).stdout
+
+
+def test_create_split_info_snapshot_and_serve(tmp_path: Path) -> None:
+    """`create --split` lays a disk out as Parallels Desktop does; `snapshot` adds one image per piece."""
+    import json
+
+    import nbd
+
+    bundle = tmp_path / "big.hdd"
+    size = 4000 * M1  # two pieces of 3989504 sectors (1948 MiB) and one of 104 MiB
+    prl("create", bundle, "--size", f"{size}", "--split")
+    piece = 3989504 * 512
+    info = json.loads(prl("info", "--json", bundle))
+    pieces = info["pieces"]
+    assert [(p["start-sector"], p["end-sector"]) for p in pieces] == [
+        (0, 3989504),
+        (3989504, 2 * 3989504),
+        (2 * 3989504, size // 512),
+    ]
+    root = info["top-guid"]
+    for k, p in enumerate(pieces):
+        assert p["layers"][0]["file"] == str(bundle / f"big.hdd.{k}.{root}.hds")
+        assert p["layers"][0]["size"] == p["size"] and p["layers"][0]["cluster-size"] == M1
+        support.run("qemu-img", "check", "-f", "parallels", p["layers"][0]["file"])
+    assert "No errors were found" in prl("check", bundle)
+    assert support.run("qemu-img", "info", "-f", "parallels", pieces[2]["layers"][0]["file"]).stdout.count("104 MiB")
+    text = prl("info", bundle)
+    assert "split into 3 pieces" in text and "piece 2: sectors 7979008..8192000 (104 MiB" in text
+    at = piece - 1000
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as prl_srv:
+        h = nbd.NBD()
+        h.connect_uri(prl_srv.uri())
+        assert h.get_size() == size
+        h.pwrite(b"\x11" * 3000, at)
+        h.flush()
+        h.shutdown()
+    out = prl("snapshot", bundle)
+    assert f"snapshot {root}" in out
+    top = out.split("new top ", 1)[1].strip()
+    assert all((bundle / f"big.hdd.{k}.{top}.hds").exists() for k in range(3))
+    info = json.loads(prl("info", "--json", bundle))
+    assert [[x["guid"] for x in p["layers"]] for p in info["pieces"]] == [[top, root]] * 3
+    with support.running(support.start_prlnbd(tmp_path / "again", [str(bundle)])) as prl_srv:
+        h = nbd.NBD()
+        h.connect_uri(prl_srv.uri())
+        assert h.pread(3000, at) == b"\x11" * 3000
+        h.pwrite(b"\x22" * 10, piece * 2 - 5)
+        h.flush()
+        assert h.pread(12, piece * 2 - 6) == b"\x00" + b"\x22" * 10 + b"\x00"
+        h.shutdown()
+    # Each piece's chain, read by qemu through backing links: the write landed in both tops.
+    for k, (offset, want) in enumerate([(piece - 1024, bytes(24) + b"\x11" * 1000), (0, b"\x11" * 2000 + bytes(48))]):
+        chain = Chain([bundle / f"big.hdd.{k}.{g}.hds" for g in (root, top)], piece, [], [])
+        srv = support.start_qemu_nbd(tmp_path / f"q{k}", chain.image_opts(), "-r", "--image-opts", fmt=None)
+        with support.running(srv) as ref:
+            assert support.nbd_pread(ref.uri(), offset, len(want)) == want
+    assert "Traceback" not in prl_srv.log_text()
