@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lxml import etree
+
 from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
@@ -135,23 +137,28 @@ def _snapshot(desc: Descriptor, dpath: Path) -> tuple[str, str]:
             new_top.close()
     root = desc.tree.getroot()
     storage = root.find("StorageData/Storage")
-    snaps = root.find("Snapshots")
     if storage is None:  # pragma: no cover - parse_descriptor guarantees it
         raise DescriptorError(f"{dpath}: StorageData/Storage is missing")
-    if snaps is None:
-        snaps = add_element(root, "Snapshots")
     # New elements only: everything else stays as the writer left it (add_element).
     add_element(storage, "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
+    _add_shot(root, desc.top_guid, guid)
+    save_descriptor(desc.tree, dpath)
+    return desc.top_guid, guid
+
+
+def _add_shot(root: etree._Element, parent: str, guid: str) -> None:
+    """Add snapshot GUID on top of PARENT to the descriptor's Snapshots (made if missing), as its TopGUID."""
+    snaps = root.find("Snapshots")
+    if snaps is None:
+        snaps = add_element(root, "Snapshots")
     if not snaps.findall("Shot"):
         # A descriptor with no Shot had its only image as the implicit root.
-        add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
-    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
+        add_element(snaps, "Shot", children=[("GUID", parent), ("ParentGUID", ZERO_GUID)])
+    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", parent)])
     top_el = snaps.find("TopGUID")
     if top_el is None:
         top_el = add_element(snaps, "TopGUID", index=0)
     top_el.text = guid
-    save_descriptor(desc.tree, dpath)
-    return desc.top_guid, guid
 
 
 def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
@@ -179,18 +186,9 @@ def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
         made.append((piece.index, image))
     root = desc.tree.getroot()
     storages = root.findall("StorageData/Storage")
-    snaps = root.find("Snapshots")
-    if snaps is None:
-        snaps = add_element(root, "Snapshots")
     for index, image in made:
         add_element(storages[index], "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
-    if not snaps.findall("Shot"):
-        add_element(snaps, "Shot", children=[("GUID", desc.top_guid), ("ParentGUID", ZERO_GUID)])
-    add_element(snaps, "Shot", children=[("GUID", guid), ("ParentGUID", desc.top_guid)])
-    top_el = snaps.find("TopGUID")
-    if top_el is None:
-        top_el = add_element(snaps, "TopGUID", index=0)
-    top_el.text = guid
+    _add_shot(root, desc.top_guid, guid)
     save_descriptor(desc.tree, dpath)
     return desc.top_guid, guid
 
