@@ -9,7 +9,7 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +48,18 @@ class Layer(Protocol):
     def segments(self, offset: int, length: int) -> Iterator[Segment]: ...
 
     def close(self) -> None: ...
+
+
+def close_all(things: Iterable[Layer] | Iterable[Disk]) -> None:
+    """Close each of THINGS, even when closing one fails; then raise the first failure."""
+    error: BaseException | None = None
+    for thing in things:
+        try:
+            thing.close()
+        except BaseException as e:  # re-raised below, once the others are closed
+            error = error or e
+    if error is not None:
+        raise error
 
 
 class Run:
@@ -112,14 +124,7 @@ class Disk:
         for dfd in self._direct.values():
             os.close(dfd)
         self._direct.clear()
-        error: BaseException | None = None
-        for layer in self.layers:
-            try:
-                layer.close()
-            except BaseException as e:  # re-raised below, once the other layers are closed
-                error = error or e
-        if error is not None:
-            raise error
+        close_all(self.layers)
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
         """Resolve [offset, offset+length) into merged runs, walking the chain once.

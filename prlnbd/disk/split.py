@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, Run, open_chain
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, Run, close_all, open_chain
 from prlnbd.disk.descriptor import Descriptor
 from prlnbd.errors import DescriptorError
 from prlnbd.image.extension import DirtyBitmap
@@ -191,14 +191,7 @@ class SplitDisk(Disk):
 
     def close(self) -> None:
         """Close every piece, even when closing one fails; the first failure is raised after."""
-        error: BaseException | None = None
-        for piece in self.pieces:
-            try:
-                piece.close()
-            except BaseException as e:  # re-raised below, once the other pieces are closed
-                error = error or e
-        if error is not None:
-            raise error
+        close_all(self.pieces)
 
 
 def open_split(desc: Descriptor, *, writable: bool, snapshot: str | None) -> SplitDisk:

@@ -14,6 +14,7 @@ from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
     ZERO_GUID,
     Descriptor,
+    ImageEntry,
     add_element,
     build_descriptor,
     descriptor_path,
@@ -113,19 +114,24 @@ def snapshot_disk(path: Path) -> tuple[str, str]:
         os.close(guard)
 
 
+def _top_geometry(top: ImageEntry, cluster_size: int) -> tuple[int, list[DirtyBitmap]]:
+    """The cluster size a new image on top of TOP takes (CLUSTER_SIZE for a plain one) and TOP's bitmaps.
+
+    Refuses a top image that is in use: a snapshot must not freeze a layer being written.
+    """
+    if top.type != "Compressed":
+        return cluster_size, []
+    img = ParallelsImage.open(top.file)
+    try:
+        if img.in_use:
+            raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
+        return img.cluster_size, list(img.extension.bitmaps) if img.extension else []
+    finally:
+        img.close()
+
+
 def _snapshot(desc: Descriptor, dpath: Path) -> tuple[str, str]:
-    top = desc.images[desc.top_guid]
-    cluster_size = desc.blocksize * fmt.SECTOR
-    bitmaps: list[DirtyBitmap] = []
-    if top.type == "Compressed":
-        img = ParallelsImage.open(top.file)
-        try:
-            if img.in_use:
-                raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
-            cluster_size = img.cluster_size
-            bitmaps = list(img.extension.bitmaps) if img.extension else []
-        finally:
-            img.close()
+    cluster_size, bitmaps = _top_geometry(desc.images[desc.top_guid], desc.blocksize * fmt.SECTOR)
     guid = new_guid()
     image = dpath.parent / f"{dpath.parent.name}.{len(desc.images)}.{guid}.hds"
     write_image(image, desc.size, cluster_size=cluster_size)
@@ -171,16 +177,7 @@ def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
     guid = new_guid()
     made: list[tuple[int, Path]] = []
     for k, piece in enumerate(desc.pieces):
-        top = piece.images[desc.top_guid]
-        cluster_size = piece.blocksize * fmt.SECTOR
-        if top.type == "Compressed":
-            img = ParallelsImage.open(top.file)
-            try:
-                if img.in_use:
-                    raise ImageBusy(f"{top.file}: top image is in use (being served, or not closed cleanly)")
-                cluster_size = img.cluster_size
-            finally:
-                img.close()
+        cluster_size, _ = _top_geometry(piece.images[desc.top_guid], piece.blocksize * fmt.SECTOR)
         image = dpath.parent / f"{dpath.parent.name}.{k}.{guid}.hds"
         write_image(image, piece.size, cluster_size=cluster_size)
         made.append((piece.index, image))
