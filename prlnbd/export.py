@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import errno
 import itertools
 import operator
 import struct
 import sys
 from array import array
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from prlnbd.disk.chain import Disk
 from prlnbd.errors import PrlNbdError, RequestError
@@ -289,6 +290,21 @@ class Export:
             # Index where each bitmap changes now, before serving, as QEMU summarises a bitmap
             # when it loads one: its context's replies are slices of that index (_BitmapStatus).
             bitmap.index()
+        self._index_chain()
+        self.writing = 0  # write requests in the I/O pool (see writes_paused)
+        self.held: list[Callable[[], None]] | None = None  # writes waiting while paused; None: not paused
+        self._drained: asyncio.Future[None] | None = None
+        self.info = ExportInfo(
+            name=name,
+            size=disk.size,
+            read_only=self.read_only,
+            description=self._description(),
+            contexts=self._contexts(),
+        )
+
+    def _index_chain(self) -> None:
+        """Build the block status indexes of the chain's contexts from the disk's layers as they are now."""
+        disk = self.disk
         # "What changed since snapshot GUID": every cluster a layer above that snapshot holds.
         # The layer at index i (depth i+1) is snapshot GUID; layers 0..i-1 sit above it.
         self.since: dict[str, int] = {
@@ -296,7 +312,6 @@ class Export:
             for index, guid in enumerate(disk.guids)
             if index > 0 and guid
         }
-        contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
         # Block status, one index per context. The chain's contexts derive from one disk-wide
         # depth map (where the layer holding the data changes, and whether it reads as zeros),
         # each through a table from its codes (Disk.depth_runs) to the context's flags.
@@ -311,22 +326,67 @@ class Export:
         for context, above in self.since.items():
             tables[context] = [STATE_DIRTY if 1 <= code >> 1 <= above else 0 for code in range(most)]
         self._derived = [(_Stretches.of(size, starts, codes, table), table) for table in tables.values()]
-        self._status: dict[str, _Status] = dict(zip(tables, (index for index, _ in self._derived), strict=True))
-        self._marked = [_BitmapStatus(bitmap, size) for bitmap in self.bitmaps.values()]
-        self._status.update(zip(self.bitmaps, self._marked, strict=True))
+        status: dict[str, _Status] = dict(zip(tables, (index for index, _ in self._derived), strict=True))
+        old = getattr(self, "_status", None)
+        if old is not None:
+            status.update((name, index) for name, index in old.items() if name in self.bitmaps)
+        else:
+            self._marked = [_BitmapStatus(bitmap, size) for bitmap in self.bitmaps.values()]
+            status.update(zip(self.bitmaps, self._marked, strict=True))
+        self._status = status
         # A write changes status in whole clusters of the top layer: recomputed over those.
         top = disk.top
         self._top = top if isinstance(top, ParallelsImage) else None
         self._grain = top.cluster_size if isinstance(top, ParallelsImage) else _RAW_GRAIN
-        layers = len(disk.layers)
-        self.info = ExportInfo(
-            name=name,
-            size=disk.size,
-            read_only=self.read_only,
-            # What a remote client may learn: no server paths (they stay in the log and in `info`).
-            description=f"{name}: Parallels disk, {layers} layer{'s' if layers != 1 else ''}, {_format_name(disk)}",
-            contexts=contexts,
-        )
+
+    def _description(self) -> str:
+        # What a remote client may learn: no server paths (they stay in the log and in `info`).
+        layers = len(self.disk.layers)
+        return f"{self.name}: Parallels disk, {layers} layer{'s' if layers != 1 else ''}, {_format_name(self.disk)}"
+
+    def _contexts(self) -> list[str]:
+        return [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
+
+    def chain_changed(self) -> None:
+        """The disk's layers changed (an online snapshot or merge): index them again, offer the new contexts.
+
+        Connections keep the contexts they chose: a since-GUID context of a snapshot merged away
+        answers EINVAL from then on.
+        """
+        self._index_chain()
+        self.info.description = self._description()
+        self._publish()
+
+    # ---- pausing writes: the chain changes between requests
+
+    @contextlib.asynccontextmanager
+    async def writes_paused(self) -> AsyncIterator[None]:
+        """Hold new writes and wait for those in flight and for any flush: the chain may change meanwhile.
+
+        Reads go on. The writes held are started, in order, when the block ends.
+        """
+        async with self._flush_lock:
+            self.held = []
+            try:
+                while self.writing:
+                    self._drained = asyncio.get_running_loop().create_future()
+                    await self._drained
+                yield
+            finally:
+                held, self.held = self.held, None
+                for go in held:
+                    go()
+
+    def write_started(self) -> None:
+        """A write request went to the I/O pool."""
+        self.writing += 1
+
+    def write_ended(self) -> None:
+        """A write request's I/O ended (with or without success)."""
+        self.writing -= 1
+        drained = self._drained
+        if not self.writing and drained is not None and not drained.done():
+            drained.set_result(None)
 
     # ---- I/O: read(), write(), zero() and prefetch() may wait on storage and run in worker
     # threads; read_nowait() and changed() run on the event loop.
@@ -539,7 +599,7 @@ class Export:
 
     def _publish(self) -> None:
         """Offer the contexts as they are now to connections that negotiate from now on."""
-        self.info.contexts = [BASE_ALLOCATION, ALLOCATION_DEPTH, *self.bitmaps, *self.since]
+        self.info.contexts = self._contexts()
 
     def close(self) -> None:
         """Close the disk (a clean stop for a writable one)."""

@@ -356,10 +356,25 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _dispatch(self, req: Request) -> None:
         self.requests += 1
+        export = self.export
+        if export is not None and export.held is not None and COMMANDS[req.cmd].writes:
+            # The export's chain is changing (an online snapshot): the write waits for the new top.
+            self.inflight += 1
+            export.held.append(partial(self._held, req))
+            return
+        self._handle(req)
+
+    def _handle(self, req: Request) -> None:
         try:
             COMMANDS[req.cmd].handler(self, req)
         except BaseException as e:
             self._failed(req, e)
+
+    def _held(self, req: Request) -> None:
+        """A write held while the export's chain changed goes on."""
+        self.inflight -= 1
+        self._handle(req)
+        self._resume()
 
     def _failed(self, req: Request, e: BaseException) -> None:
         """The one place a request's failure becomes its reply."""
@@ -383,6 +398,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         held = len(req.payload) if req.payload is not None else 0
         self._inflight_bytes += held
         self.server.write_bytes += held
+        if COMMANDS[req.cmd].writes:
+            cast(Export, self.export).write_started()
         self._pool(fn, args, partial(self._completed, req, then))
 
     def _pool(self, fn: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> None:
@@ -418,6 +435,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.server.budget_freed()
         export = self.export
         if COMMANDS[req.cmd].writes and export is not None:
+            export.write_ended()  # a pause waiting for it goes on only after this turn: changed() first
             # Even a write that failed part-way may have changed some clusters.
             export.changed(req.offset, req.length)
         if exc is None:

@@ -100,6 +100,11 @@ class Disk:
         return self.layers[0]
 
     @property
+    def parts(self) -> list[Disk]:
+        """The disks whose chains make this one, each with its own layers: this one (a split disk: its pieces)."""
+        return [self]
+
+    @property
     def writable(self) -> bool:
         """Whether the top layer is open for writing."""
         return self.layers[0].writable
@@ -121,6 +126,8 @@ class Disk:
             # those at the end of the file off.
             while self._quarantine:
                 top.reuse(self._quarantine.popleft()[1])
+        while self._retired:
+            self._close_layers(self._retired.popleft()[1])
         for dfd in self._direct.values():
             os.close(dfd)
         self._direct.clear()
@@ -248,6 +255,7 @@ class Disk:
         self._epoch = 0
         self._active: dict[int, int] = {}  # epoch -> I/O of it still running
         self._quarantine: collections.deque[tuple[int, list[int]]] = collections.deque()
+        self._retired: collections.deque[tuple[int, list[Layer]]] = collections.deque()  # see replace_layers()
         self._direct: dict[int, int] = {}  # layer fd -> its O_DIRECT twin (cache=none)
         self._no_nowait: set[int] = set()  # fds whose file system refuses RWF_NOWAIT reads
         self._misses = 0  # read_nowait() calls in a row that found their data not cached
@@ -267,17 +275,61 @@ class Disk:
                 active[epoch] = left
             else:
                 del active[epoch]
-                if self._quarantine:
+                if self._quarantine or self._retired:
                     self._reclaim()
 
     def _reclaim(self) -> None:
-        """Hand quarantined host clusters back for reuse once no I/O that might use them runs (under _lock)."""
+        """Hand quarantined host clusters back for reuse, and close retired layers, once no I/O that might
+        use them runs (under _lock)."""
         oldest = min(self._active) if self._active else self._epoch + 1
         top = self.layers[0]
         while self._quarantine and self._quarantine[0][0] < oldest:
             _, hosts = self._quarantine.popleft()
             if isinstance(top, ParallelsImage):
                 top.reuse(hosts)
+        while self._retired and self._retired[0][0] < oldest:
+            _, layers = self._retired.popleft()
+            self._close_layers(layers)
+
+    def _close_layers(self, layers: list[Layer]) -> None:
+        for layer in layers:
+            dfd = self._direct.pop(layer.fd, None)
+            if dfd is not None:
+                os.close(dfd)
+        close_all(layers)
+
+    # ---- changing the chain while it is served (online snapshot and merge), from the event loop.
+    # The layer list is replaced, never changed in place: a lookup that took the old list finishes
+    # with it, and what it found there reads the same as through the new one.
+
+    def push_top(self, tops: list[Layer], guid: str) -> None:
+        """Put TOPS[0] on the chain as its new top, snapshot GUID; the old top was frozen (ParallelsImage.seal).
+
+        No write may be running. (A split disk takes one new top per piece.)
+        """
+        (top,) = tops
+        with self._lock:
+            self.layers = [top, *self.layers]
+            self.guids = [guid, *self.guids]
+            # Clusters the old top released stay holes in it: never handed to the new top.
+            self._quarantine.clear()
+        if self._direct:
+            self.open_direct()
+
+    def replace_layers(self, index: int, count: int, new: list[Layer], guids: list[str]) -> None:
+        """Put NEW (with GUIDS) in place of layers[index:index+count] (a merge), reading the same.
+
+        The layers taken out are closed once no I/O that may have looked them up still runs.
+        """
+        with self._lock:
+            old = self.layers[index : index + count]
+            self.layers = [*self.layers[:index], *new, *self.layers[index + count :]]
+            self.guids = [*self.guids[:index], *guids, *self.guids[index + count :]]
+            self._retired.append((self._epoch, old))
+            self._epoch += 1
+            self._reclaim()
+        if self._direct:
+            self.open_direct()
 
     # ---- cache modes
 

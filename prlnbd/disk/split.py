@@ -81,6 +81,11 @@ class SplitDisk(Disk):
     # ---- what the export uses
 
     @property
+    def parts(self) -> list[Disk]:
+        """The pieces, each a Disk with its own chain."""
+        return list(self.pieces)
+
+    @property
     def writable(self) -> bool:
         """Whether every piece's top layer is open for writing."""
         return all(piece.writable for piece in self.pieces)
@@ -188,6 +193,19 @@ class SplitDisk(Disk):
         if isinstance(token, SplitFlushToken):
             for piece, part in zip(self.pieces, token.parts, strict=True):
                 piece.end_flush(part, ok)
+
+    def push_top(self, tops: list[Layer], guid: str) -> None:
+        """Disk.push_top() of every piece: TOPS holds one new top per piece."""
+        for piece, top in zip(self.pieces, tops, strict=True):
+            piece.push_top([top], guid)
+        self.layers, self.guids = self.pieces[0].layers, self.pieces[0].guids
+
+    def replace_layers(self, index: int, count: int, new: list[Layer], guids: list[str]) -> None:
+        """Disk.replace_layers() of every piece: NEW holds len(GUIDS) layers per piece, piece after piece."""
+        n = len(guids)
+        for k, piece in enumerate(self.pieces):
+            piece.replace_layers(index, count, new[k * n : (k + 1) * n], guids)
+        self.layers, self.guids = self.pieces[0].layers, self.pieces[0].guids
 
     def close(self) -> None:
         """Close every piece, even when closing one fails; the first failure is raised after."""

@@ -133,23 +133,54 @@ def _top_geometry(top: ImageEntry, cluster_size: int) -> tuple[int, list[DirtyBi
 def _snapshot(desc: Descriptor, dpath: Path) -> tuple[str, str]:
     cluster_size, bitmaps = _top_geometry(desc.images[desc.top_guid], desc.blocksize * fmt.SECTOR)
     guid = new_guid()
-    image = dpath.parent / f"{dpath.parent.name}.{len(desc.images)}.{guid}.hds"
-    write_image(image, desc.size, cluster_size=cluster_size)
+    (image,) = new_top_paths(desc, guid)
+    make_top_image(image, desc.size, cluster_size, bitmaps)
+    record_snapshot(desc, guid, [image])
+    return desc.top_guid, guid
+
+
+def new_top_paths(desc: Descriptor, guid: str) -> list[Path]:
+    """Where the new top images of snapshot GUID go: one per Storage, NAME.N.{GUID}.hds (N: piece, or layer count)."""
+    bundle = desc.path.parent
+    if desc.split:
+        return [bundle / f"{bundle.name}.{k}.{guid}.hds" for k in range(len(desc.pieces))]
+    return [bundle / f"{bundle.name}.{len(desc.images)}.{guid}.hds"]
+
+
+def make_top_image(path: Path, size: int, cluster_size: int, bitmaps: list[DirtyBitmap]) -> None:
+    """Write a new empty image at PATH, synced, that carries copies of BITMAPS (to go on tracking changes)."""
+    write_image(path, size, cluster_size=cluster_size)
     if bitmaps:
-        new_top = ParallelsImage.open(image, writable=True)
+        new_top = ParallelsImage.open(path, writable=True)
         try:
             new_top.extension = Extension(offset=0, bitmaps=[b.copy() for b in bitmaps])
         finally:
             new_top.close()
+    fsync_directory(path.parent)
+
+
+def record_snapshot(desc: Descriptor, guid: str, images: list[Path]) -> None:
+    """Name IMAGES (one per piece, in desc.pieces order) as the new top, snapshot GUID over the old top; save DESC
+    atomically.
+
+    New elements only: everything else stays as the writer left it (add_element).
+    """
     root = desc.tree.getroot()
-    storage = root.find("StorageData/Storage")
-    if storage is None:  # pragma: no cover - parse_descriptor guarantees it
-        raise DescriptorError(f"{dpath}: StorageData/Storage is missing")
-    # New elements only: everything else stays as the writer left it (add_element).
-    add_element(storage, "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
+    storages = root.findall("StorageData/Storage")
+    indexes = [piece.index for piece in desc.pieces] if desc.split else [0]
+    for index, image in zip(indexes, images, strict=True):
+        add_element(storages[index], "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
     _add_shot(root, desc.top_guid, guid)
-    save_descriptor(desc.tree, dpath)
-    return desc.top_guid, guid
+    save_descriptor(desc.tree, desc.path)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory PATH durable (a file created or removed in it)."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _add_shot(root: etree._Element, parent: str, guid: str) -> None:
@@ -171,22 +202,13 @@ def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
     """snapshot_disk() of a split disk: one new top image per piece, NAME.N.{GUID}.hds for piece N.
 
     Every new image is written and synced before the descriptor is replaced.
-    Dirty bitmaps are not copied (a split disk with bitmaps is not served).
     """
-    dpath = desc.path
     guid = new_guid()
-    made: list[tuple[int, Path]] = []
-    for k, piece in enumerate(desc.pieces):
-        cluster_size, _ = _top_geometry(piece.images[desc.top_guid], piece.blocksize * fmt.SECTOR)
-        image = dpath.parent / f"{dpath.parent.name}.{k}.{guid}.hds"
-        write_image(image, piece.size, cluster_size=cluster_size)
-        made.append((piece.index, image))
-    root = desc.tree.getroot()
-    storages = root.findall("StorageData/Storage")
-    for index, image in made:
-        add_element(storages[index], "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
-    _add_shot(root, desc.top_guid, guid)
-    save_descriptor(desc.tree, dpath)
+    images = new_top_paths(desc, guid)
+    for piece, image in zip(desc.pieces, images, strict=True):
+        cluster_size, bitmaps = _top_geometry(piece.images[desc.top_guid], piece.blocksize * fmt.SECTOR)
+        make_top_image(image, piece.size, cluster_size, bitmaps)
+    record_snapshot(desc, guid, images)
     return desc.top_guid, guid
 
 

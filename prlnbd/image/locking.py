@@ -107,6 +107,15 @@ def lock_image(fd: int, path: Path, *, write: bool) -> None:
         raise ImageLocked(f"{path}: {_busy_message(holder, write=write)}", holder)
 
 
+def downgrade_to_reader(fd: int) -> None:
+    """Keep only a reader's lock bytes on FD, which held a writer's: the image is frozen, others may write-lock it
+    no more than before (they still see a reader), and at no moment is it unlocked."""
+    for i in _bits(WRITER_USES & ~READER_USES):
+        _set(fd, fcntl.F_UNLCK, PERM_BASE + i)
+    for i in _bits(WRITER_UNSHARES & ~READER_UNSHARES):
+        _set(fd, fcntl.F_UNLCK, SHARED_BASE + i)
+
+
 def unlock_image(fd: int) -> None:
     """Release every lock byte this open file description holds."""
     with contextlib.suppress(OSError):

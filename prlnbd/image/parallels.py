@@ -29,7 +29,7 @@ from prlnbd.image.extension import (
     kept_features,
     read_extension,
 )
-from prlnbd.image.locking import lock_image
+from prlnbd.image.locking import downgrade_to_reader, lock_image
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +349,19 @@ class ParallelsImage:
         finally:
             os.close(self.fd)
             self.fd = -1
+
+    def seal(self) -> None:
+        """Freeze an image open for writing while keeping it open for reading (an online snapshot).
+
+        What close() does for a clean stop (BAT and bitmaps stored, in_use
+        restored), after which the image takes no more writes and holds only a
+        reader's lock, so another program may read it, and nothing may write it.
+        """
+        if not self.writable or self._writer is None:
+            raise ImageError(f"{self.path}: image is not open for writing: nothing to freeze")
+        self._finish_writing()
+        self.writable = False
+        downgrade_to_reader(self.fd)
 
     def host_offset(self, cluster: int) -> int:
         """The host byte offset of guest CLUSTER, or 0 where it is not allocated."""
