@@ -268,7 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     cbm.add_argument("action", choices=("add", "remove", "clear"))
     cbm.add_argument("name", nargs="?", help="the bitmap (a UUID; add generates one when left out)")
     cbm.add_argument("--granularity", type=parse_size, default=None, help="bytes per bit, for add (default 64K)")
-    for p in (csub.choices["query"], cbm):
+    csnap = csub.add_parser("snapshot", help="freeze the served disk under a new snapshot; writes go to a new top")
+    csnap.add_argument("export", metavar="EXPORT")
+    cexp = csub.add_parser("export-snapshot", help="serve the disk as it was at snapshot GUID, read-only")
+    cexp.add_argument("export", metavar="EXPORT")
+    cexp.add_argument("guid", metavar="GUID")
+    cexp.add_argument("--name", help="the new export's name (default EXPORT@GUID)")
+    crm = csub.add_parser("remove-export", help="stop serving an export")
+    crm.add_argument("name", metavar="NAME")
+    crm.add_argument("--force", action="store_true", help="disconnect its clients (after their requests in flight)")
+    for p in (csub.choices["query"], cbm, csnap, cexp, crm):
         # SUPPRESS: a --json given before COMMAND is not reset by the subcommand's default.
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the JSON reply")
 
@@ -488,6 +497,7 @@ async def _make_server(exports: dict[str, Export], args: argparse.Namespace, tls
         tls=tls,
         max_connections=getattr(args, "max_connections", DEFAULT_MAX_CONNECTIONS),
         max_per_address=getattr(args, "max_connections_per_address", DEFAULT_MAX_PER_ADDRESS),
+        allow_outside_bundle=getattr(args, "allow_outside_bundle", False),
     )
 
 
@@ -854,6 +864,14 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             arguments["name"] = args.name
         if args.granularity is not None:
             arguments["granularity"] = args.granularity
+    elif args.ctl_command == "snapshot":
+        arguments = {"export": args.export}
+    elif args.ctl_command == "export-snapshot":
+        arguments = {"export": args.export, "guid": args.guid}
+        if args.name is not None:
+            arguments["name"] = args.name
+    elif args.ctl_command == "remove-export":
+        arguments = {"name": args.name, "force": args.force}
     reply = control_request(args.control, args.ctl_command, arguments)
     if args.json:
         print(json.dumps(reply, indent=2))
@@ -872,6 +890,16 @@ def _print_ctl(args: argparse.Namespace, result: object) -> None:
         return
     if args.ctl_command == "bitmap":
         print(f"{args.action}: {result.get('name')} on export {args.export}")
+        return
+    if args.ctl_command == "snapshot":
+        print(f"export {args.export}: snapshot {result.get('frozen')} frozen, new top {result.get('top')}")
+        return
+    if args.ctl_command == "export-snapshot":
+        print(f"export {result.get('name')}: snapshot {result.get('guid')} of {args.export}, read-only")
+        return
+    if args.ctl_command == "remove-export":
+        n = result.get("disconnected", 0)
+        print(f"export {result.get('name')} removed" + (f" ({n} clients disconnected)" if n else ""))
         return
     for e in result.get("exports", []):
         mode = "read-only" if e["read-only"] else "read-write"

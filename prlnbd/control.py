@@ -29,6 +29,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from prlnbd import online
 from prlnbd.errors import PrlNbdError
 from prlnbd.image.extension import DirtyBitmap
 
@@ -81,6 +82,9 @@ class ControlServer:
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "query": self.query,
             "bitmap": self.bitmap,
+            "snapshot": self.snapshot,
+            "export-snapshot": self.export_snapshot,
+            "remove-export": self.remove_export,
         }
 
     async def listen(self, path: str) -> None:
@@ -213,13 +217,14 @@ class ControlServer:
                         for guid, layer in zip(disk.guids, disk.layers, strict=True)
                     ],
                     "bitmaps": [_bitmap_dict(bm) for bm in export.bitmaps.values()],
+                    "clients": sum(1 for c in self.server.connections if c.export is export),
                 }
             )
         connections = [
             {"peer": c.peer, "export": c.export.name if c.export is not None else None, "requests": c.requests}
             for c in self.server.connections
         ]
-        return {"exports": exports, "connections": connections}
+        return {"exports": exports, "connections": connections, "operations": online.progress(self.server)}
 
     def bitmap(self, args: dict[str, Any]) -> dict[str, Any]:
         """bitmap: add, remove or clear a dirty bitmap of a served export's top image."""
@@ -240,6 +245,28 @@ class ControlServer:
             raise CommandError("InvalidArguments", f"argument 'action' must be add, remove or clear, not {action!r}")
         log.info("control: bitmap %s %s on export %r", action, bm.name, export.name)
         return _bitmap_dict(bm)
+
+    async def snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
+        """snapshot: freeze the served disk's top under a new snapshot; writes go on into a new top."""
+        _arguments(args, {"export": str}, {})
+        return await online.snapshot(self.server, self._export(args["export"]))
+
+    async def export_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
+        """export-snapshot: serve the disk as it was at a snapshot, read-only, as a new export."""
+        _arguments(args, {"export": str, "guid": str}, {"name": str})
+        new = await online.export_snapshot(
+            self.server,
+            self._export(args["export"]),
+            args["guid"],
+            args.get("name"),
+            allow_outside_bundle=self.server.allow_outside_bundle,
+        )
+        return {"name": new.name, "guid": new.disk.guids[0], "size": new.disk.size, "contexts": list(new.info.contexts)}
+
+    async def remove_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        """remove-export: stop serving an export (refused while it has clients, unless force)."""
+        _arguments(args, {"name": str}, {"force": bool})
+        return await online.remove_export(self.server, args["name"], force=args.get("force", False))
 
     def _export(self, name: str) -> Export:
         export = self.server.exports.get(name)

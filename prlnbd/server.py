@@ -116,6 +116,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._deferred = False  # requests are left for the next turn (_process)
         self._jobs = 0  # jobs of this connection in the I/O pool
         self._backlog: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], Callback]] = collections.deque()
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set once forgotten
 
     # ---- asyncio callbacks
 
@@ -349,7 +350,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.export = self.server.exports[ev.export.name]
+        export = self.server.exports.get(ev.export.name)
+        if export is None:  # removed (control socket) between the client's choice and now
+            self.reason = f"export {ev.export.name!r} was removed"
+            self._close()
+            return
+        self.export = export
         log.debug("%s: transmission on export %r", self.peer, self.export.name)
 
     # ---- one request: dispatch, handlers, completion, one error boundary
@@ -620,9 +626,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.reason = f"handshake not finished within {self.server.handshake_timeout:g}s"
             self._close()
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: str = "server shutting down") -> None:
         """Stop taking requests; close once what is in flight is answered."""
-        self.reason = "server shutting down"
+        self.reason = reason
         self._close()
 
 
@@ -663,6 +669,7 @@ class NbdServer:
         tls: TlsServer | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
+        allow_outside_bundle: bool = False,
     ) -> None:
         self.exports = dict(exports)
         self.tls = tls
@@ -681,6 +688,8 @@ class NbdServer:
         self._waiting_for_budget: set[NbdProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # flushes in flight, of every connection
         self.pool_users: set[NbdProtocol] = set()  # connections with jobs in the I/O pool
+        self.changing: dict[str, Any] = {}  # export name -> the change in progress on it (prlnbd.online)
+        self.allow_outside_bundle = allow_outside_bundle  # for exports opened while serving
         self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
@@ -693,6 +702,36 @@ class NbdServer:
         self.connections.add(proto)
         self._idle.clear()
         return proto
+
+    def add_export(self, export: Export) -> None:
+        """Serve EXPORT too, from the next option a client sends (the control socket's export-snapshot)."""
+        if export.name in self.exports:
+            raise PrlNbdError(f"an export named {export.name!r} exists already")
+        self.exports[export.name] = export
+        self.infos[export.name] = export.info
+
+    async def remove_export(self, name: str, *, force: bool = False) -> Export:
+        """Stop serving export NAME: refused while it has clients unless FORCE, which closes their connections
+        once their requests in flight are answered. Returns the export, for the caller to close."""
+        export = self.exports.get(name)
+        if export is None:
+            raise PrlNbdError(f"no export named {name!r} (exports: {', '.join(self.exports) or 'none'})")
+        clients = [c for c in self.connections if c.export is export]
+        if clients and not force:
+            raise PrlNbdError(
+                f"export {name!r} has {len(clients)} client{'s' if len(clients) != 1 else ''}: remove it with"
+                " force to disconnect them"
+            )
+        # Out of the list first: no client chooses it from now on.
+        self.infos.pop(name, None)
+        if self.default == name:
+            self.default = None
+        for conn in clients:
+            conn.shutdown(f"export {name!r} removed")
+        if clients:
+            await asyncio.wait([c.gone for c in clients])
+        del self.exports[name]
+        return export
 
     def pool_share(self, conn: NbdProtocol) -> int:
         """How many jobs CONN may have in the I/O pool: the workers shared out between its users."""
@@ -725,6 +764,8 @@ class NbdServer:
     def forget(self, conn: NbdProtocol) -> None:
         """A connection is over: it no longer counts against the limits."""
         self.connections.discard(conn)
+        if not conn.gone.done():
+            conn.gone.set_result(None)
         if conn.address is not None:
             left = self._per_address.get(conn.address, 1) - 1
             if left:

@@ -19,7 +19,7 @@ import datetime
 import logging
 import os
 import ssl
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -354,9 +354,10 @@ class TlsServer:
         log.info("TLS credentials reloaded from %s", self.settings.psk or self.settings.certificates)
         return True
 
-    def tls_only(self, exports: Iterable[str]) -> frozenset[str]:
-        """Exports a client reaches only over TLS: all of them once clients are told apart by certificate."""
-        return frozenset(exports) if self.credentials.authz is not None else frozenset()
+    def tls_only(self, exports: Container[str]) -> Container[str]:
+        """Exports a client reaches only over TLS: all of them (EXPORTS, the live set: exports added while
+        serving too) once clients are told apart by certificate."""
+        return exports if self.credentials.authz is not None else frozenset()
 
 
 # ---- one connection's TLS session

@@ -363,6 +363,12 @@ class ParallelsImage:
         self.writable = False
         downgrade_to_reader(self.fd)
 
+    def unseal(self) -> None:
+        """Undo seal(): take the writer's lock again and go on writing (an online snapshot that failed)."""
+        lock_image(self.fd, self.path, write=True)
+        self.writable = True
+        self._start_writing()
+
     def host_offset(self, cluster: int) -> int:
         """The host byte offset of guest CLUSTER, or 0 where it is not allocated."""
         if cluster < len(self.bat):

@@ -23,7 +23,7 @@ a WRITE that is refused has its payload skipped, never buffered.
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import NamedTuple
@@ -221,7 +221,7 @@ class ServerConnection:
         default: str | None = None,
         *,
         tls: TlsMode = TlsMode.OFF,
-        tls_only: Collection[str] = (),
+        tls_only: Container[str] = (),
     ) -> None:
         """Start a connection to serve EXPORTS (DEFAULT for the empty name).
 
@@ -232,7 +232,7 @@ class ServerConnection:
         self.exports = exports
         self.default = default
         self.tls_mode = tls
-        self.tls_only = frozenset(tls_only)
+        self.tls_only = tls_only  # a live view: exports added while serving count too
         self.tls_active = False
         # The exports this client may see once TLS is up (None: all): the server's authorization.
         self.allowed: frozenset[str] | None = None

@@ -1,0 +1,345 @@
+"""Changes to a served disk through the control socket: snapshot, export-snapshot, remove-export.
+
+The server runs as `prlnbd serve --control`; clients are libnbd, nbdinfo and
+qemu-img; the disk is read back offline with prlnbd's own reader and checked
+with `prlnbd check` once the server stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from prlnbd.disk.chain import open_disk
+from tests import support
+
+nbd = pytest.importorskip("nbd")
+
+M = 1024 * 1024
+K = 1024
+SIZE = 64 * M
+
+
+def prl(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "prlnbd", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def ctl(control: Path, *args: str) -> dict[str, object]:
+    res = prl("ctl", control, *args, "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    reply = json.loads(res.stdout)
+    result = reply["return"]
+    assert isinstance(result, dict)
+    return result
+
+
+def ctl_error(control: Path, *args: str) -> str:
+    res = prl("ctl", control, *args)
+    assert res.returncode == 1, res.stdout + res.stderr
+    return res.stderr.strip()
+
+
+def serve(
+    tmp_path: Path, *extra: str, env: dict[str, str] | None = None, size: int = SIZE
+) -> tuple[support.Server, Path, Path]:
+    disk = tmp_path / "d.hdd"
+    if not disk.exists():
+        assert prl("create", disk, "--size", str(size)).returncode == 0
+    control = tmp_path / "control.sock"
+    full_env = None if env is None else {**os.environ, **env}
+    srv = support.start_prlnbd(tmp_path, [f"d={disk}"], "--control", str(control), *extra, env=full_env)
+    return srv, disk, control
+
+
+def connect(srv: support.Server, export: str = "d", contexts: tuple[str, ...] = ()) -> nbd.NBD:
+    h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
+    h.connect_uri(srv.uri(export))
+    return h
+
+
+def dirty_extents(h: nbd.NBD, context: str, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) runs CONTEXT reports with any flag set, merged."""
+    found: list[tuple[int, int]] = []
+    pos = 0
+
+    def cb(meta: str, offset: int, entries: list[int], err: int) -> int:
+        nonlocal pos
+        if meta != context:
+            return 0
+        at = offset
+        for i in range(0, len(entries), 2):
+            length, flags = entries[i], entries[i + 1]
+            if flags:
+                if found and found[-1][0] + found[-1][1] == at:
+                    found[-1] = (found[-1][0], found[-1][1] + length)
+                else:
+                    found.append((at, length))
+            at += length
+        pos = at
+        return 0
+
+    while pos < size:
+        h.block_status(min(size - pos, 1 << 30), pos, cb)
+    return found
+
+
+def read_blocks(disk: Path, snapshot: str | None, offsets: list[int], length: int) -> dict[int, bytes]:
+    d = open_disk(disk, snapshot=snapshot)
+    try:
+        return {at: bytes(d.read(at, length)[0]) for at in offsets}
+    finally:
+        d.close()
+
+
+def read_offline(disk: Path, snapshot: str | None = None) -> bytes:
+    d = open_disk(disk, snapshot=snapshot)
+    try:
+        buf, _ = d.read(0, d.size)
+        return bytes(buf)
+    finally:
+        d.close()
+
+
+def test_online_snapshot_freezes_what_was_written_and_writes_go_on(tmp_path: Path) -> None:
+    srv, disk, control = serve(tmp_path)
+    with support.running(srv):
+        h = connect(srv)
+        a = os.urandom(3 * M)
+        h.pwrite(a, 5 * M)
+        h.flush()
+        before = dict(ctl(control, "query"))
+        layers_before = before["exports"][0]["layers"]  # type: ignore[index]
+        snap = ctl(control, "snapshot", "d")
+        frozen, top = str(snap["frozen"]), str(snap["top"])
+        assert frozen == layers_before[0]["guid"]
+        assert top != frozen
+        b = os.urandom(1 * M)
+        h.pwrite(b, 6 * M)  # after the snapshot: into the new top only
+        h.flush()
+        q = ctl(control, "query")
+        guids = [layer["guid"] for layer in q["exports"][0]["layers"]]  # type: ignore[index]
+        assert guids[:2] == [top, frozen]
+        # The live export offers "what changed since the frozen snapshot": exactly the new write.
+        ctx = f"qemu:dirty-bitmap:since-{frozen.strip('{}').lower()}"
+        h2 = connect(srv, contexts=(ctx,))
+        assert h2.can_meta_context(ctx)
+        assert dirty_extents(h2, ctx, SIZE) == [(6 * M, 1 * M)]
+        h2.shutdown()
+        # The snapshot's own export reads the disk as it was.
+        new = ctl(control, "export-snapshot", "d", frozen)
+        name = str(new["name"])
+        assert name == f"d@{frozen.strip('{}').lower()}"
+        s = connect(srv, name)
+        assert s.is_read_only()
+        assert s.pread(3 * M, 5 * M) == a
+        with pytest.raises(nbd.Error):
+            s.pwrite(b"x" * 512, 0)
+        s.shutdown()
+        assert h.pread(3 * M, 5 * M) == a[:M] + b + a[2 * M :]
+        # qemu-img reads the snapshot export as the reference bytes say.
+        expected = bytearray(SIZE)
+        expected[5 * M : 8 * M] = a
+        ref = tmp_path / "expected.raw"
+        ref.write_bytes(expected)
+        support.run("qemu-img", "compare", "-f", "raw", "-F", "raw", ref, srv.uri(name))
+        removed = ctl(control, "remove-export", name)
+        assert removed == {"name": name, "disconnected": 0}
+        h.shutdown()
+    assert srv.proc.returncode == 0, srv.log_text()
+    assert prl("check", disk).returncode == 0
+    assert read_offline(disk, snapshot=frozen)[5 * M : 8 * M] == a
+    now = read_offline(disk)
+    assert now[5 * M : 8 * M] == a[:M] + b + a[2 * M :]
+    info = json.loads(prl("info", disk, "--json").stdout)
+    assert len(info["layers"]) == 2, info
+
+
+def test_snapshot_between_concurrent_writes(tmp_path: Path) -> None:
+    """Writes acknowledged before the snapshot are in the frozen layer; writes sent after it are not; none is lost.
+
+    A writer thread keeps 8 writes in flight, each to its own 4 KiB block, and logs
+    when each was sent and acknowledged; three snapshots are taken meanwhile. The
+    blocks are spread over a 1 GiB disk of 1 MiB clusters, so most writes allocate
+    a cluster: a write still running when the old top is frozen would fail.
+    """
+    size = 1024 * M
+    srv, disk, control = serve(tmp_path, size=size)
+    block = 4 * K
+    order = random.Random(7).sample(range(size // block), 6000)
+    lock = threading.Lock()
+    events: list[tuple[str, int]] = []  # ("sent"|"acked"|"snap-start"|"snap-end", n)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def payload(n: int) -> bytes:
+        return n.to_bytes(8, "little") * (block // 8)
+
+    def writer() -> None:
+        h = connect(srv)
+        inflight: dict[int, int] = {}
+        n = 0
+        try:
+            while not stop.is_set() or inflight:
+                while not stop.is_set() and len(inflight) < 8 and n < len(order):
+                    with lock:
+                        events.append(("sent", n))
+                    cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(payload(n))), order[n] * block)
+                    inflight[cookie] = n
+                    n += 1
+                if n >= len(order):
+                    stop.set()
+                h.poll(1)
+                for cookie in list(inflight):
+                    if h.aio_command_completed(cookie):
+                        with lock:
+                            events.append(("acked", inflight.pop(cookie)))
+            h.flush()
+        except nbd.Error as e:
+            failures.append(str(e))
+        finally:
+            h.shutdown()
+
+    with support.running(srv):
+        t = threading.Thread(target=writer)
+        t.start()
+        snaps = []
+        for _ in range(3):
+            # Wait for the writer to have gone on (a reply, not time): 200 more acknowledgements.
+            with lock:
+                target = sum(1 for kind, _ in events if kind == "acked") + 200
+            while True:
+                with lock:
+                    if sum(1 for kind, _ in events if kind == "acked") >= target or stop.is_set():
+                        break
+                t.join(0.01)
+            with lock:
+                events.append(("snap-start", len(snaps)))
+            snaps.append(str(ctl(control, "snapshot", "d")["frozen"]))
+            with lock:
+                events.append(("snap-end", len(snaps) - 1))
+        stop.set()
+        t.join(120)
+        assert not t.is_alive()
+    assert not failures, failures
+    assert srv.proc.returncode == 0, srv.log_text()
+    acked_all = {n for kind, n in events if kind == "acked"}
+    assert acked_all == {n for kind, n in events if kind == "sent"}
+    offsets = [n * block for n in order]
+    final = read_blocks(disk, None, offsets, block)
+    for n in acked_all:
+        assert final[order[n] * block] == payload(n), f"write {n} lost"
+    for k, guid in enumerate(snaps):
+        start = events.index(("snap-start", k))
+        end = events.index(("snap-end", k))
+        before = {n for kind, n in events[:start] if kind == "acked"}
+        after = {n for kind, n in events[end:] if kind == "sent"}
+        image = read_blocks(disk, guid, offsets, block)
+        for n in before:
+            assert image[order[n] * block] == payload(n), f"snapshot {k}: write {n}, acknowledged before it, missing"
+        for n in after:
+            assert image[order[n] * block] == bytes(block), f"snapshot {k}: write {n}, sent after it, is in it"
+    assert prl("check", disk).returncode == 0
+
+
+def test_bitmaps_go_on_tracking_in_the_new_top(tmp_path: Path) -> None:
+    srv, disk, control = serve(tmp_path)
+    with support.running(srv):
+        ctl(control, "bitmap", "d", "add", "--granularity", "64K")
+        name = str(ctl(control, "query")["exports"][0]["bitmaps"][0]["name"])  # type: ignore[index]
+        ctx = f"qemu:dirty-bitmap:{name}"
+        h = connect(srv)
+        h.pwrite(b"x" * (64 * K), 1 * M)
+        snap = ctl(control, "snapshot", "d")
+        h.pwrite(b"y" * (64 * K), 3 * M)
+        h.flush()
+        h.shutdown()
+        h2 = connect(srv, contexts=(ctx,))
+        assert dirty_extents(h2, ctx, SIZE) == [(1 * M, 64 * K), (3 * M, 64 * K)]
+        h2.shutdown()
+        # The frozen layer stored the bitmap as it was at the snapshot.
+        exp = ctl(control, "export-snapshot", "d", str(snap["frozen"]))
+        s = connect(srv, str(exp["name"]), contexts=(ctx,))
+        assert s.can_meta_context(ctx)
+        assert dirty_extents(s, ctx, SIZE) == [(1 * M, 64 * K)]
+        s.shutdown()
+    assert srv.proc.returncode == 0, srv.log_text()
+    listed = json.loads(prl("bitmap", disk, "list", "--json").stdout)
+    assert [(b["name"], b["dirty-bytes"]) for b in listed] == [(name, 128 * K)]
+    assert prl("check", disk).returncode == 0
+
+
+def test_remove_export_refuses_clients_unless_forced(tmp_path: Path) -> None:
+    srv, _, control = serve(tmp_path)
+    with support.running(srv):
+        frozen = str(ctl(control, "snapshot", "d")["frozen"])
+        name = str(ctl(control, "export-snapshot", "d", frozen, "--name", "backup")["name"])
+        assert name == "backup"
+        err = ctl_error(control, "export-snapshot", "d", frozen, "--name", "backup")
+        assert "exists already" in err
+        c = connect(srv, "backup")
+        assert "has 1 client" in ctl_error(control, "remove-export", "backup")
+        assert ctl(control, "remove-export", "backup", "--force") == {"name": "backup", "disconnected": 1}
+        with pytest.raises(nbd.Error):
+            c.pread(512, 0)
+        # Gone for new clients; the server and its other export go on.
+        with pytest.raises(nbd.Error):
+            connect(srv, "backup")
+        h = connect(srv)
+        h.pread(512, 0)
+        h.shutdown()
+        assert "no snapshot" in ctl_error(control, "export-snapshot", "d", "{00000000-0000-0000-0000-000000000001}")
+        top = str(ctl(control, "query")["exports"][0]["layers"][0]["guid"])  # type: ignore[index]
+        assert "is the top" in ctl_error(control, "export-snapshot", "d", top)
+        assert "no export named" in ctl_error(control, "remove-export", "nope")
+    assert srv.proc.returncode == 0, srv.log_text()
+
+
+def test_snapshot_of_a_single_image_or_read_only_export_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "one.hds"
+    assert prl("create", image, "--size", "8M").returncode == 0
+    control = tmp_path / "c.sock"
+    srv = support.start_prlnbd(tmp_path, [f"one={image}"], "--control", str(control))
+    with support.running(srv):
+        assert "needs a bundle" in ctl_error(control, "snapshot", "one")
+    srv2, _, control2 = serve(tmp_path / "ro", "--read-only")
+    with support.running(srv2):
+        assert "read-only" in ctl_error(control2, "snapshot", "d")
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_crash_during_a_snapshot_leaves_the_disk_before_or_after_it(tmp_path: Path, step: int) -> None:
+    srv, disk, control = serve(tmp_path, env={"PRLNBD_ONLINE_KILL_AT": str(step)})
+    data = os.urandom(2 * M)
+    h = connect(srv)
+    h.pwrite(data, 7 * M)
+    h.flush()
+    before = json.loads(prl("info", disk, "--json").stdout)
+    res = prl("ctl", control, "snapshot", "d")
+    assert res.returncode != 0  # the server died answering it
+    srv.proc.wait(60)
+    assert srv.proc.returncode == -9, srv.log_text()
+    after = json.loads(prl("info", disk, "--json").stdout)
+    layers = len(after["layers"])
+    assert layers == len(before["layers"]) + (1 if step == 3 else 0)
+    # Reads the same whichever it is; the top needs a repair only for its in_use flag.
+    assert read_offline(disk)[7 * M : 9 * M] == data
+    rep = prl("check", disk, "--repair")
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert prl("check", disk).returncode == 0
+    srv2 = support.start_prlnbd(tmp_path / "again", [f"d={disk}"])
+    with support.running(srv2):
+        h2 = connect(srv2)
+        assert h2.pread(2 * M, 7 * M) == data
+        h2.pwrite(b"z" * 4096, 0)
+        h2.shutdown()
+    assert srv2.proc.returncode == 0
