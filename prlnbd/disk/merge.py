@@ -134,14 +134,17 @@ def _children(desc: Descriptor, guid: str) -> list[str]:
     return [g for g, parent in desc.parents.items() if parent == guid]
 
 
-def plan_merge(desc: Descriptor, guid: str, *, online: bool = False) -> MergePlan:
+def plan_merge(
+    desc: Descriptor, guid: str, *, online: bool = False, direction: Direction | None = None
+) -> MergePlan:
     """Check that snapshot GUID can be merged away from DESC's chain and choose the direction.
 
     GUID must be a snapshot of the top's chain other than the top, with exactly
     one child; GUID and its child must be expandable (Compressed) images. The
     direction moving fewer bytes is chosen ("down" on a tie: nothing but data
     moves). ONLINE: the top is being written, so "up" into the top's parent is
-    never chosen. Opens the two images read-only to count their clusters.
+    never chosen. DIRECTION forces one (an interrupted merge goes on the way it
+    started). Opens the two images read-only to count their clusters.
     """
     g = normalize_guid(guid)
     where = desc.path
@@ -182,7 +185,10 @@ def plan_merge(desc: Descriptor, guid: str, *, online: bool = False) -> MergePla
         up += u
         drafts.append((piece, mine, kid, below))
     child_is_top = child == desc.top_guid
-    direction: Direction = "down" if down <= up or (online and child_is_top) else "up"
+    if direction is None:
+        direction = "down" if down <= up or (online and child_is_top) else "up"
+    elif direction == "up" and online and child_is_top:
+        raise DescriptorError(f"{where}: snapshot {g} cannot be merged up into while its child, the top, is served")
     parts = []
     for piece, mine, kid, below in drafts:
         if direction == "down":
@@ -721,8 +727,8 @@ def merge_disk(
     desc = parse_descriptor(dpath)
     journal = read_journal(dpath)
     if journal is not None and journal.guid not in desc.parents:
-        # The descriptor changed: only the deletions were left to do.
-        deleted = _finish_commit(dpath, journal.delete, hook)
+        # The descriptor changed: only the deletions were left to do (none if the copy never got that far).
+        deleted = _finish_commit(dpath, journal.delete if journal.phase == "commit" else [], hook)
         result = MergeResult(str(path), journal.guid, journal.child, journal.parent, journal.direction,
                              0, [str(f) for f in deleted], resumed=True)
         if journal.guid == g:
@@ -734,7 +740,10 @@ def merge_disk(
             f"{dpath}: the merge of snapshot {journal.guid} was interrupted; finish it first"
             f" (`prlnbd merge {path} {journal.guid}`)"
         )
-    plan = plan_merge(desc, g)
+    resume: Direction | None = None
+    if journal is not None and journal.direction in ("down", "up"):
+        resume = "down" if journal.direction == "down" else "up"
+    plan = plan_merge(desc, g, direction=resume)
     guards = _lock_tops(desc, plan, path)
     try:
         if journal is not None:
