@@ -326,14 +326,16 @@ class MergeCopy:
         return copied
 
     def _step_up(self, max_bytes: int) -> int:
+        cs = self._top.cluster_size
         copied = 0
-        chunk = max(self._top.cluster_size, min(max_bytes, STEP_BYTES))
         while self._cursor < len(self._runs) and copied < max_bytes:
             offset, length, host = self._runs[self._cursor]
-            n = min(length - self._within, chunk, max(max_bytes - copied, self._top.cluster_size))
+            at = offset + self._within
+            # One target cluster per write: a crash (or the kill hook) falls between clusters.
+            n = min(length - self._within, cs - at % cs)
             data = _pread(self.source.fd, n, host + self._within, self.source.path)
             self._hook()
-            self.target.write(offset + self._within, data)
+            self.target.write(at, data)
             copied += n
             self._within += n
             if self._within >= length:
