@@ -248,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("path", metavar="PATH")
     compact.add_argument("--json", action="store_true", help="machine-readable output")
 
+    merge = sub.add_parser(
+        "merge", help="delete snapshot GUID from a bundle's chain, merging its data into a neighbour (offline)"
+    )
+    merge.add_argument("path", metavar="DISK")
+    merge.add_argument("guid", metavar="GUID", help="the snapshot to remove (not the top)")
+    merge.add_argument("--json", action="store_true", help="machine-readable output")
+
     bitmap = sub.add_parser("bitmap", help="manage the dirty bitmaps of the top image (offline)")
     bitmap.add_argument("path", metavar="PATH")
     bsub = bitmap.add_subparsers(dest="action", required=True)
@@ -306,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": cmd_check,
         "bitmap": cmd_bitmap,
         "compact": cmd_compact,
+        "merge": cmd_merge,
         "ctl": cmd_ctl,
     }
     try:
@@ -798,6 +806,44 @@ def cmd_compact(args: argparse.Namespace) -> int:
         f" allocated {result.allocated_before} -> {result.allocated_after} bytes;"
         f" gave back {result.given_back} bytes ({_human(result.given_back)})"
     )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """prlnbd merge: remove a snapshot from a bundle's chain (offline), with a progress bar on a terminal."""
+    from prlnbd.disk.merge import merge_disk
+
+    bar: Callable[[int, int], None] | None = None
+    if sys.stderr.isatty():
+
+        def bar(done: int, total: int, width: int = 40) -> None:
+            frac = done / total if total else 1.0
+            fill = int(frac * width)
+            sys.stderr.write(
+                f"\rmerge: [{'#' * fill}{' ' * (width - fill)}] {frac:6.1%} {_human(done)}/{_human(total)}"
+            )
+            sys.stderr.flush()
+
+    result = merge_disk(Path(args.path), args.guid, bar)
+    if bar is not None:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    if result.resumed and not result.bytes_moved:
+        print(f"{result.path}: the interrupted merge of snapshot {result.guid} is finished")
+    else:
+        how = (
+            f"its data merged down into its child {result.child}"
+            if result.direction == "down"
+            else f"its child {result.child} merged up into its file, which now holds {result.child}"
+        )
+        print(
+            f"{result.path}: snapshot {result.guid} removed: {how};"
+            f" direction {result.direction}, {result.bytes_moved} bytes moved ({_human(result.bytes_moved)})"
+        )
+    for f in result.deleted:
+        print(f"deleted {f}")
     return 0
 
 

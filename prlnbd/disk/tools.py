@@ -271,6 +271,11 @@ def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool =
         except PrlNbdError as e:
             report.findings.append(Finding(str(dpath), "chain", str(e)))
             return report
+        from prlnbd.disk.merge import journal_notice, journal_path
+
+        notice = journal_notice(dpath)
+        if notice is not None:
+            report.findings.append(Finding(str(journal_path(dpath)), "merge", notice))
         if len(chains[0]) > MAX_CHAIN_LENGTH:
             msg = f"the snapshot chain has {len(chains[0])} layers, more than the {MAX_CHAIN_LENGTH} prlnbd opens"
             report.findings.append(Finding(str(dpath), "chain", msg))

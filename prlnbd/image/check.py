@@ -17,7 +17,7 @@ CORRUPTION_KINDS = frozenset(
     ("busy", "in_use", "data_off", "below_data", "outside", "duplicate", "header", "extension", "chain")
 )
 # Kinds that only inform: they need no repair and do not change the exit code.
-NOTICE_KINDS = frozenset(("bitmap", "free"))
+NOTICE_KINDS = frozenset(("bitmap", "free", "merge"))
 # Free space inside the data area: reported in the totals, not as a problem.
 FREE_KIND = "free"
 
