@@ -284,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     crm = csub.add_parser("remove-export", help="stop serving an export")
     crm.add_argument("name", metavar="NAME")
     crm.add_argument("--force", action="store_true", help="disconnect its clients (after their requests in flight)")
-    for p in (csub.choices["query"], cbm, csnap, cexp, crm):
+    cmerge = csub.add_parser("merge", help="remove snapshot GUID from a served disk's chain, while serving it")
+    cmerge.add_argument("export", metavar="EXPORT")
+    cmerge.add_argument("guid", metavar="GUID")
+    for p in (csub.choices["query"], cbm, csnap, cexp, crm, cmerge):
         # SUPPRESS: a --json given before COMMAND is not reset by the subcommand's default.
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the JSON reply")
 
@@ -918,6 +921,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             arguments["name"] = args.name
     elif args.ctl_command == "remove-export":
         arguments = {"name": args.name, "force": args.force}
+    elif args.ctl_command == "merge":
+        arguments = {"export": args.export, "guid": args.guid}
     reply = control_request(args.control, args.ctl_command, arguments)
     if args.json:
         print(json.dumps(reply, indent=2))
@@ -943,6 +948,12 @@ def _print_ctl(args: argparse.Namespace, result: object) -> None:
     if args.ctl_command == "export-snapshot":
         print(f"export {result.get('name')}: snapshot {result.get('guid')} of {args.export}, read-only")
         return
+    if args.ctl_command == "merge":
+        print(
+            f"export {args.export}: snapshot {result.get('guid')} merged {result.get('direction')}"
+            f" ({_human(int(result.get('bytes-moved', 0)))} moved)"
+        )
+        return
     if args.ctl_command == "remove-export":
         n = result.get("disconnected", 0)
         print(f"export {result.get('name')} removed" + (f" ({n} clients disconnected)" if n else ""))
@@ -954,6 +965,8 @@ def _print_ctl(args: argparse.Namespace, result: object) -> None:
             print(f"  layer {layer['guid'] or '-'} {layer['kind']} {layer['file']}")
         for b in e["bitmaps"]:
             print(f"  bitmap {b['name']}: granularity {_human(b['granularity'])}, {b['dirty-bytes']} bytes dirty")
+    for op in result.get("operations", []):
+        print(f"{op['operation']} on export {op['export']}: {op['guid'] or ''} {op['done']}/{op['total']} bytes")
     conns = result.get("connections", [])
     if not conns:
         print("no connections")

@@ -85,6 +85,7 @@ class ControlServer:
             "snapshot": self.snapshot,
             "export-snapshot": self.export_snapshot,
             "remove-export": self.remove_export,
+            "merge": self.merge,
         }
 
     async def listen(self, path: str) -> None:
@@ -267,6 +268,11 @@ class ControlServer:
         """remove-export: stop serving an export (refused while it has clients, unless force)."""
         _arguments(args, {"name": str}, {"force": bool})
         return await online.remove_export(self.server, args["name"], force=args.get("force", False))
+
+    async def merge(self, args: dict[str, Any]) -> dict[str, Any]:
+        """merge: remove a snapshot from a served disk's chain while it is served (progress in query)."""
+        _arguments(args, {"export": str, "guid": str}, {})
+        return await online.merge(self.server, self._export(args["export"]), args["guid"])
 
     def _export(self, name: str) -> Export:
         export = self.server.exports.get(name)

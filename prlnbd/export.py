@@ -292,6 +292,7 @@ class Export:
             bitmap.index()
         self._index_chain()
         self.writing = 0  # write requests in the I/O pool (see writes_paused)
+        self.failed: str | None = None  # why FLUSH can no longer promise durability (a broken chain change)
         self.held: list[Callable[[], None]] | None = None  # writes waiting while paused; None: not paused
         self._drained: asyncio.Future[None] | None = None
         self.info = ExportInfo(
@@ -360,22 +361,27 @@ class Export:
     # ---- pausing writes: the chain changes between requests
 
     @contextlib.asynccontextmanager
+    async def flushes_held(self) -> AsyncIterator[None]:
+        """Hold flushes (after any running one): none completes, so none claims durability, until the block ends."""
+        async with self._flush_lock:
+            yield
+
+    @contextlib.asynccontextmanager
     async def writes_paused(self) -> AsyncIterator[None]:
-        """Hold new writes and wait for those in flight and for any flush: the chain may change meanwhile.
+        """Hold new writes and wait for those in flight: the layer they go to may change meanwhile.
 
         Reads go on. The writes held are started, in order, when the block ends.
         """
-        async with self._flush_lock:
-            self.held = []
-            try:
-                while self.writing:
-                    self._drained = asyncio.get_running_loop().create_future()
-                    await self._drained
-                yield
-            finally:
-                held, self.held = self.held, None
-                for go in held:
-                    go()
+        self.held = []
+        try:
+            while self.writing:
+                self._drained = asyncio.get_running_loop().create_future()
+                await self._drained
+            yield
+        finally:
+            held, self.held = self.held, None
+            for go in held:
+                go()
 
     def write_started(self) -> None:
         """A write request went to the I/O pool."""
@@ -490,6 +496,8 @@ class Export:
         if self.read_only or self.cache == "unsafe":
             return
         async with self._flush_lock:
+            if self.failed is not None:
+                raise RequestError(Errno.EIO, f"FLUSH failed: {self.failed}")
             token = self.disk.begin_flush()
             try:
                 await run(self.disk.flush_io, token)

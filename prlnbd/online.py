@@ -1,4 +1,4 @@
-"""Changes to a disk while it is served: snapshot, a snapshot's own export, removing an export.
+"""Changes to a disk while it is served: snapshot, a snapshot's own export, removing an export, merge.
 
 Each runs on the server's event loop (for the control socket) and hands what
 may wait on storage to the server's I/O pool. The chain changes between
@@ -19,12 +19,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prlnbd.disk.chain import Disk, open_disk
+from prlnbd.disk.chain import Disk, Layer, open_chain, open_disk
 from prlnbd.disk.descriptor import Descriptor, new_guid, normalize_guid, parse_descriptor
+from prlnbd.disk.merge import MergeCopy, MergePlan, begin_merge, commit_merge, move_bitmaps, plan_merge, read_journal
 from prlnbd.disk.tools import make_top_image, new_top_paths, record_snapshot
 from prlnbd.errors import PrlNbdError
 from prlnbd.export import Export
-from prlnbd.image.extension import DirtyBitmap, Extension
+from prlnbd.image.extension import Extension
 from prlnbd.image.parallels import ParallelsImage
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def _crash_point(step: int) -> None:
     """Test hook: PRLNBD_ONLINE_KILL_AT=STEP kills the server with SIGKILL at that step of a snapshot:
-    1 new tops made, 2 old tops sealed, 3 descriptor saved."""
+    1 new tops made, 2 layers swapped (writes go to the new tops), 3 old tops sealed, 4 descriptor saved."""
     if os.environ.get("PRLNBD_ONLINE_KILL_AT") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -95,14 +96,19 @@ async def snapshot(server: NbdServer, export: Export) -> dict[str, Any]:
     """Freeze the served disk's top under a new snapshot and go on writing into a new empty top.
 
     Returns the frozen GUID, the new top's GUID and how long writes were held.
-    The new top images are made and synced before writes are held; during the
-    pause the old tops are stored as a clean stop would (BAT, bitmaps, in_use),
-    then the descriptor names the new tops (atomically): a crash before that
-    leaves the disk as it was, after it the disk with the snapshot. The dirty
-    bitmaps go on tracking changes in the new top.
+    The new top images are made and synced first. Then flushes are held (none
+    may claim durability until the descriptor names the new tops), writes are
+    held only while those in flight end and the layers are swapped, and go on
+    into the new tops. Then the old tops are stored as a clean stop would (BAT,
+    bitmaps, in_use) and synced, and the descriptor names the new tops
+    (atomically). A crash before that leaves the disk as it was (writes since
+    the swap were not yet durable), after it the disk with the snapshot. The
+    dirty bitmaps go on tracking changes in the new tops.
     """
     if export.read_only:
         raise PrlNbdError(f"export {export.name!r} is read-only: it has no top to freeze")
+    if export.failed is not None:
+        raise PrlNbdError(f"export {export.name!r}: {export.failed}")
     dpath = _descriptor_of(export, "a snapshot")
     run = server.pool.run
     disk = export.disk
@@ -114,46 +120,54 @@ async def snapshot(server: NbdServer, export: Export) -> dict[str, Any]:
                 " was changed under the server"
             )
         parts = disk.parts
-        tops = [part.top for part in parts]
-        if not all(isinstance(top, ParallelsImage) and top.writable for top in tops):
+        olds = [part.top for part in parts]
+        if not all(isinstance(top, ParallelsImage) and top.writable for top in olds):
             raise PrlNbdError(f"export {export.name!r}: a plain (raw) top image cannot be frozen while served")
         guid = new_guid()
         paths = new_top_paths(desc, guid)
-        # Most of what is dirty goes to storage before writes are held: the pause then syncs little.
+        # Most of what is dirty goes to storage now: the old tops' seal then syncs little.
         await export.flush(run)
         made: list[Path] = []
         new_tops: list[ParallelsImage] = []
-        recorded = False
         try:
             for part, path in zip(parts, paths, strict=True):
                 top = part.top
                 assert isinstance(top, ParallelsImage)
-                bitmaps = list(top.extension.bitmaps) if top.extension is not None else []
-                # Copies made now, on the loop: the bitmaps do not change under the worker.
-                copies = [b.copy() for b in bitmaps]
+                # Copies taken on the loop: the bitmaps do not change under the worker.
+                copies = [b.copy() for b in top.extension.bitmaps] if top.extension is not None else []
                 made.append(path)
                 await run(make_top_image, path, part.size, top.cluster_size, copies)
                 new_tops.append(await run(partial(ParallelsImage.open, writable=True), path))
-            _crash_point(1)
+        except BaseException:
+            for img in new_tops:
+                with contextlib.suppress(Exception):
+                    img.close()
+            for path in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        _crash_point(1)
+        async with export.flushes_held():
             started = time.monotonic()
             async with export.writes_paused():
-                await run(_freeze, parts, new_tops, desc, guid, paths)
-                recorded = True
+                for old, new in zip(olds, new_tops, strict=True):
+                    assert isinstance(old, ParallelsImage)
+                    _hand_over_bitmaps(old, new)
                 disk.push_top(list(new_tops), guid)
                 export.chain_changed()
             paused = time.monotonic() - started
-        except BaseException:
-            if not recorded:
-                for img in new_tops:
-                    with contextlib.suppress(Exception):
-                        img.close()
-                for path in made:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            raise
+            _crash_point(2)
+            try:
+                await run(_seal_and_record, olds, desc, guid, paths)
+            except BaseException as e:
+                # The new tops take writes already: the disk is served as it is, but no flush may
+                # claim durability for what the descriptor does not name.
+                export.failed = f"the snapshot {guid} could not be recorded ({e}): writes are not durable"
+                log.error("export %r: %s", export.name, export.failed)
+                raise
     frozen = disk.guids[1]
     log.info(
-        "control: export %r: snapshot %s frozen, new top %s (writes held %.1f ms)",
+        "control: export %r: snapshot %s frozen, new top %s (writes held %.2f ms)",
         export.name,
         frozen,
         guid,
@@ -162,43 +176,34 @@ async def snapshot(server: NbdServer, export: Export) -> dict[str, Any]:
     return {"frozen": frozen, "top": guid, "paused-ms": round(paused * 1000, 3)}
 
 
-def _freeze(parts: list[Disk], new_tops: list[ParallelsImage], desc: Descriptor, guid: str, paths: list[Path]) -> None:
-    """With writes held: hand the live bitmaps to the new tops, seal the old ones, then name the new ones.
+def _hand_over_bitmaps(old: ParallelsImage, new: ParallelsImage) -> None:
+    """The dirty bitmaps the export marks move on to NEW (the new top); OLD keeps copies, stored when sealed."""
+    live = list(old.extension.bitmaps) if old.extension is not None else []
+    if not live:
+        return
+    assert old.extension is not None
+    old.extension.bitmaps = [b.copy() for b in live]
+    stored = {b.id: b for b in new.extension.bitmaps} if new.extension is not None else {}
+    for bm in live:
+        # What the new top's file holds for it (all dirty until a clean stop), never the old top's
+        # clusters: a later open frees what these entries name.
+        bm.l1 = stored[bm.id].l1 if bm.id in stored else []
+    if new.extension is None:
+        new.extension = Extension(offset=0)
+    new.extension.bitmaps = live
 
-    For a worker thread. When it fails before the descriptor is saved, the old tops take writes again.
+
+def _seal_and_record(olds: list[Layer], desc: Descriptor, guid: str, paths: list[Path]) -> None:
+    """Store the old tops as a clean stop would and sync them, then name the new tops in the descriptor.
+
+    For a worker thread, with flushes held; the old tops take no writes any more.
     """
-    sealed: list[tuple[ParallelsImage, list[DirtyBitmap]]] = []
-    try:
-        for part, new in zip(parts, new_tops, strict=True):
-            old = part.top
-            assert isinstance(old, ParallelsImage)
-            live = list(old.extension.bitmaps) if old.extension is not None else []
-            if old.extension is not None:
-                # The frozen layer stores copies; the objects the export marks move on to the new top.
-                old.extension.bitmaps = [b.copy() for b in live]
-            part.seal_top()
-            sealed.append((old, live))
-            _crash_point(2)
-            if live:
-                stored = {b.id: b for b in new.extension.bitmaps} if new.extension is not None else {}
-                for bm in live:
-                    # What the new top's file holds for it (all dirty until a clean stop), never the old
-                    # top's clusters: a later open frees what these entries name.
-                    bm.l1 = stored[bm.id].l1 if bm.id in stored else []
-                if new.extension is None:
-                    new.extension = Extension(offset=0)
-                new.extension.bitmaps = live
-        record_snapshot(desc, guid, paths)
-        _crash_point(3)
-    except BaseException:
-        for old, live in sealed:
-            try:
-                old.unseal()
-                if old.extension is not None:
-                    old.extension.bitmaps = live
-            except Exception:
-                log.exception("%s: could not take writes again after a failed snapshot", old.path)
-        raise
+    for old in olds:
+        assert isinstance(old, ParallelsImage)
+        old.seal()
+    _crash_point(3)
+    record_snapshot(desc, guid, paths)
+    _crash_point(4)
 
 
 # ---- a snapshot's own export
@@ -249,3 +254,90 @@ async def remove_export(server: NbdServer, name: str, *, force: bool = False) ->
     await server.pool.run(removed.close)
     log.info("control: export %r removed%s", name, f" ({clients} clients disconnected)" if clients else "")
     return {"name": name, "disconnected": clients}
+
+
+# ---- merge
+
+# Bytes one pool job of an online merge copies: the merge yields to requests between jobs.
+MERGE_STEP = 4 << 20
+
+
+async def merge(server: NbdServer, export: Export, guid: str) -> dict[str, Any]:
+    """Merge snapshot GUID away from the chain of the served EXPORT (see prlnbd.disk.merge).
+
+    The copy runs a step at a time in the I/O pool beside the clients'
+    requests. Into the top ("down" with the top as child) it goes through the
+    served disk's own allocation, so guest writes to the same clusters are
+    ordered with it; otherwise it writes a frozen image opened apart, whose
+    clusters no reader of a remaining state sees. Then the descriptor is
+    committed through the journal and the served chain drops the layer.
+    Progress is in `query` meanwhile.
+    """
+    if export.read_only:
+        raise PrlNbdError(f"export {export.name!r} is read-only: merge through the export that writes the disk")
+    dpath = _descriptor_of(export, "a merge")
+    run = server.pool.run
+    disk = export.disk
+    key = normalize_guid(guid)
+    with _changing(server, export, "merge", key) as state:
+        desc: Descriptor = await run(partial(parse_descriptor, allow_outside=server.allow_outside_bundle), dpath)
+        if await run(read_journal, dpath) is not None:
+            raise PrlNbdError(f"{dpath}: an interrupted merge left its journal; finish it offline with `prlnbd merge`")
+        plan: MergePlan = await run(partial(plan_merge, online=True), desc, key)
+        guids = [g.lower() for g in disk.guids]
+        if plan.guid.lower() not in guids or guids.index(plan.guid.lower()) == 0:
+            raise PrlNbdError(f"export {export.name!r}: snapshot {plan.guid} is not below its top")
+        index = guids.index(plan.guid.lower())
+        for other in server.exports.values():
+            if other is not export and other.disk.guids and other.disk.guids[0].lower() == plan.guid.lower():
+                raise PrlNbdError(
+                    f"export {other.name!r} serves snapshot {plan.guid}: remove it first (`prlnbd ctl PATH"
+                    f" remove-export {other.name}`)"
+                )
+        into_top = plan.direction == "down" and plan.child_is_top
+        state.total = plan.bytes
+        await run(begin_merge, plan)
+        opened: list[Disk] = []
+        try:
+            for part, live in zip(plan.parts, disk.parts, strict=True):
+                if into_top:
+                    target, source = live, live.layers[index]
+                else:
+                    target = await run(partial(open_chain, desc, part.target_chain, writable=True, piece=part.piece))
+                    opened.append(target)
+                    # "down" into a frozen child reads the merged image under it; "up" reads the child.
+                    source = target.layers[1] if plan.direction == "down" else live.layers[index - 1]
+                copier = MergeCopy(plan, target, source)
+                state.total = max(state.total, state.done + copier.total)
+                while n := await run(copier.step, MERGE_STEP):
+                    state.done += n
+                if into_top:
+                    await export.flush(run)  # one flush at a time on the served top
+                else:
+                    await run(copier.finish)
+                    await run(move_bitmaps, plan, target, source)
+            for target in opened:
+                await run(target.close)  # the clean stop of the written image
+            opened = []
+            deleted: list[Path] = await run(commit_merge, plan)
+        finally:
+            for target in opened:
+                with contextlib.suppress(Exception):
+                    await run(target.close)
+        # The served chain drops the layer; what it reads does not change.
+        if into_top:
+            disk.replace_layers(index, 1, [], [])
+        else:
+            fresh = [await run(ParallelsImage.open, part.target.file) for part in plan.parts]
+            disk.replace_layers(index - 1, 2, list(fresh), [plan.child])
+        export.chain_changed()
+    log.info(
+        "control: export %r: snapshot %s merged %s (%d bytes moved)", export.name, plan.guid, plan.direction, state.done
+    )
+    return {
+        "guid": plan.guid,
+        "child": plan.child,
+        "direction": plan.direction,
+        "bytes-moved": state.done,
+        "deleted": [str(p) for p in deleted],
+    }

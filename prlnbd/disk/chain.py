@@ -302,18 +302,8 @@ class Disk:
     # The layer list is replaced, never changed in place: a lookup that took the old list finishes
     # with it, and what it found there reads the same as through the new one.
 
-    def seal_top(self) -> None:
-        """Freeze the top layer (ParallelsImage.seal), with writes paused: for a worker thread."""
-        top = self.layers[0]
-        if not isinstance(top, ParallelsImage):
-            raise ImageError(f"{top.path}: a plain image cannot be frozen under a snapshot while served")
-        with self._lock:
-            # Clusters it released stay holes in it: none may be handed to the next top.
-            self._quarantine.clear()
-        top.seal()
-
     def push_top(self, tops: list[Layer], guid: str) -> None:
-        """Put TOPS[0] on the chain as its new top, snapshot GUID; the old top was frozen (ParallelsImage.seal).
+        """Put TOPS[0] on the chain as its new top, snapshot GUID; the old top is to be frozen (ParallelsImage.seal).
 
         No write may be running. (A split disk takes one new top per piece.)
         """
@@ -321,6 +311,8 @@ class Disk:
         with self._lock:
             self.layers = [top, *self.layers]
             self.guids = [guid, *self.guids]
+            # Clusters the old top released stay holes in it: none may be handed to the new top.
+            self._quarantine.clear()
         if self._direct:
             self.open_direct()
 

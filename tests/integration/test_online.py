@@ -316,7 +316,7 @@ def test_snapshot_of_a_single_image_or_read_only_export_is_refused(tmp_path: Pat
         assert "read-only" in ctl_error(control2, "snapshot", "d")
 
 
-@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
 def test_a_crash_during_a_snapshot_leaves_the_disk_before_or_after_it(tmp_path: Path, step: int) -> None:
     srv, disk, control = serve(tmp_path, env={"PRLNBD_ONLINE_KILL_AT": str(step)})
     data = os.urandom(2 * M)
@@ -330,7 +330,7 @@ def test_a_crash_during_a_snapshot_leaves_the_disk_before_or_after_it(tmp_path: 
     assert srv.proc.returncode == -9, srv.log_text()
     after = json.loads(prl("info", disk, "--json").stdout)
     layers = len(after["layers"])
-    assert layers == len(before["layers"]) + (1 if step == 3 else 0)
+    assert layers == len(before["layers"]) + (1 if step == 4 else 0)
     # Reads the same whichever it is; the top needs a repair only for its in_use flag.
     assert read_offline(disk)[7 * M : 9 * M] == data
     rep = prl("check", disk, "--repair")
@@ -343,3 +343,190 @@ def test_a_crash_during_a_snapshot_leaves_the_disk_before_or_after_it(tmp_path: 
         h2.pwrite(b"z" * 4096, 0)
         h2.shutdown()
     assert srv2.proc.returncode == 0
+
+
+class Writer(threading.Thread):
+    """A guest stand-in: writes random data at random places, one request at a time, logging each.
+
+    log holds ("sent"|"acked", n) in order, shared with the test (under lock);
+    writes[n] is (offset, data). With one request at a time the server applies
+    them in order, so any state of the disk is the first p writes for some p.
+    """
+
+    def __init__(self, srv: support.Server, size: int, lock: threading.Lock, log: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.srv = srv
+        self.size = size
+        self.lock = lock
+        self.log = log
+        self.writes: list[tuple[int, bytes]] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.rng = random.Random(11)
+
+    def run(self) -> None:
+        h = connect(self.srv)
+        try:
+            n = 0
+            while not self.stop.is_set():
+                length = self.rng.choice((4 * K, 16 * K, 64 * K))
+                offset = self.rng.randrange(0, self.size - length, 4 * K)
+                data = self.rng.randbytes(length)
+                self.writes.append((offset, data))
+                with self.lock:
+                    self.log.append(("sent", n))
+                h.pwrite(data, offset)
+                with self.lock:
+                    self.log.append(("acked", n))
+                n += 1
+            h.flush()
+        except nbd.Error as e:
+            self.failures.append(str(e))
+        finally:
+            h.shutdown()
+
+    def acked(self) -> int:
+        with self.lock:
+            return sum(1 for kind, _ in self.log if kind == "acked")
+
+    def wait_for(self, count: int) -> None:
+        """Until COUNT more writes are acknowledged (or the writer failed)."""
+        target = self.acked() + count
+        while self.acked() < target and self.is_alive():
+            self.join(0.01)
+
+
+def model(base: bytearray, writes: list[tuple[int, bytes]], start: int, stop: int) -> None:
+    """Apply WRITES[start:stop] to BASE, in order."""
+    for offset, data in writes[start:stop]:
+        base[offset : offset + len(data)] = data
+
+
+def test_online_merge_into_the_top_while_a_writer_runs(tmp_path: Path) -> None:
+    size = 64 * M
+    srv, disk, control = serve(tmp_path, size=size)
+    lock = threading.Lock()
+    log: list[tuple[str, int]] = []
+    with support.running(srv):
+        h = connect(srv)
+        base = bytearray(os.urandom(size))
+        h.pwrite(bytes(base[: 32 * M]), 0)
+        h.pwrite(bytes(base[32 * M :]), 32 * M)
+        h.flush()
+        h.shutdown()
+        frozen = str(ctl(control, "snapshot", "d")["frozen"])
+        files_before = {p.name for p in disk.iterdir()}
+        w = Writer(srv, size // 2, lock, log)
+        w.start()
+        w.wait_for(50)
+        result = ctl(control, "merge", "d", frozen)
+        w.wait_for(50)
+        w.stop.set()
+        w.join(60)
+        assert not w.failures, w.failures
+        assert result["direction"] == "down"  # the top is written: never "up" into its parent online
+        # The writer covers the first half: the second half showed through from the snapshot, and moved.
+        assert size // 2 <= int(result["bytes-moved"]) <= size  # type: ignore[call-overload]
+        q = ctl(control, "query")
+        assert len(q["exports"][0]["layers"]) == 1  # type: ignore[index]
+        assert q["operations"] == []
+        model(base, w.writes, 0, len(w.writes))
+        assert support.nbd_pread(srv.uri("d")) == bytes(base)
+        assert "no snapshot" in ctl_error(control, "export-snapshot", "d", frozen)
+    assert srv.proc.returncode == 0, srv.log_text()
+    gone = files_before - {p.name for p in disk.iterdir()}
+    assert len(gone) == 1 and frozen.strip("{}") in next(iter(gone))
+    assert prl("check", disk).returncode == 0
+    assert read_offline(disk) == bytes(base)
+
+
+def test_backup_loop_against_a_running_writer(tmp_path: Path) -> None:
+    """Three backup cycles (snapshot, export it, pull, remove the export, merge the previous snapshot) while a
+    writer runs: each backup equals the disk as of its snapshot, incremental pulls move only the dirty extents,
+    the writer never fails, and the chain does not grow."""
+    size = 256 * M
+    cluster = 64 * K
+    disk = tmp_path / "d.hdd"
+    assert prl("create", disk, "--size", str(size), "--cluster-size", str(cluster)).returncode == 0
+    srv, _, control = serve(tmp_path, size=size)
+    lock = threading.Lock()
+    log: list[tuple[str, int]] = []
+    backup = tmp_path / "backup.raw"
+    chain_lengths = []
+    with support.running(srv):
+        w = Writer(srv, size, lock, log)
+        w.start()
+        previous: str | None = None
+        for cycle in range(3):
+            w.wait_for(300)
+            with lock:
+                start = len(log)
+            snap = str(ctl(control, "snapshot", "d")["frozen"])
+            with lock:
+                end = len(log)
+            name = str(ctl(control, "export-snapshot", "d", snap, "--name", "backup")["name"])
+            uri = srv.uri(name)
+            if previous is None:
+                support.run("nbdcopy", uri, backup)
+                moved = size
+            else:
+                ctx = f"qemu:dirty-bitmap:since-{previous.strip('{}').lower()}"
+                h = connect(srv, name, contexts=(ctx,))
+                dirty = dirty_extents(h, ctx, size)
+                moved = 0
+                with backup.open("r+b") as f:
+                    for offset, length in dirty:
+                        f.seek(offset)
+                        f.write(h.pread(length, offset))
+                        moved += length
+                h.shutdown()
+                # Only what changed: every write acknowledged between the two snapshots is in the dirty
+                # extents, and they hold nothing but clusters written since the previous snapshot began.
+                with lock:
+                    events = list(log)
+                prev_start, prev_end = windows[-1]
+                surely = {n for kind, n in events[prev_end:start] if kind == "acked"}
+                maybe = {n for kind, n in events[prev_start:end] if kind == "sent"}
+                touched = set()
+                for n in maybe:
+                    offset, data = w.writes[n]
+                    touched.update(range(offset // cluster, -(-(offset + len(data)) // cluster)))
+                in_dirty = set()
+                for offset, length in dirty:
+                    in_dirty.update(range(offset // cluster, (offset + length) // cluster))
+                assert in_dirty <= touched
+                for n in surely:
+                    offset, data = w.writes[n]
+                    assert set(range(offset // cluster, -(-(offset + len(data)) // cluster))) <= in_dirty
+                assert moved == len(in_dirty) * cluster
+            # The backup is the disk as it was at the snapshot: the first p writes, p in the window.
+            with lock:
+                events = list(log)
+            done_before = max([n + 1 for kind, n in events[:start] if kind == "acked"], default=0)
+            sent_by_end = max([n + 1 for kind, n in events[:end] if kind == "sent"], default=0)
+            state = bytearray(size)
+            model(state, w.writes, 0, done_before)
+            got = backup.read_bytes()
+            matches = []
+            for p in range(done_before, sent_by_end + 1):
+                if got == state:
+                    matches.append(p)
+                    break
+                if p < sent_by_end:
+                    model(state, w.writes, p, p + 1)
+            assert matches, f"cycle {cycle}: the backup is no state the disk was in at the snapshot"
+            support.run("qemu-img", "compare", "-f", "raw", "-F", "raw", backup, uri)
+            assert ctl(control, "remove-export", name)["disconnected"] == 0
+            if previous is not None:
+                merged = ctl(control, "merge", "d", previous)
+                assert merged["guid"] == previous
+            windows = [*(windows if previous is not None else []), (start, end)]
+            chain_lengths.append(len(ctl(control, "query")["exports"][0]["layers"]))  # type: ignore[index]
+            previous = snap
+        w.stop.set()
+        w.join(60)
+        assert not w.failures, w.failures
+    assert srv.proc.returncode == 0, srv.log_text()
+    assert chain_lengths[2] <= chain_lengths[0], chain_lengths
+    res = prl("check", disk)
+    assert res.returncode == 0, res.stdout + res.stderr
