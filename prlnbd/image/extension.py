@@ -681,3 +681,114 @@ def _all_set(chunk: bytes, nbits: int) -> bool:
         return False
     tail = nbits & 7
     return not tail or chunk[whole] & ((1 << tail) - 1) == (1 << tail) - 1
+
+
+class SplitBitmap(DirtyBitmap):
+    """One dirty bitmap of a split disk: PARTS, the same bitmap of each piece, the k-th at disk byte OFFSETS[k].
+
+    It answers as a DirtyBitmap of the whole disk (what the export marks and
+    indexes): a change is passed to the parts it touches, so each piece's top
+    image stores its own part, and the change index is the parts' indexes
+    shifted and joined. The granularity divides every piece boundary, so a
+    granule never straddles two pieces and bit i of the disk is one bit of one
+    part.
+    """
+
+    def __init__(self, parts: list[DirtyBitmap], offsets: list[int]) -> None:
+        first = parts[0]
+        g = first.granularity
+        for part, offset in zip(parts, offsets, strict=True):
+            if part.id != first.id or part.granularity != g:
+                raise ExtensionError(
+                    f"dirty bitmap {part.name}: granularity {part.granularity} differs from {g} of {first.name}"
+                )
+            if offset % g:
+                raise ExtensionError(
+                    f"dirty bitmap {first.name}: granularity {g} does not divide the piece boundary at byte {offset}"
+                )
+        # Not DirtyBitmap.__init__: the bits live in the parts, none here.
+        self.id = first.id
+        self.granularity = g
+        self.disk_size = offsets[-1] + parts[-1].disk_size
+        self.flags = first.flags
+        self.l1 = []
+        self.chunk = first.chunk
+        self._chunks = []
+        self.parts = parts
+        self.offsets = offsets
+        self._bit_offsets = [offset // g for offset in offsets]
+        self._flips = None
+        self._dense = False
+
+    def copy(self) -> SplitBitmap:
+        """An independent copy (a copy of every part)."""
+        return SplitBitmap([part.copy() for part in self.parts], list(self.offsets))
+
+    @property
+    def bits(self) -> bytearray:
+        """All the bitmap's bytes (for tests: the parts' bits joined, bit by bit)."""
+        out = bytearray(-(-self.nbits // 8))
+        for first, last in self.set_runs(0, self.nbits):
+            _set_bits(out, first, last)
+        return out
+
+    def stored_bytes(self) -> int:
+        """Bytes of memory the parts' bits take."""
+        return sum(part.stored_bytes() for part in self.parts)
+
+    def _locate(self, bit: int) -> int:
+        """The index of the part holding disk bit BIT."""
+        return max(0, bisect.bisect_right(self._bit_offsets, bit) - 1)
+
+    def is_set(self, bit: int) -> bool:
+        """Whether BIT is set."""
+        k = self._locate(bit)
+        return self.parts[k].is_set(bit - self._bit_offsets[k])
+
+    def _set_chunked(self, first: int, last: int) -> None:
+        """Set bits [first, last) in the parts they fall in (their indexes kept true as set_range keeps them)."""
+        g = self.granularity
+        for k in range(self._locate(first), len(self.parts)):
+            base = self._bit_offsets[k]
+            if base >= last:
+                break
+            part = self.parts[k]
+            a, b = max(first - base, 0), min(last - base, part.nbits)
+            if a < b:
+                part.set_range(a * g, (b - a) * g)
+
+    def clear(self) -> None:
+        """Mark the whole disk clean, in every part."""
+        for part in self.parts:
+            part.clear()
+        super().clear()
+
+    def _build_index(self) -> array[int] | None:
+        """The parts' indexes shifted to disk offsets and joined (a run over a boundary is one run)."""
+        points: list[int] = []
+        for part, offset in zip(self.parts, self.offsets, strict=True):
+            flips = part.index()
+            if flips is None:
+                return None
+            shifted = [flip + offset for flip in flips]
+            if points and shifted and points[-1] == shifted[0]:
+                points.pop()
+                del shifted[0]
+            points += shifted
+            if len(points) > MAX_FLIPS:
+                return None
+        return array("Q", points)
+
+    def _raw_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """The parts' runs of set bits within [first, last), in disk bits (set_runs joins them over boundaries)."""
+        for k in range(self._locate(first), len(self.parts)):
+            base = self._bit_offsets[k]
+            if base >= last:
+                break
+            part = self.parts[k]
+            for lo, hi in part.set_runs(max(first - base, 0), min(last - base, part.nbits)):
+                yield lo + base, hi + base
+
+    def dirty_bytes(self) -> int:
+        """How many disk bytes the set bits cover: the parts' counts added."""
+        return sum(part.dirty_bytes() for part in self.parts)
