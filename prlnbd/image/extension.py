@@ -473,8 +473,31 @@ class Extension:
         return out
 
 
-def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_size: int, data_off: int) -> Extension:
-    """Read and validate the format extension cluster at byte OFFSET of the image."""
+class BitmapCutOff(ExtensionError):
+    """A dirty bitmap whose clusters lie past the end of the file (cut off, as `qemu-img check -r` cuts them)."""
+
+
+def repair_hint(path: Path) -> str:
+    """What a message about a bitmap cut off from PATH tells the user to do."""
+    return f"`prlnbd check --repair {path}` drops it"
+
+
+def read_extension(
+    path: Path,
+    fd: int,
+    offset: int,
+    cluster_size: int,
+    disk_size: int,
+    data_off: int,
+    *,
+    cut_off: list[DirtyBitmap] | None = None,
+) -> Extension:
+    """Read and validate the format extension cluster at byte OFFSET of the image.
+
+    A bitmap whose clusters lie past the end of the file is an error
+    (BitmapCutOff), unless CUT_OFF is a list: then it is left out of the
+    extension and put there, header only (for `check --repair`).
+    """
     data = os.pread(fd, cluster_size, offset)
     if len(data) < cluster_size:
         raise ExtensionError(f"{path}: format extension at byte {offset} is truncated")
@@ -506,7 +529,13 @@ def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_siz
         body = data[pos : pos + size]
         pos += padded
         if fmagic == fmt.FEATURE_DIRTY_BITMAP:
-            ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size, data_off))
+            try:
+                ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size, data_off))
+            except BitmapCutOff:
+                if cut_off is None:
+                    raise
+                size, ident, granularity, _ = fmt.BITMAP_HEADER.unpack_from(body, 0)
+                cut_off.append(DirtyBitmap(bytes(ident), granularity * fmt.SECTOR, size * fmt.SECTOR, flags=flags))
         else:
             ext.features.append(Feature(fmagic, flags, bytes(body)))
 
@@ -555,13 +584,15 @@ def _read_bitmap(
                 f"{where}: L1 entry {i} points at byte {host}, inside the header and BAT (data_off {data_off})"
             )
         if host + cluster_size > file_size:
-            raise ExtensionError(
+            # What `qemu-img check -r leaks` leaves: QEMU 7.2 counts bitmap clusters as leaked space.
+            raise BitmapCutOff(
                 f"{where}: L1 entry {i} points at byte {host}, past the end of the {file_size}-byte file"
+                f" (cut off, as `qemu-img check -r` cuts bitmap clusters); {repair_hint(path)}"
             )
         count = bm._chunk_len(i)
         chunk = bytearray(os.pread(fd, count, host))
         if len(chunk) < count:
-            raise ExtensionError(f"{where}: bitmap cluster at byte {host} is truncated")
+            raise BitmapCutOff(f"{where}: bitmap cluster at byte {host} is truncated; {repair_hint(path)}")
         if i == l1_size - 1 and nbits & 7:
             # Bits past the disk end carry no meaning; keep them clear so scans stop at the end.
             chunk[-1] &= (1 << (nbits & 7)) - 1
