@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     compact = sub.add_parser(
-        "compact", help="move the top image's clusters into its free space and shorten the file (offline)"
+        "compact",
+        help="move the top image's clusters into its free space and shorten the file (offline; every piece's top"
+        " image of a split disk)",
     )
     compact.add_argument("path", metavar="PATH")
     compact.add_argument("--json", action="store_true", help="machine-readable output")
@@ -255,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("guid", metavar="GUID", help="the snapshot to remove (not the top)")
     merge.add_argument("--json", action="store_true", help="machine-readable output")
 
-    bitmap = sub.add_parser("bitmap", help="manage the dirty bitmaps of the top image (offline)")
+    bitmap = sub.add_parser(
+        "bitmap", help="manage the dirty bitmaps of the top image (offline; of a split disk: in every piece's top)"
+    )
     bitmap.add_argument("path", metavar="PATH")
     bsub = bitmap.add_subparsers(dest="action", required=True)
     bsub.add_parser("list", help="list bitmaps").add_argument("--json", action="store_true")
@@ -804,11 +808,13 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
-    print(
-        f"{result.path}: moved {result.moved} clusters; file {result.size_before} -> {result.size_after} bytes,"
-        f" allocated {result.allocated_before} -> {result.allocated_after} bytes;"
-        f" gave back {result.given_back} bytes ({_human(result.given_back)})"
-    )
+    # A split disk: one line per piece's top image, then the sums over them all.
+    for r in [*result.pieces, result]:
+        print(
+            f"{r.path}: moved {r.moved} clusters; file {r.size_before} -> {r.size_after} bytes,"
+            f" allocated {r.allocated_before} -> {r.allocated_after} bytes;"
+            f" gave back {r.given_back} bytes ({_human(r.given_back)})"
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from prlnbd.disk.chain import Disk
+from prlnbd.disk.split import SplitDisk
 from prlnbd.errors import PrlNbdError, RequestError
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import ParallelsImage
@@ -547,6 +548,8 @@ class Export:
     def add_bitmap(self, name: str | None, granularity: int) -> DirtyBitmap:
         """Add a clean bitmap to the top image: writes mark it from now on; new connections see its context."""
         top = self._writable_top("add a bitmap")
+        if isinstance(self.disk, SplitDisk):  # a part in every piece's top image
+            return self._track(self.disk.add_bitmap(name, granularity))
         bm = new_bitmap(top.size, granularity, name, chunk=top.cluster_size)
         ext = top.extension if top.extension is not None else Extension(offset=0)
         if any(b.id == bm.id for b in ext.bitmaps):
@@ -558,6 +561,10 @@ class Export:
             )
         ext.bitmaps.append(bm)
         top.extension = ext
+        return self._track(bm)
+
+    def _track(self, bm: DirtyBitmap) -> DirtyBitmap:
+        """Serve a bitmap just added: writes mark it; new connections see its context."""
         bm.index()
         context = DIRTY_BITMAP_PREFIX + bm.name
         self.bitmaps[context] = bm
@@ -571,7 +578,9 @@ class Export:
         """Remove a bitmap from the top image; connections that chose its context get EINVAL for it."""
         top = self._writable_top("remove a bitmap")
         context, bm = self._bitmap(name)
-        if top.extension is not None:
+        if isinstance(self.disk, SplitDisk):
+            self.disk.remove_bitmap(bm)
+        elif top.extension is not None:
             top.extension.bitmaps.remove(bm)
         del self.bitmaps[context]
         status = self._status.pop(context)

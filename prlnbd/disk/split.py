@@ -7,19 +7,25 @@ follows the same Snapshots tree. SplitDisk has the interface the export uses
 of a Disk, made of one Disk per piece: offsets are translated, ranges split at
 piece boundaries (a request crossing one is still one request and one reply),
 and runs and depth maps shifted back to disk offsets.
+
+A dirty bitmap of a split disk is the same bitmap (one id, one granularity)
+in every piece's top image, each holding the bits of its piece: a SplitBitmap
+joins them into one bitmap of the whole disk, and each piece's image stores
+its part at the clean stop as a single image stores its bitmaps.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, Run, close_all, open_chain
-from prlnbd.disk.descriptor import Descriptor
-from prlnbd.errors import DescriptorError
-from prlnbd.image.extension import DirtyBitmap
+from prlnbd.disk.descriptor import Descriptor, Piece
+from prlnbd.errors import DescriptorError, ExtensionError, PrlNbdError
+from prlnbd.image.extension import DirtyBitmap, Extension, SplitBitmap, feature_space, kept_features, new_bitmap
 from prlnbd.image.parallels import FlushToken, ParallelsImage
 
 
@@ -42,7 +48,15 @@ class SplitDisk(Disk):
     so the export's grain (the top's cluster size) is that of every piece.
     """
 
-    def __init__(self, path: Path, pieces: list[Disk], offsets: list[int], size: int, descriptor: Descriptor) -> None:
+    def __init__(
+        self,
+        path: Path,
+        pieces: list[Disk],
+        offsets: list[int],
+        size: int,
+        descriptor: Descriptor,
+        bitmaps: list[SplitBitmap] | None = None,
+    ) -> None:
         first = pieces[0]
         super().__init__(
             path=path,
@@ -55,6 +69,9 @@ class SplitDisk(Disk):
         self.pieces = pieces
         self.offsets = offsets
         self._ends = [*offsets[1:], size]
+        # Built once at open: the export marks these objects, and each part is the one its
+        # piece's top image stores at the clean stop.
+        self._bitmaps: list[SplitBitmap] = bitmaps if bitmaps is not None else []
 
     # ---- translating ranges
 
@@ -91,8 +108,39 @@ class SplitDisk(Disk):
         return all(piece.writable for piece in self.pieces)
 
     def bitmaps(self) -> list[DirtyBitmap]:
-        """None: a split disk whose pieces carry dirty bitmaps is refused at open."""
-        return []
+        """The dirty bitmaps of the disk, each made of the same bitmap in every piece's top image."""
+        return list(self._bitmaps)
+
+    def _tops(self) -> list[ParallelsImage]:
+        tops = []
+        for piece in self.pieces:
+            top = piece.top
+            if not isinstance(top, ParallelsImage):
+                where = getattr(top, "path", "?")
+                raise PrlNbdError(f"{self.path}: the top image {where} is a plain image, which holds no bitmaps")
+            tops.append(top)
+        return tops
+
+    def add_bitmap(self, name: str | None, granularity: int) -> SplitBitmap:
+        """Add a clean bitmap, one part in every piece's top image (stored at the clean stop)."""
+        tops = self._tops()
+        parts = new_split_bitmap(self.path, tops, self.offsets, name, granularity)
+        bm = SplitBitmap(parts, list(self.offsets))
+        for top, part in zip(tops, parts, strict=True):
+            if top.extension is None:
+                top.extension = Extension(offset=0)
+            top.extension.bitmaps.append(part)
+        self._bitmaps.append(bm)
+        return bm
+
+    def remove_bitmap(self, bm: DirtyBitmap) -> None:
+        """Remove the bitmap BM (one of bitmaps()) from every piece's top image."""
+        if not isinstance(bm, SplitBitmap) or bm not in self._bitmaps:
+            raise PrlNbdError(f"{self.path}: no dirty bitmap {bm.name} in this split disk")
+        for top, part in zip(self._tops(), bm.parts, strict=True):
+            if top.extension is not None and part in top.extension.bitmaps:
+                top.extension.bitmaps.remove(part)
+        self._bitmaps.remove(bm)
 
     @property
     def direct(self) -> bool:
@@ -225,16 +273,17 @@ def open_split(desc: Descriptor, *, writable: bool, snapshot: str | None) -> Spl
         for piece, entries in zip(desc.pieces, chains, strict=True):
             pieces.append(open_chain(desc, entries, writable=writable, piece=piece))
         _check_pieces(desc, pieces)
+        bitmaps = join_bitmaps(desc.path, desc.pieces, [disk.top for disk in pieces])
     except BaseException:
         for disk in pieces:
             disk.close()
         raise
-    return SplitDisk(desc.path, pieces, [piece.offset for piece in desc.pieces], desc.size, desc)
+    return SplitDisk(desc.path, pieces, [piece.offset for piece in desc.pieces], desc.size, desc, bitmaps)
 
 
 def _check_pieces(desc: Descriptor, disks: list[Disk]) -> None:
     """Refuse what a SplitDisk cannot serve: tops of different kinds or cluster sizes, pieces off a cluster
-    boundary, dirty bitmaps."""
+    boundary."""
     first: Layer = disks[0].top
     for piece, disk in zip(desc.pieces, disks, strict=True):
         top = disk.top
@@ -252,9 +301,82 @@ def _check_pieces(desc: Descriptor, disks: list[Disk]) -> None:
                     f"{where}: the piece starts at byte {piece.offset}, not on a {top.cluster_size}-byte cluster"
                     " boundary"
                 )
-            if top.extension is not None and top.extension.bitmaps:
+
+
+def _where(path: Path, piece: Piece, top: Layer) -> str:
+    """How an error names a piece: the descriptor, the Storage element and the top image file."""
+    return f"{path}: Storage {piece.index} (sectors {piece.start}..{piece.end}), top image {getattr(top, 'path', '?')}"
+
+
+def join_bitmaps(path: Path, pieces: Sequence[Piece], tops: Sequence[Layer]) -> list[SplitBitmap]:
+    """The dirty bitmaps of the split disk at PATH: one SplitBitmap per bitmap id its pieces' TOPS hold.
+
+    Each bitmap must be in every piece's top with one granularity that divides
+    every piece boundary; else a DescriptorError names the piece's file.
+    """
+    held: list[dict[bytes, DirtyBitmap]] = []
+    for top in tops:
+        ext = top.extension if isinstance(top, ParallelsImage) else None
+        held.append({bm.id: bm for bm in ext.bitmaps} if ext is not None else {})
+    order: dict[bytes, int] = {}  # every id, in the order first met, with the piece it was first met in
+    for k, bms in enumerate(held):
+        for ident in bms:
+            order.setdefault(ident, k)
+    out: list[SplitBitmap] = []
+    for ident, first in order.items():
+        ref = held[first][ident]
+        parts: list[DirtyBitmap] = []
+        for piece, top, bms in zip(pieces, tops, held, strict=True):
+            where = _where(path, piece, top)
+            bm = bms.get(ident)
+            if bm is None:
                 raise DescriptorError(
-                    f"{where}: holds dirty bitmaps ({', '.join(b.name for b in top.extension.bitmaps)}); dirty"
-                    " bitmaps of a split disk are not supported (remove them with `prlnbd bitmap` on each piece's"
-                    " image, or serve a disk that is not split)"
+                    f"{where}: has no dirty bitmap {ref.name}, which the top image of Storage {pieces[first].index}"
+                    " holds; a split disk's bitmap must be in every piece (`prlnbd bitmap DISK remove"
+                    f" {ref.name}` removes it from those that hold it)"
                 )
+            if bm.granularity != ref.granularity:
+                raise DescriptorError(
+                    f"{where}: dirty bitmap {ref.name} has granularity {bm.granularity}, but"
+                    f" {ref.granularity} in Storage {pieces[first].index}; a split disk's bitmap has one granularity"
+                )
+            if piece.offset % bm.granularity:
+                raise DescriptorError(
+                    f"{where}: dirty bitmap {ref.name}'s granularity {bm.granularity} does not divide the piece's"
+                    f" start (byte {piece.offset})"
+                )
+            parts.append(bm)
+        out.append(SplitBitmap(parts, [piece.offset for piece in pieces]))
+    return out
+
+
+def new_split_bitmap(
+    path: Path, tops: Sequence[ParallelsImage], offsets: Sequence[int], name: str | None, granularity: int
+) -> list[DirtyBitmap]:
+    """The parts of a new clean bitmap NAME (a new UUID if None) for the split disk at PATH, one per top in TOPS.
+
+    Checks, before anything changes, that every top has room for it and none
+    holds it yet, and that GRANULARITY divides every piece boundary.
+    """
+    try:
+        name = str(uuid.UUID(name)) if name else str(uuid.uuid4())
+    except ValueError:
+        raise ExtensionError(f"bitmap name {name!r} is not a UUID; Parallels names bitmaps by UUID") from None
+    parts: list[DirtyBitmap] = []
+    for top, offset in zip(tops, offsets, strict=True):
+        bm = new_bitmap(top.size, granularity, name, chunk=top.cluster_size)
+        if offset % granularity:
+            raise PrlNbdError(
+                f"{path}: bitmap granularity {granularity} does not divide the start of the piece {top.path}"
+                f" (byte {offset})"
+            )
+        ext = top.extension
+        bitmaps = ext.bitmaps if ext is not None else []
+        if any(b.id == bm.id for b in bitmaps):
+            raise PrlNbdError(f"{top.path}: bitmap {bm.name} already exists")
+        if feature_space([*bitmaps, bm], kept_features(ext), top.cluster_size) > top.cluster_size:
+            raise PrlNbdError(
+                f"{top.path}: no room for another bitmap in the {top.cluster_size}-byte extension cluster"
+            )
+        parts.append(bm)
+    return parts

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from prlnbd.disk.chain import MAX_CHAIN_LENGTH, open_disk
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, close_all, open_disk
 from prlnbd.disk.descriptor import (
     DESCRIPTOR_NAME,
     ZERO_GUID,
@@ -22,11 +22,12 @@ from prlnbd.disk.descriptor import (
     parse_descriptor,
     save_descriptor,
 )
+from prlnbd.disk.split import join_bitmaps, new_split_bitmap
 from prlnbd.disk.vm import is_vm_directory, vm_disks
 from prlnbd.errors import DescriptorError, ImageBusy, PrlNbdError
 from prlnbd.image import format as fmt
 from prlnbd.image.check import FREE_KIND, NOTICE_KINDS, Finding, check_image
-from prlnbd.image.compact import CompactResult, compact_image
+from prlnbd.image.compact import CompactResult, compact_image, planned_moves
 from prlnbd.image.create import DEFAULT_CLUSTER_SIZE, check_geometry, write_image
 from prlnbd.image.extension import DirtyBitmap, Extension, feature_space, kept_features, new_bitmap
 from prlnbd.image.locking import lock_image
@@ -77,15 +78,6 @@ def create_disk(
     write_image(image, size, cluster_size=cluster_size)
     save_descriptor(build_descriptor(size, cluster_size, [(guid, "Compressed", image.name)]), path / DESCRIPTOR_NAME)
     return image
-
-
-def _refuse_split(desc: Descriptor, what: str) -> None:
-    """Refuse WHAT (an operation) on a split disk: it is supported only for disks of one Storage."""
-    if desc.split:
-        raise DescriptorError(
-            f"{desc.path}: the disk is split into {len(desc.pieces)} Storage pieces; {what} a split disk"
-            " is not supported"
-        )
 
 
 def snapshot_disk(path: Path) -> tuple[str, str]:
@@ -202,11 +194,14 @@ def _snapshot_split(desc: Descriptor) -> tuple[str, str]:
     """snapshot_disk() of a split disk: one new top image per piece, NAME.N.{GUID}.hds for piece N.
 
     Every new image is written and synced before the descriptor is replaced.
+    Each piece's dirty bitmaps are copied to its new top, as snapshot_disk()
+    copies a single image's: the split disk's bitmaps go on tracking changes.
     """
     guid = new_guid()
+    # Every piece is looked at (refused while in use) before any new image is made.
+    geometry = [_top_geometry(piece.images[desc.top_guid], piece.blocksize * fmt.SECTOR) for piece in desc.pieces]
     images = new_top_paths(desc, guid)
-    for piece, image in zip(desc.pieces, images, strict=True):
-        cluster_size, bitmaps = _top_geometry(piece.images[desc.top_guid], piece.blocksize * fmt.SECTOR)
+    for piece, image, (cluster_size, bitmaps) in zip(desc.pieces, images, geometry, strict=True):
         make_top_image(image, piece.size, cluster_size, bitmaps)
     record_snapshot(desc, guid, images)
     return desc.top_guid, guid
@@ -296,44 +291,75 @@ def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool =
 
 
 
-def _top_image_path(path: Path) -> Path:
-    """The file of the top image of the disk at PATH."""
+def _top_image_paths(path: Path) -> tuple[Path, list[Path], Descriptor | None]:
+    """The top image file of the disk at PATH: one, or one per piece of a split disk (then with its descriptor)."""
     dpath = descriptor_path(path)
     if path.is_dir() or path.name.lower().endswith(".xml"):
         desc = parse_descriptor(dpath)
-        _refuse_split(desc, "managing the dirty bitmaps of")
-        top = desc.images[desc.top_guid]
-        if top.type != "Compressed":
-            raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
-        return top.file
-    return path
+        tops = [piece.images[desc.top_guid] for piece in desc.pieces]
+        for top in tops:
+            if top.type != "Compressed":
+                raise PrlNbdError(f"{top.file}: a plain image cannot hold dirty bitmaps")
+        return dpath, [top.file for top in tops], desc if desc.split else None
+    return path, [path], None
 
 
 def compact_disk(path: Path, progress: Callable[[int, int], None] | None = None) -> CompactResult:
-    """Compact the top image of the disk at PATH (offline): see compact_image."""
-    top = path
+    """Compact the top image of the disk at PATH (offline): see compact_image.
+
+    For a split disk, every piece's top image, one after the other; PROGRESS
+    counts the clusters of them all, and the result adds theirs up (each
+    piece's is in its pieces).
+    """
+    tops = [path]
     if path.is_dir() or path.name.lower().endswith(".xml"):
         desc = parse_descriptor(descriptor_path(path))
-        _refuse_split(desc, "compacting")
-        entry = desc.images[desc.top_guid]
-        if entry.type != "Compressed":
-            raise PrlNbdError(f"{entry.file}: a plain image has no clusters to move")
-        top = entry.file
-    return compact_image(top, progress)
+        entries = [piece.images[desc.top_guid] for piece in desc.pieces]
+        for entry in entries:
+            if entry.type != "Compressed":
+                raise PrlNbdError(f"{entry.file}: a plain image has no clusters to move")
+        tops = [entry.file for entry in entries]
+    if len(tops) == 1:
+        return compact_image(tops[0], progress)
+    # A split disk: the moves of every piece counted first, so progress runs once over them all.
+    totals = [planned_moves(top) for top in tops]
+    total = sum(totals)
+    results: list[CompactResult] = []
+    for k, top in enumerate(tops):
+        before = sum(totals[:k])
+
+        def piece_progress(done: int, _total: int, before: int = before) -> None:
+            if progress is not None:
+                progress(min(before + done, total), total)
+
+        results.append(compact_image(top, piece_progress))
+    return CompactResult(
+        str(path),
+        sum(r.moved for r in results),
+        sum(r.size_before for r in results),
+        sum(r.size_after for r in results),
+        sum(r.allocated_before for r in results),
+        sum(r.allocated_after for r in results),
+        pieces=results,
+    )
 
 
 def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) -> list[dict[str, object]]:
     """list/add/remove/clear the dirty bitmaps of the top image; return the bitmaps concerned.
 
     Changes go through a normal writable open and clean close, so they are
-    stored exactly as a served image's bitmaps are.
+    stored exactly as a served image's bitmaps are. For a split disk, every
+    piece's top image at once (see _split_bitmaps).
     """
-    top = _top_image_path(path)
+    where, tops, desc = _top_image_paths(path)
+    if desc is not None:
+        return _split_bitmaps(where, desc, tops, action, name, granularity)
+    top = tops[0]
     if action == "list":
         img = ParallelsImage.open(top)
         try:
             bms = img.extension.bitmaps if img.extension else []
-            return [{"name": b.name, "granularity": b.granularity, "dirty-bytes": b.dirty_bytes()} for b in bms]
+            return [_listed(b) for b in bms]
         finally:
             img.close()
     img = ParallelsImage.open(top, writable=True)
@@ -359,3 +385,56 @@ def manage_bitmaps(path: Path, action: str, name: str | None, granularity: int) 
         return [{"name": found[0].name}]
     finally:
         img.close()
+
+
+def _listed(bm: DirtyBitmap) -> dict[str, object]:
+    """How `prlnbd bitmap list` shows one bitmap."""
+    return {"name": bm.name, "granularity": bm.granularity, "dirty-bytes": bm.dirty_bytes()}
+
+
+def _split_bitmaps(
+    dpath: Path, desc: Descriptor, tops: list[Path], action: str, name: str | None, granularity: int
+) -> list[dict[str, object]]:
+    """manage_bitmaps() of a split disk: a bitmap is the same bitmap (id, granularity) in every piece's top.
+
+    list shows each once, its dirty bytes those of all pieces; add puts a clean
+    part in every top; clear clears every part. A bitmap some pieces lack, or
+    with another granularity in one, is an error naming that piece's file,
+    except for remove, which takes it from every top that holds it: the way
+    out of such a mismatch. Nothing is written unless every top could be opened.
+    """
+    images: list[ParallelsImage] = []
+    try:
+        for top in tops:
+            images.append(ParallelsImage.open(top, writable=action != "list"))
+        if action == "add":
+            offsets = [piece.offset for piece in desc.pieces]
+            parts = new_split_bitmap(dpath, images, offsets, name, granularity)
+            for img, part in zip(images, parts, strict=True):
+                if img.extension is None:
+                    img.extension = Extension(offset=0)
+                img.extension.bitmaps.append(part)
+            return [{"name": parts[0].name}]
+        if action == "remove":
+            held = [
+                (img.extension, b)
+                for img in images
+                for b in (img.extension.bitmaps if img.extension else [])
+                if name is not None and b.name == name.lower()
+            ]
+            if not held:
+                raise PrlNbdError(f"{dpath}: no dirty bitmap named {name} in any piece's top image")
+            for ext, b in held:
+                if ext is not None:
+                    ext.bitmaps.remove(b)
+            return [{"name": held[0][1].name}]
+        joined = join_bitmaps(dpath, desc.pieces, images)
+        if action == "list":
+            return [_listed(b) for b in joined]
+        found = [b for b in joined if name is not None and b.name == name.lower()]
+        if not found:
+            raise PrlNbdError(f"{dpath}: no dirty bitmap named {name}")
+        found[0].clear()
+        return [{"name": found[0].name}]
+    finally:
+        close_all(images)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prlnbd.errors import ImageError, ImageLocked
 from prlnbd.image import format as fmt
+from prlnbd.image.extension import DirtyBitmap, Extension, encode_extension, read_extension, repair_hint
 from prlnbd.image.locking import lock_image
 from prlnbd.image.parallels import ParallelsImage
 
@@ -46,16 +47,26 @@ class Finding:
 def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
     """Check the expandable image at PATH; with REPAIR, fix what can be fixed without losing data.
 
-    Repairs go in an order that is safe at every step: copies of clusters first,
-    then BAT entries, then data_off, then leaked space, and the in_use flag last.
+    Repairs go in an order that is safe at every step: an extension whose clusters
+    were cut off first (without it the image does not open), then copies of
+    clusters, BAT entries, data_off, leaked space, and the in_use flag last.
     """
     name = str(path)
+    findings: list[Finding] = []
     try:
         img = ParallelsImage.open(path, for_check=True)
     except ImageError as e:
         kind = "extension" if "extension" in str(e) or "bitmap" in str(e) else "header"
-        return [Finding(name, kind, str(e))]
-    findings: list[Finding] = []
+        first = Finding(name, kind, str(e))
+        # An extension whose clusters `qemu-img check -r` cut off is reported, and with REPAIR
+        # dropped, before the rest of the image can be checked.
+        findings = _cut_extension(path, repair)
+        if not findings or not all(f.fixed for f in findings):
+            return findings or [first]
+        try:
+            img = ParallelsImage.open(path, for_check=True)
+        except ImageError as e2:
+            return [*findings, Finding(name, "header", str(e2))]
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if repair else -1
         try:
@@ -208,6 +219,89 @@ def _check(img: ParallelsImage, fd: int, name: str) -> list[Finding]:
             f.fixed = True
         out.append(f)
     return out
+
+
+def _cut_extension(path: Path, repair: bool) -> list[Finding]:
+    """The format extension's clusters the end of the file cut off (as `qemu-img check -r leaks` does), one
+    finding per bitmap lost; none when that is not why the image cannot be opened.
+
+    QEMU 7.2 counts the extension cluster and bitmap clusters past the last data
+    cluster as leaked and truncates them. With REPAIR, what is gone is dropped:
+    ext_off is cleared when the extension cluster itself is gone (its bitmaps
+    with it), else the extension is rewritten without the bitmaps whose clusters
+    are gone (cleared when nothing is left in it). Guest data is not touched.
+    """
+    name = str(path)
+    try:
+        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        if repair:
+            try:
+                lock_image(fd, path, write=True)
+            except ImageLocked:
+                return []  # the first error is reported; the image is not touched while another holds it
+        raw = os.pread(fd, fmt.HEADER.size, 0)
+        if len(raw) < fmt.HEADER.size:
+            return []
+        h = fmt.Header.unpack(raw)
+        cs = h.tracks * fmt.SECTOR
+        file_size = os.fstat(fd).st_size
+        ext_at = h.ext_off * fmt.SECTOR
+        data_off = h.data_off * fmt.SECTOR
+        if not h.ext_off or not cs or ext_at < data_off or ext_at < fmt.HEADER.size:
+            return []
+        cut = " (cut off, as `qemu-img check -r` cuts the clusters QEMU 7.2 counts as leaked)"
+        if ext_at + cs > file_size:
+            f = Finding(
+                name,
+                "extension",
+                f"the format extension cluster at byte {ext_at} (ext_off {h.ext_off}) lies past the end of the"
+                f" {file_size}-byte file{cut}: its dirty bitmaps are lost",
+            )
+            if repair:
+                h.ext_off = 0
+                os.pwrite(fd, h.pack(), 0)
+                os.fsync(fd)
+                f.message += "; fixed: ext_off cleared, the extension dropped"
+                f.fixed = True
+            else:
+                f.message += f"; `prlnbd check --repair {path}` clears ext_off"
+            return [f]
+        lost: list[DirtyBitmap] = []
+        try:
+            ext = read_extension(path, fd, ext_at, cs, h.disk_sectors * fmt.SECTOR, data_off, cut_off=lost)
+        except ImageError:
+            return []
+        findings = []
+        for bm in lost:
+            f = Finding(name, "extension", f"dirty bitmap {bm.name}: its clusters lie past the end of the"
+                        f" {file_size}-byte file{cut}")
+            if repair:
+                f.message += "; fixed: the bitmap dropped (the next backup from it must copy everything)"
+                f.fixed = True
+            else:
+                f.message += f"; {repair_hint(path)}"
+            findings.append(f)
+        if findings and repair:
+            _rewrite_extension(fd, h, ext, cs)
+        return findings
+    finally:
+        os.close(fd)
+
+
+def _rewrite_extension(fd: int, h: fmt.Header, ext: Extension, cs: int) -> None:
+    """Write EXT (what is left of the extension) back in place, or clear ext_off when nothing is left."""
+    if ext.bitmaps or ext.features:
+        # The unknown features are kept with their flags: dropping a bitmap is no reason to lose them.
+        pairs = [(bm, list(bm.l1)) for bm in ext.bitmaps]
+        os.pwrite(fd, encode_extension(pairs, ext.features, cs), ext.offset)
+    else:
+        # The cluster is unreferenced from now on: space the rest of the repair reports or cuts.
+        h.ext_off = 0
+        os.pwrite(fd, h.pack(), 0)
+    os.fsync(fd)
 
 
 def _is_hole(fd: int, offset: int, length: int) -> bool:

@@ -7,7 +7,7 @@ import heapq
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prlnbd.errors import ImageBusy, ImageError
@@ -30,6 +30,7 @@ class CompactResult:
     size_after: int
     allocated_before: int
     allocated_after: int
+    pieces: list[CompactResult] = field(default_factory=list)  # a split disk's: one per piece's top image
 
     @property
     def given_back(self) -> int:
@@ -46,6 +47,7 @@ class CompactResult:
             "allocated-before": self.allocated_before,
             "allocated-after": self.allocated_after,
             "given-back": self.given_back,
+            **({"pieces": [p.as_dict() for p in self.pieces]} if self.pieces else {}),
         }
 
 
@@ -124,16 +126,10 @@ def _plan(owners: dict[int, tuple[str, object]], free: list[int]) -> list[tuple[
     return moves
 
 
-def _compact(
-    img: ParallelsImage, fd: int, path: Path, progress: Callable[[int, int], None] | None
-) -> CompactResult:
+def _owners(img: ParallelsImage, path: Path) -> dict[int, tuple[str, object]]:
+    """Every used cluster and what references it: ("bat", guest cluster), ("ext", 0), ("bm", (bitmap, l1 index))."""
     cs = img.cluster_size
-    unit = fmt.SECTOR if img.header.is_v1 else cs
     first = img._align_host(img.data_off)
-    st = os.fstat(fd)
-    size_before, alloc_before = st.st_size, st.st_blocks * 512
-    step = _Killer()
-    # Every used cluster and what references it: ("bat", guest cluster), ("ext", 0), ("bm", (bitmap, l1 index)).
     owners: dict[int, tuple[str, object]] = {}
     for c in img.allocated:
         owners[int(img.bat[c])] = ("bat", c)
@@ -146,6 +142,28 @@ def _compact(
                     owners[e * fmt.SECTOR] = ("bm", (b, i))
     if any((h - first) % cs for h in owners):
         raise ImageError(f"{path}: clusters lie off the cluster grid: not compacted")
+    return owners
+
+
+def planned_moves(path: Path) -> int:
+    """How many clusters compact_image(PATH) would move now (for progress over several images)."""
+    img = ParallelsImage.open(path)
+    try:
+        return len(_plan(_owners(img, path), img.unreferenced()))
+    finally:
+        img.close()
+
+
+def _compact(
+    img: ParallelsImage, fd: int, path: Path, progress: Callable[[int, int], None] | None
+) -> CompactResult:
+    cs = img.cluster_size
+    unit = fmt.SECTOR if img.header.is_v1 else cs
+    st = os.fstat(fd)
+    size_before, alloc_before = st.st_size, st.st_blocks * 512
+    step = _Killer()
+    owners = _owners(img, path)
+    ext = img.extension
     moves = _plan(owners, img.unreferenced())
     total = len(moves)
     done = 0

@@ -473,8 +473,31 @@ class Extension:
         return out
 
 
-def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_size: int, data_off: int) -> Extension:
-    """Read and validate the format extension cluster at byte OFFSET of the image."""
+class BitmapCutOff(ExtensionError):
+    """A dirty bitmap whose clusters lie past the end of the file (cut off, as `qemu-img check -r` cuts them)."""
+
+
+def repair_hint(path: Path) -> str:
+    """What a message about a bitmap cut off from PATH tells the user to do."""
+    return f"`prlnbd check --repair {path}` drops it"
+
+
+def read_extension(
+    path: Path,
+    fd: int,
+    offset: int,
+    cluster_size: int,
+    disk_size: int,
+    data_off: int,
+    *,
+    cut_off: list[DirtyBitmap] | None = None,
+) -> Extension:
+    """Read and validate the format extension cluster at byte OFFSET of the image.
+
+    A bitmap whose clusters lie past the end of the file is an error
+    (BitmapCutOff), unless CUT_OFF is a list: then it is left out of the
+    extension and put there, header only (for `check --repair`).
+    """
     data = os.pread(fd, cluster_size, offset)
     if len(data) < cluster_size:
         raise ExtensionError(f"{path}: format extension at byte {offset} is truncated")
@@ -506,7 +529,13 @@ def read_extension(path: Path, fd: int, offset: int, cluster_size: int, disk_siz
         body = data[pos : pos + size]
         pos += padded
         if fmagic == fmt.FEATURE_DIRTY_BITMAP:
-            ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size, data_off))
+            try:
+                ext.bitmaps.append(_read_bitmap(path, fd, body, flags, cluster_size, disk_size, data_off))
+            except BitmapCutOff:
+                if cut_off is None:
+                    raise
+                size, ident, granularity, _ = fmt.BITMAP_HEADER.unpack_from(body, 0)
+                cut_off.append(DirtyBitmap(bytes(ident), granularity * fmt.SECTOR, size * fmt.SECTOR, flags=flags))
         else:
             ext.features.append(Feature(fmagic, flags, bytes(body)))
 
@@ -555,13 +584,15 @@ def _read_bitmap(
                 f"{where}: L1 entry {i} points at byte {host}, inside the header and BAT (data_off {data_off})"
             )
         if host + cluster_size > file_size:
-            raise ExtensionError(
+            # What `qemu-img check -r leaks` leaves: QEMU 7.2 counts bitmap clusters as leaked space.
+            raise BitmapCutOff(
                 f"{where}: L1 entry {i} points at byte {host}, past the end of the {file_size}-byte file"
+                f" (cut off, as `qemu-img check -r` cuts bitmap clusters); {repair_hint(path)}"
             )
         count = bm._chunk_len(i)
         chunk = bytearray(os.pread(fd, count, host))
         if len(chunk) < count:
-            raise ExtensionError(f"{where}: bitmap cluster at byte {host} is truncated")
+            raise BitmapCutOff(f"{where}: bitmap cluster at byte {host} is truncated; {repair_hint(path)}")
         if i == l1_size - 1 and nbits & 7:
             # Bits past the disk end carry no meaning; keep them clear so scans stop at the end.
             chunk[-1] &= (1 << (nbits & 7)) - 1
@@ -681,3 +712,114 @@ def _all_set(chunk: bytes, nbits: int) -> bool:
         return False
     tail = nbits & 7
     return not tail or chunk[whole] & ((1 << tail) - 1) == (1 << tail) - 1
+
+
+class SplitBitmap(DirtyBitmap):
+    """One dirty bitmap of a split disk: PARTS, the same bitmap of each piece, the k-th at disk byte OFFSETS[k].
+
+    It answers as a DirtyBitmap of the whole disk (what the export marks and
+    indexes): a change is passed to the parts it touches, so each piece's top
+    image stores its own part, and the change index is the parts' indexes
+    shifted and joined. The granularity divides every piece boundary, so a
+    granule never straddles two pieces and bit i of the disk is one bit of one
+    part.
+    """
+
+    def __init__(self, parts: list[DirtyBitmap], offsets: list[int]) -> None:
+        first = parts[0]
+        g = first.granularity
+        for part, offset in zip(parts, offsets, strict=True):
+            if part.id != first.id or part.granularity != g:
+                raise ExtensionError(
+                    f"dirty bitmap {part.name}: granularity {part.granularity} differs from {g} of {first.name}"
+                )
+            if offset % g:
+                raise ExtensionError(
+                    f"dirty bitmap {first.name}: granularity {g} does not divide the piece boundary at byte {offset}"
+                )
+        # Not DirtyBitmap.__init__: the bits live in the parts, none here.
+        self.id = first.id
+        self.granularity = g
+        self.disk_size = offsets[-1] + parts[-1].disk_size
+        self.flags = first.flags
+        self.l1 = []
+        self.chunk = first.chunk
+        self._chunks = []
+        self.parts = parts
+        self.offsets = offsets
+        self._bit_offsets = [offset // g for offset in offsets]
+        self._flips = None
+        self._dense = False
+
+    def copy(self) -> SplitBitmap:
+        """An independent copy (a copy of every part)."""
+        return SplitBitmap([part.copy() for part in self.parts], list(self.offsets))
+
+    @property
+    def bits(self) -> bytearray:
+        """All the bitmap's bytes (for tests: the parts' bits joined, bit by bit)."""
+        out = bytearray(-(-self.nbits // 8))
+        for first, last in self.set_runs(0, self.nbits):
+            _set_bits(out, first, last)
+        return out
+
+    def stored_bytes(self) -> int:
+        """Bytes of memory the parts' bits take."""
+        return sum(part.stored_bytes() for part in self.parts)
+
+    def _locate(self, bit: int) -> int:
+        """The index of the part holding disk bit BIT."""
+        return max(0, bisect.bisect_right(self._bit_offsets, bit) - 1)
+
+    def is_set(self, bit: int) -> bool:
+        """Whether BIT is set."""
+        k = self._locate(bit)
+        return self.parts[k].is_set(bit - self._bit_offsets[k])
+
+    def _set_chunked(self, first: int, last: int) -> None:
+        """Set bits [first, last) in the parts they fall in (their indexes kept true as set_range keeps them)."""
+        g = self.granularity
+        for k in range(self._locate(first), len(self.parts)):
+            base = self._bit_offsets[k]
+            if base >= last:
+                break
+            part = self.parts[k]
+            a, b = max(first - base, 0), min(last - base, part.nbits)
+            if a < b:
+                part.set_range(a * g, (b - a) * g)
+
+    def clear(self) -> None:
+        """Mark the whole disk clean, in every part."""
+        for part in self.parts:
+            part.clear()
+        super().clear()
+
+    def _build_index(self) -> array[int] | None:
+        """The parts' indexes shifted to disk offsets and joined (a run over a boundary is one run)."""
+        points: list[int] = []
+        for part, offset in zip(self.parts, self.offsets, strict=True):
+            flips = part.index()
+            if flips is None:
+                return None
+            shifted = [flip + offset for flip in flips]
+            if points and shifted and points[-1] == shifted[0]:
+                points.pop()
+                del shifted[0]
+            points += shifted
+            if len(points) > MAX_FLIPS:
+                return None
+        return array("Q", points)
+
+    def _raw_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """The parts' runs of set bits within [first, last), in disk bits (set_runs joins them over boundaries)."""
+        for k in range(self._locate(first), len(self.parts)):
+            base = self._bit_offsets[k]
+            if base >= last:
+                break
+            part = self.parts[k]
+            for lo, hi in part.set_runs(max(first - base, 0), min(last - base, part.nbits)):
+                yield lo + base, hi + base
+
+    def dirty_bytes(self) -> int:
+        """How many disk bytes the set bits cover: the parts' counts added."""
+        return sum(part.dirty_bytes() for part in self.parts)

@@ -457,6 +457,7 @@ def test_backup_loop_against_a_running_writer(tmp_path: Path) -> None:
         w = Writer(srv, size, lock, log)
         w.start()
         previous: str | None = None
+        windows: list[tuple[int, int]] = []  # each snapshot's (start, end) in the writer's log
         for cycle in range(3):
             w.wait_for(300)
             with lock:
@@ -520,7 +521,7 @@ def test_backup_loop_against_a_running_writer(tmp_path: Path) -> None:
             if previous is not None:
                 merged = ctl(control, "merge", "d", previous)
                 assert merged["guid"] == previous
-            windows = [*(windows if previous is not None else []), (start, end)]
+            windows.append((start, end))
             chain_lengths.append(len(ctl(control, "query")["exports"][0]["layers"]))  # type: ignore[index]
             previous = snap
         w.stop.set()

@@ -221,3 +221,286 @@ def test_create_split_info_snapshot_and_serve(tmp_path: Path) -> None:
         with support.running(srv) as ref:
             assert support.nbd_pread(ref.uri(), offset, len(want)) == want
     assert "Traceback" not in prl_srv.log_text()
+
+
+# ---- dirty bitmaps of split disks: one bitmap, a part in every piece's top image
+
+PREFIX = "qemu:dirty-bitmap:"
+BM = "5b3c8d2e-1f0a-4c6b-9e7d-2a1b3c4d5e6f"
+G = 64 * 1024
+
+
+def block_status(h: object, ctx: str, offset: int, length: int) -> list[tuple[int, int, int]]:
+    """Every extent of CTX over [offset, offset+length), asking again as a client must, merged."""
+    import nbd
+
+    assert isinstance(h, nbd.NBD)
+    out: list[tuple[int, int, int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        got: list[int] = []
+
+        def cb(meta: str, off: int, entries: list[int], err: int, got: list[int] = got) -> int:
+            if meta == ctx:
+                got.extend(entries)
+            return 0
+
+        h.block_status(end - pos, pos, cb)
+        assert got, f"no extents for {ctx} at {pos}"
+        for i in range(0, len(got), 2):
+            n = min(got[i], end - pos)
+            out.append((pos, n, got[i + 1]))
+            pos += n
+            if pos >= end:
+                break
+    return support.merge_extents(out)
+
+
+def granule_runs(granules: set[int], size: int, base: int = 0) -> list[tuple[int, int, int]]:
+    """Merged (offset, length, dirty) extents over [base, base+size) for a set of dirty disk granules."""
+    ext = []
+    for i in range(base // G, -(-(base + size) // G)):
+        lo = max(i * G, base)
+        ext.append((lo, min((i + 1) * G, base + size) - lo, 1 if i in granules else 0))
+    return support.merge_extents(ext)
+
+
+def touched(offset: int, length: int) -> set[int]:
+    return set(range(offset // G, (offset + length - 1) // G + 1))
+
+
+def listed(path: Path) -> list[dict[str, object]]:
+    import json
+
+    out = json.loads(prl("bitmap", path, "list", "--json"))
+    assert isinstance(out, list)
+    return out
+
+
+def stored_piece_runs(tmp: Path, image: Path, base: int) -> list[tuple[int, int, int]]:
+    """The bitmap BM one piece's image stores, as QEMU reads it (qemu-nbd --bitmap), shifted to disk offsets."""
+    with support.running(support.start_qemu_nbd(tmp, image, "-r", f"--bitmap={BM}")) as ref:
+        return shifted(support.nbdinfo_map(ref.uri(), PREFIX + BM), base)
+
+
+def test_split_bitmap_contexts_cross_piece_boundaries_and_persist_per_piece(tmp_path: Path) -> None:
+    import json
+
+    import nbd
+
+    bundle = tmp_path / "vm.hdd"
+    chains, _ = build(bundle, 1, seed=4)
+    assert BM in prl("bitmap", bundle, "add", BM, "--granularity", str(G))
+    assert listed(bundle) == [{"name": BM, "granularity": G, "dirty-bytes": 0}]
+    model = bytearray(b"".join(c.expected_bytes() for c in chains))
+    dirty: set[int] = set()
+    ctx = PREFIX + BM
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as srv:
+        h = nbd.NBD()
+        h.add_meta_context(ctx)
+        h.connect_uri(srv.uri())
+        assert ctx in support.run("nbdinfo", "--list", srv.uri()).stdout
+        assert block_status(h, ctx, 0, TOTAL) == [(0, TOTAL, 0)]
+        # A write over the boundary of pieces 0 and 1: the last granule of 0 and the first of 1.
+        for at, data in [
+            (STARTS[1] - 3000, b"\x77" * 6000),
+            (STARTS[2] - 5 * G - 10, b"\x78" * (6 * G)),  # 5 granules + 10 bytes before piece 2, 1 after
+            (STARTS[3] - 1, b"\x79\x7a"),
+            (TOTAL - 100, b"\x7b" * 100),
+        ]:
+            h.pwrite(data, at)
+            model[at : at + len(data)] = data
+            dirty |= touched(at, len(data))
+        h.zero(2 * G, STARTS[3] - G)  # WRITE_ZEROES across pieces 2 and 3
+        model[STARTS[3] - G : STARTS[3] + G] = bytes(2 * G)
+        dirty |= touched(STARTS[3] - G, 2 * G)
+        want = granule_runs(dirty, TOTAL)
+        assert block_status(h, ctx, 0, TOTAL) == want
+        # Asked piece by piece and from inside a granule, the answer is the same.
+        for k in range(len(SIZES)):
+            assert block_status(h, ctx, STARTS[k], SIZES[k]) == granule_runs(dirty, SIZES[k], STARTS[k])
+        assert block_status(h, ctx, STARTS[1] - 10, 20) == [(STARTS[1] - 10, 20, 1)]
+        h.flush()
+        h.shutdown()
+        assert support.nbdinfo_map(srv.uri(), ctx) == want
+    assert srv.proc.returncode == 0 and "Traceback" not in srv.log_text()
+    # Stored at the clean stop, each piece's part in its own image: QEMU reads each, on its own.
+    stored: list[tuple[int, int, int]] = []
+    for k, chain in enumerate(chains):
+        stored += stored_piece_runs(tmp_path / f"q{k}", chain.paths[-1], STARTS[k])
+    assert support.merge_extents(stored) == want
+    assert listed(bundle) == [{"name": BM, "granularity": G, "dirty-bytes": len(dirty) * G - (-TOTAL % G)}]
+    for k, chain in enumerate(chains):
+        piece = [g for g in dirty if STARTS[k] <= g * G < STARTS[k] + SIZES[k]]
+        assert listed(chain.paths[-1])[0]["dirty-bytes"] == len(piece) * G
+    assert reference(tmp_path / "data", chains)[0] == bytes(model)
+    info = json.loads(prl("info", "--json", bundle))
+    assert info["bitmaps"] == [{"name": BM, "granularity": G, "dirty-bytes": len(dirty) * G}]
+
+    # An offline snapshot copies every piece's part to its new top: the bitmap goes on as it was.
+    top = prl("snapshot", bundle).split("new top ", 1)[1].strip()
+    for k in range(len(SIZES)):
+        new = bundle / f"vm.hdd.{k}.{top}.hds"
+        assert listed(new) == listed(chains[k].paths[-1])
+        assert stored_piece_runs(tmp_path / f"s{k}", new, STARTS[k]) == stored_piece_runs(
+            tmp_path / f"o{k}", chains[k].paths[-1], STARTS[k]
+        )
+    with support.running(support.start_prlnbd(tmp_path / "again", [str(bundle)])) as srv:
+        h = nbd.NBD()
+        h.add_meta_context(ctx)
+        h.connect_uri(srv.uri())
+        assert block_status(h, ctx, 0, TOTAL) == want
+        h.pwrite(b"\x01" * 3, STARTS[2] - 1)
+        dirty |= touched(STARTS[2] - 1, 3)
+        assert block_status(h, ctx, 0, TOTAL) == granule_runs(dirty, TOTAL)
+        assert h.pread(TOTAL - STARTS[2] + 1, STARTS[2] - 1)[3:] == bytes(model[STARTS[2] + 2 :])
+        h.shutdown()
+
+
+def test_split_bitmap_in_one_piece_only_is_refused_naming_the_file(tmp_path: Path) -> None:
+    bundle = tmp_path / "vm.hdd"
+    chains, _ = build(bundle, 1, seed=5)
+    one = chains[2].paths[-1]
+    prl("bitmap", one, "add", BM)
+    res = support.run(support.PYTHON, "-m", "prlnbd", "bitmap", bundle, "list", check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"top image {chains[0].paths[-1]}: has no dirty bitmap {BM}" in res.stderr, res.stderr
+    res = support.run(support.PYTHON, "-m", "prlnbd", "serve", "--socket", tmp_path / "s.sock", bundle, check=False)
+    assert res.returncode != 0 and f"{chains[0].paths[-1]}: has no dirty bitmap {BM}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "remove" in prl("bitmap", bundle, "remove", BM)
+    assert listed(bundle) == [] and listed(one) == []
+
+
+def test_split_bitmap_online_through_the_control_socket(tmp_path: Path) -> None:
+    import json
+
+    import nbd
+
+    bundle = tmp_path / "vm.hdd"
+    chains, _ = build(bundle, 1, seed=6)
+    control = tmp_path / "control.sock"
+    ctx = PREFIX + BM
+    with support.running(support.start_prlnbd(tmp_path, [f"d={bundle}"], "--control", str(control))) as srv:
+        reply = json.loads(prl("ctl", control, "bitmap", "d", "add", BM, "--granularity", "64K", "--json"))
+        assert reply["return"]["name"] == BM, reply
+        h = nbd.NBD()
+        h.add_meta_context(ctx)
+        h.set_export_name("d")
+        h.connect_uri(srv.uri("d"))
+        h.pwrite(b"\x55" * 100, STARTS[3] - 50)
+        assert block_status(h, ctx, 0, TOTAL) == granule_runs(touched(STARTS[3] - 50, 100), TOTAL)
+        h.shutdown()
+        other = "0b3c8d2e-1f0a-4c6b-9e7d-2a1b3c4d5e6f"
+        prl("ctl", control, "bitmap", "d", "add", other)
+        prl("ctl", control, "bitmap", "d", "remove", other)
+    assert srv.proc.returncode == 0 and "Traceback" not in srv.log_text()
+    assert listed(bundle) == [{"name": BM, "granularity": G, "dirty-bytes": 2 * G}]
+    for k, chain in enumerate(chains):
+        assert [b["dirty-bytes"] for b in listed(chain.paths[-1])] == [G if k in (2, 3) else 0]
+
+
+def test_split_compact_compacts_every_piece(tmp_path: Path) -> None:
+    import json
+    import os
+
+    import nbd
+
+    bundle = tmp_path / "vm.hdd"
+    chains, _ = build(bundle, 1, seed=8)
+    prl("bitmap", bundle, "add", BM)
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        # Every cluster but the first and the last of each piece zeroed: holes below the last one's slot.
+        for k, size in enumerate(SIZES):
+            h.zero(size - 2 * M1, STARTS[k] + M1)
+        h.flush()
+        h.shutdown()
+    assert srv.proc.returncode == 0
+    tops = [c.paths[-1] for c in chains]
+    want = reference(tmp_path / "before", chains)
+    marks = listed(bundle)
+    sizes0 = [os.stat(p).st_size for p in tops]
+    blocks0 = [os.stat(p).st_blocks * 512 for p in tops]
+    out = json.loads(prl("compact", bundle, "--json"))
+    sizes1 = [os.stat(p).st_size for p in tops]
+    blocks1 = [os.stat(p).st_blocks * 512 for p in tops]
+    assert [p["path"] for p in out["pieces"]] == [str(p) for p in tops]
+    assert [p["size-before"] for p in out["pieces"]] == sizes0 and [p["size-after"] for p in out["pieces"]] == sizes1
+    assert out["moved-clusters"] == sum(p["moved-clusters"] for p in out["pieces"]) > 0
+    assert out["size-before"] == sum(sizes0) and out["size-after"] == sum(sizes1) < sum(sizes0) - 2 * M1, out
+    assert out["given-back"] == max(0, sum(blocks0) - sum(blocks1)), out
+    assert sum(blocks1) <= sum(blocks0)
+    # The same bytes and maps, each piece read by qemu on its own; the bitmaps kept; qemu-img check clean.
+    assert reference(tmp_path / "after", chains) == want
+    assert listed(bundle) == marks
+    for p in tops:
+        # QEMU 7.2 counts the bitmap's extension cluster as leaked when no data cluster lies above it.
+        res = support.run("qemu-img", "check", "-f", "parallels", p, check=False)
+        assert res.returncode in (0, 3) and "corrupt" not in res.stdout.lower(), res.stdout
+    text = prl("compact", bundle)
+    assert text.count("moved 0 clusters") == len(SIZES) + 1 and text.splitlines()[-1].startswith(f"{bundle}:"), text
+
+
+# ---- Plain (raw) pieces
+
+
+def build_plain(bundle: Path, variant: str) -> list[Chain]:
+    """A split bundle with raw pieces: "all-raw", one raw image per piece; "raw-root", two layers per piece
+    with piece 1's root raw (the others expandable) and expandable tops everywhere."""
+    layers = 1 if variant == "all-raw" else 2
+    guids = [support.new_guid() for _ in range(layers)]
+    chains = []
+    for k, size in enumerate(SIZES):
+        spec: list[tuple[int | None, list[tuple[int, int, int]]]] = []
+        for i in range(layers):
+            writes = support.random_writes(900 + k * 10 + i, size, M1, 3, 0x30 * (i + 1) + k)
+            if i == 0:
+                writes += [(0xA0 + k, 0, 5000), (0xB0 + k, size - 7000, 7000)]
+            raw = variant == "all-raw" or (i == 0 and k == 1)
+            spec.append((None if raw else M1, writes))
+        names = [f"vm.hdd.{k}.{guid}.hds" if i else f"vm.hdd.{k}.hds" for i, guid in enumerate(guids)]
+        chains.append(support.build_chain(bundle, size, spec, names))
+    support.write_split_descriptor(bundle, [c.paths for c in chains], SIZES, guids)
+    descriptor = (bundle / "DiskDescriptor.xml").read_text()
+    assert descriptor.count("<Type>Plain</Type>") == (len(SIZES) if variant == "all-raw" else 1)
+    return chains
+
+
+@pytest.mark.parametrize("variant", ["all-raw", "raw-root"])
+def test_split_plain_pieces_read_and_write_across_boundaries(tmp_path: Path, variant: str) -> None:
+    import nbd
+
+    bundle = tmp_path / "vm.hdd"
+    chains = build_plain(bundle, variant)
+    want = reference(tmp_path / "ref", chains)
+    assert want[0] == b"".join(c.expected_bytes() for c in chains)
+    with support.running(support.start_prlnbd(tmp_path / "ro", [str(bundle)], "--read-only")) as srv:
+        assert_serves(srv.uri(), want)
+    model = bytearray(want[0])
+    roots = [support.file_digest(c.paths[0]) for c in chains]
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri())
+        # Unaligned writes over the boundaries of pieces 0|1 and 1|2 (into piece 1's raw root, or its top).
+        for at, data in [(STARTS[1] - 3000, bytes(range(256)) * 40), (STARTS[2] - 777, b"\xe1" * 5000)]:
+            h.pwrite(data, at)
+            model[at : at + len(data)] = data
+        at, n = STARTS[1] - M1 - 100, 2 * M1 + 300  # WRITE_ZEROES over 0|1
+        h.zero(n, at)
+        model[at : at + n] = bytes(n)
+        h.flush()
+        assert h.pread(TOTAL, 0) == bytes(model)
+        h.shutdown()
+    assert srv.proc.returncode == 0 and "Traceback" not in srv.log_text()
+    # Read independently: each piece's chain by qemu; a raw piece's file byte for byte.
+    after = reference(tmp_path / "after", chains)
+    assert after[0] == bytes(model)
+    if variant == "all-raw":
+        assert b"".join(c.paths[0].read_bytes() for c in chains) == bytes(model)
+    else:
+        # Writes go to the tops: the roots (piece 1's raw one too) are as they were.
+        assert [support.file_digest(c.paths[0]) for c in chains] == roots
+    with support.running(support.start_prlnbd(tmp_path / "again", [str(bundle)], "--read-only")) as srv:
+        assert_serves(srv.uri(), after)

@@ -10,7 +10,7 @@ import pytest
 from prlnbd.disk.chain import open_disk
 from prlnbd.disk.split import SplitDisk
 from prlnbd.disk.tools import compact_disk, manage_bitmaps, snapshot_disk
-from prlnbd.errors import DescriptorError
+from prlnbd.errors import DescriptorError, PrlNbdError
 from prlnbd.export import Export
 from prlnbd.image.create import write_image
 from tests import support
@@ -150,19 +150,140 @@ def test_split_pieces_with_other_cluster_sizes_are_refused(tmp_path: Path) -> No
         open_disk(b)
 
 
-def test_split_disk_with_dirty_bitmaps_is_refused(tmp_path: Path) -> None:
+def piece_top(b: Path, k: int, guid: str = GUIDS[0]) -> Path:
+    return b / f"vm.hdd.{k}.{guid}.hds"
+
+
+def test_split_bitmap_in_some_pieces_only_is_refused_naming_the_file(tmp_path: Path) -> None:
     b = bundle(tmp_path)
-    name = manage_bitmaps(b / f"vm.hdd.2.{GUIDS[0]}.hds", "add", None, CS)[0]["name"]
-    with pytest.raises(DescriptorError, match=rf"Storage 1 .*holds dirty bitmaps \({name}\).*not supported"):
+    name = manage_bitmaps(piece_top(b, 2), "add", None, CS)[0]["name"]
+    manage_bitmaps(piece_top(b, 1), "add", str(name), CS)
+    for action in ("open", "list", "clear"):
+        with pytest.raises(DescriptorError) as info:
+            if action == "open":
+                open_disk(b)
+            else:
+                manage_bitmaps(b, action, str(name), 0)
+        msg = str(info.value)
+        assert f"top image {piece_top(b, 0)}: has no dirty bitmap {name}" in msg and "\n" not in msg, msg
+    # remove is the way out: it takes the bitmap from every piece that holds it.
+    assert manage_bitmaps(b, "remove", str(name), 0) == [{"name": name}]
+    assert manage_bitmaps(b, "list", None, 0) == []
+
+
+def test_split_bitmap_with_another_granularity_in_one_piece_is_refused(tmp_path: Path) -> None:
+    b = bundle(tmp_path)
+    name = str(manage_bitmaps(b, "add", None, CS)[0]["name"])
+    manage_bitmaps(piece_top(b, 1), "remove", name, 0)
+    manage_bitmaps(piece_top(b, 1), "add", name, 2 * CS)
+    with pytest.raises(DescriptorError, match=rf"top image {piece_top(b, 1)}: dirty bitmap {name} has granularity"):
         open_disk(b)
 
 
-def test_split_disk_tools_refuse_what_they_cannot_do(tmp_path: Path) -> None:
+def test_split_bitmap_granularity_must_divide_the_pieces(tmp_path: Path) -> None:
     b = bundle(tmp_path)
-    with pytest.raises(DescriptorError, match="split into 3 Storage pieces"):
-        manage_bitmaps(b, "list", None, CS)
-    with pytest.raises(DescriptorError, match="split into 3 Storage pieces"):
-        compact_disk(b)
+    msg = rf"granularity {8 * CS} does not divide the start of the piece .*vm\.hdd\.1\."
+    with pytest.raises(PrlNbdError, match=msg):
+        manage_bitmaps(b, "add", None, 8 * CS)
+    assert manage_bitmaps(b, "list", None, 0) == []
+
+
+def test_split_bitmaps_managed_marked_and_stored_per_piece(tmp_path: Path) -> None:
+    b = bundle(tmp_path, 2)
+    name = str(manage_bitmaps(b, "add", None, 4096)[0]["name"])
+    other = str(manage_bitmaps(b, "add", "e4f2eed0-37fe-4539-b50b-85d2e7fd235f", CS)[0]["name"])
+    with pytest.raises(PrlNbdError, match=f"bitmap {name} already exists"):
+        manage_bitmaps(b, "add", name, 4096)
+    listed = manage_bitmaps(b, "list", None, 0)
+    assert listed == [
+        {"name": name, "granularity": 4096, "dirty-bytes": 0},
+        {"name": other, "granularity": CS, "dirty-bytes": 0},
+    ]
+    disk = open_disk(b, writable=True)
+    export = Export("vm", disk, read_only=False)
+    try:
+        context = "qemu:dirty-bitmap:" + name
+        assert context in export.info.contexts
+        at = STARTS[1] - 5000  # 5000 bytes in piece 0, 3000 in piece 1
+        export.write(at, memoryview(b"w" * 8000))
+        export.changed(at, 8000)
+        # Granules 2 and 1 before the boundary, and the first after it: one dirty run over it.
+        assert export.extents(context, STARTS[1] - 3 * 4096, 5 * 4096) == [(4096, 0), (3 * 4096, 1), (4096, 0)]
+        assert export.extents(context, 0, disk.size) == [
+            (STARTS[1] - 2 * 4096, 0),
+            (3 * 4096, 1),
+            (disk.size - STARTS[1] - 4096, 0),
+        ]
+        # Online: add, clear and remove go to every piece's top.
+        added = export.add_bitmap(None, 4096)
+        export.write(STARTS[2] - 1, memoryview(b"xy"))
+        export.changed(STARTS[2] - 1, 2)
+        assert export.extents("qemu:dirty-bitmap:" + added.name, STARTS[2] - 4096, 2 * 4096) == [(2 * 4096, 1)]
+        export.clear_bitmap(other)
+        export.remove_bitmap(added.name)
+        assert "qemu:dirty-bitmap:" + added.name not in export.info.contexts
+        gone = export.add_bitmap(None, 4096)
+        assert all(any(p is bm for bm in t.top.extension.bitmaps) for p, t in zip(gone.parts, disk.pieces, strict=True))  # type: ignore[attr-defined,union-attr]
+        export.remove_bitmap(gone.name)
+    finally:
+        export.close()
+    listed = manage_bitmaps(b, "list", None, 0)
+    assert listed == [
+        {"name": name, "granularity": 4096, "dirty-bytes": 3 * 4096 + 2 * 4096},
+        {"name": other, "granularity": CS, "dirty-bytes": 0},
+    ]
+    # Each piece's top stores its own part.
+    assert [manage_bitmaps(piece_top(b, k, GUIDS[1]), "list", None, 0)[0]["dirty-bytes"] for k in range(3)] == [
+        2 * 4096,
+        2 * 4096,
+        4096,
+    ]
+    manage_bitmaps(b, "clear", name, 0)
+    assert manage_bitmaps(b, "list", None, 0)[0]["dirty-bytes"] == 0
+    manage_bitmaps(b, "remove", name, 0)
+    assert [x["name"] for x in manage_bitmaps(b, "list", None, 0)] == [other]
+    assert all(len(manage_bitmaps(piece_top(b, k, GUIDS[1]), "list", None, 0)) == 1 for k in range(3))
+
+
+def test_split_snapshot_copies_every_piece_bitmaps(tmp_path: Path) -> None:
+    b = bundle(tmp_path)
+    name = str(manage_bitmaps(b, "add", None, 4096)[0]["name"])
+    disk = open_disk(b, writable=True)
+    try:
+        disk.bitmaps()[0].set_range(STARTS[2] - 1, 2)
+    finally:
+        disk.close()
+    _, top = snapshot_disk(b)
+    for k, want in enumerate([0, 4096, 4096]):
+        assert manage_bitmaps(piece_top(b, k, top), "list", None, 0) == [
+            {"name": name, "granularity": 4096, "dirty-bytes": want}
+        ]
+    assert manage_bitmaps(b, "list", None, 0)[0]["dirty-bytes"] == 2 * 4096
+
+
+def test_split_compact_compacts_every_piece(tmp_path: Path) -> None:
+    b = bundle(tmp_path, 2)
+    disk = open_disk(b, writable=True)
+    try:
+        # In pieces 0 and 1 the top's one cluster (1) is freed (no image below holds it), then cluster 0
+        # is written past it; in piece 2 the root holds cluster 1, so zeroing keeps it: nothing to move.
+        for start in STARTS:
+            disk.zero(start + CS, CS, trim=True)
+            disk.write(start + 10, b"z" * 10)
+        want = bytes(disk.read(0, disk.size)[0])
+    finally:
+        disk.close()
+    seen: list[tuple[int, int]] = []
+    result = compact_disk(b, lambda done, total: seen.append((done, total)))
+    assert result.moved == 2 and len(result.pieces) == 3 and [p.moved for p in result.pieces] == [1, 1, 0]
+    assert seen[0] == (0, 2) and seen[-1] == (2, 2) and all(t == 2 for _, t in seen)
+    assert result.size_after == result.size_before - 2 * CS
+    assert result.as_dict()["pieces"] == [p.as_dict() for p in result.pieces]
+    disk = open_disk(b)
+    try:
+        assert bytes(disk.read(0, disk.size)[0]) == want
+    finally:
+        disk.close()
 
 
 def test_split_snapshot_adds_one_image_per_piece(tmp_path: Path) -> None:
