@@ -1,7 +1,8 @@
 """The control socket: a running server is queried and changed through it (`serve --control PATH`).
 
 A Unix socket, mode 0600, separate from every NBD listener. The protocol is
-line-oriented JSON, a much smaller cousin of QMP: one request object per line
+line-oriented JSON, a much smaller cousin of QMP (at most MAX_CLIENTS connections
+at once): one request object per line
 
     {"id": ANY, "command": "NAME", "arguments": {...}}
 
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
+# Control connections open at once; one more is told so and closed (the socket is the owner's
+# alone, but a stuck script must not pile up connections without end).
+MAX_CLIENTS = 16
 DEFAULT_GRANULARITY = 64 * 1024
 
 
@@ -131,6 +135,13 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._clients) >= MAX_CLIENTS:
+            error = {"class": "Failed", "message": f"more than {MAX_CLIENTS} control connections at once: closing"}
+            with contextlib.suppress(ConnectionError):
+                writer.write(json.dumps({"id": None, "error": error}).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+            return
         if task is not None:
             self._clients.add(task)
         try:

@@ -325,7 +325,8 @@ class ParallelsImage:
             if ext_at < data_off or ext_at + cluster_size > file_size:
                 raise CorruptImage(
                     f"{p}: ext_off {h.ext_off} (byte {ext_at}) is outside the data area"
-                    f" [{data_off}, {file_size})"
+                    f" [{data_off}, {file_size}) (cut off by `qemu-img check -r`?); `prlnbd check --repair {p}`"
+                    " clears it, dropping the bitmaps it held"
                 )
             img.extension = read_extension(p, fd, ext_at, cluster_size, img.size, data_off)
             # The extension's clusters must not be guest data: a write there would destroy them.

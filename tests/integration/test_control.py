@@ -238,3 +238,30 @@ def test_a_connection_that_chose_a_removed_bitmap_gets_einval_for_it_and_goes_on
         finally:
             h.shutdown()
         assert "Traceback" not in srv.log_text()
+
+
+def test_control_connections_are_bounded(tmp_path: Path) -> None:
+    from prlnbd.control import MAX_CLIENTS
+
+    srv, _, control = serve(tmp_path)
+    with support.running(srv):
+        held = [Raw(control) for _ in range(MAX_CLIENTS)]
+        for raw in held:  # every one of them answered: all are being served
+            raw.send(b'{"id": 1, "command": "query"}\n')
+            assert "return" in raw.reply()
+        extra = Raw(control)
+        cls, message = error_of(extra.reply())
+        assert cls == "Failed" and f"more than {MAX_CLIENTS}" in message
+        assert extra.file.readline() == b""  # and closed
+        extra.close()
+        held.pop().close()
+        # A connection closed makes room: wait for the server to notice, by asking until it answers.
+        while True:
+            again = Raw(control)
+            again.send(b'{"id": 2, "command": "query"}\n')
+            reply = again.reply()
+            again.close()
+            if "return" in reply:
+                break
+        for raw in held:
+            raw.close()

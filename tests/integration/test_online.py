@@ -531,3 +531,42 @@ def test_backup_loop_against_a_running_writer(tmp_path: Path) -> None:
     assert chain_lengths[2] <= chain_lengths[0], chain_lengths
     res = prl("check", disk)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_online_snapshot_and_merge_of_a_split_disk(tmp_path: Path) -> None:
+    """A split disk (two pieces): the snapshot adds one top per piece, the merge removes one image per piece,
+    and a write across the boundary reads back at every step."""
+    disk = tmp_path / "d.hdd"
+    size = 3 * 1024 * M
+    assert prl("create", disk, "--size", str(size), "--split").returncode == 0
+    boundary = 3989504 * 512
+    srv, _, control = serve(tmp_path, size=size)
+    with support.running(srv):
+        h = connect(srv)
+        a = os.urandom(2 * M)
+        h.pwrite(a, boundary - M)
+        h.flush()
+        snap = ctl(control, "snapshot", "d")
+        frozen = str(snap["frozen"])
+        b = os.urandom(64 * K)
+        h.pwrite(b, boundary - 32 * K)
+        h.flush()
+        name = str(ctl(control, "export-snapshot", "d", frozen)["name"])
+        assert support.nbd_pread(srv.uri(name), boundary - M, 2 * M) == a
+        ctl(control, "remove-export", name)
+        pieces = sorted(p.name for p in disk.glob("*.hds"))
+        assert len(pieces) == 4  # two pieces, two layers each
+        merged = ctl(control, "merge", "d", frozen)
+        assert merged["direction"] == "down"
+        expected = bytearray(a)
+        expected[M - 32 * K : M + 32 * K] = b
+        assert h.pread(2 * M, boundary - M) == bytes(expected)
+        h.shutdown()
+    assert srv.proc.returncode == 0, srv.log_text()
+    assert len(list(disk.glob("*.hds"))) == 2
+    assert prl("check", disk).returncode == 0
+    d = open_disk(disk)
+    try:
+        assert bytes(d.read(boundary - M, 2 * M)[0]) == bytes(expected)
+    finally:
+        d.close()
