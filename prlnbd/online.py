@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from prlnbd.disk.chain import Disk, Layer, open_chain, open_disk
 from prlnbd.disk.descriptor import Descriptor, new_guid, normalize_guid, parse_descriptor
-from prlnbd.disk.merge import MergeCopy, MergePlan, begin_merge, commit_merge, move_bitmaps, plan_merge, read_journal
+from prlnbd.disk.merge import (
+    MergeCopy,
+    MergePlan,
+    begin_merge,
+    commit_merge,
+    merge_kill_hook,
+    move_bitmaps,
+    plan_merge,
+    read_journal,
+)
 from prlnbd.disk.tools import make_top_image, new_top_paths, record_snapshot
 from prlnbd.errors import PrlNbdError
 from prlnbd.export import Export
@@ -296,7 +305,8 @@ async def merge(server: NbdServer, export: Export, guid: str) -> dict[str, Any]:
                 )
         into_top = plan.direction == "down" and plan.child_is_top
         state.total = plan.bytes
-        await run(begin_merge, plan)
+        hook = merge_kill_hook()  # the crash tests' SIGKILL at a chosen step, as offline
+        await run(partial(begin_merge, hook=hook), plan)
         opened: list[Disk] = []
         try:
             for part, live in zip(plan.parts, disk.parts, strict=True):
@@ -307,7 +317,7 @@ async def merge(server: NbdServer, export: Export, guid: str) -> dict[str, Any]:
                     opened.append(target)
                     # "down" into a frozen child reads the merged image under it; "up" reads the child.
                     source = target.layers[1] if plan.direction == "down" else live.layers[index - 1]
-                copier = MergeCopy(plan, target, source)
+                copier = MergeCopy(plan, target, source, hook=hook)
                 state.total = max(state.total, state.done + copier.total)
                 while n := await run(copier.step, MERGE_STEP):
                     state.done += n
@@ -319,7 +329,7 @@ async def merge(server: NbdServer, export: Export, guid: str) -> dict[str, Any]:
             for target in opened:
                 await run(target.close)  # the clean stop of the written image
             opened = []
-            deleted: list[Path] = await run(commit_merge, plan)
+            deleted: list[Path] = await run(partial(commit_merge, hook=hook), plan)
         finally:
             for target in opened:
                 with contextlib.suppress(Exception):

@@ -913,3 +913,8 @@ def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> D
 def iter_guids(desc: Descriptor) -> Iterator[str]:
     """The snapshot GUIDs of DESC's top chain, top first (for messages and tests)."""
     yield from desc._guids(None)
+
+
+def merge_kill_hook() -> Callable[[], None]:
+    """The test hook a merge calls before each write, sync or descriptor step (PRLNBD_MERGE_KILL_AT=N)."""
+    return _Killer()

@@ -570,3 +570,54 @@ def test_online_snapshot_and_merge_of_a_split_disk(tmp_path: Path) -> None:
         assert bytes(d.read(boundary - M, 2 * M)[0]) == bytes(expected)
     finally:
         d.close()
+
+
+def test_online_merge_killed_at_random_steps_then_finished_offline(tmp_path: Path) -> None:
+    """SIGKILL of the server at a random step of an online merge into the top: the disk reads the same; after the
+    repair any server crash needs, `prlnbd merge` finishes the job."""
+    seed = int(os.environ.get("PRLNBD_MERGE_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    size, cluster = 16 * M, 64 * K
+    rounds = int(os.environ.get("PRLNBD_ONLINE_MERGE_ROUNDS", "8"))
+    killed = 0
+    for round_ in range(rounds):
+        work = tmp_path / f"r{round_}"
+        disk = work / "d.hdd"
+        work.mkdir()
+        assert prl("create", disk, "--size", str(size), "--cluster-size", str(cluster)).returncode == 0
+        at = rng.randint(1, size // cluster + 16)
+        why = f"seed {seed} round {round_}: killed at step {at}"
+        srv, _, control = serve(work, env={"PRLNBD_MERGE_KILL_AT": str(at)}, size=size)
+        expected = bytearray(rng.randbytes(size))
+        h = connect(srv)
+        h.pwrite(bytes(expected), 0)
+        h.flush()
+        frozen = str(ctl(control, "snapshot", "d")["frozen"])
+        for _ in range(20):
+            offset = rng.randrange(0, size - 16 * K, 4 * K)
+            data = rng.randbytes(16 * K)
+            h.pwrite(data, offset)
+            expected[offset : offset + len(data)] = data
+        h.flush()
+        h.shutdown()
+        res = prl("ctl", control, "merge", "d", frozen)
+        if res.returncode == 0:
+            srv.stop()
+        else:
+            srv.proc.wait(60)
+            assert srv.proc.returncode == -9, f"{why}: {srv.log_text()}"
+            killed += 1
+        assert read_offline(disk) == bytes(expected), why
+        rep = prl("check", disk, "--repair")
+        assert rep.returncode == 0, f"{why}: {rep.stdout}{rep.stderr}"
+        again = prl("merge", disk, frozen)
+        if res.returncode == 0:
+            assert again.returncode == 1, f"{why}: {again.stderr}"
+        else:
+            assert again.returncode == 0, f"{why}: {again.stdout}{again.stderr}"
+        info = json.loads(prl("info", disk, "--json").stdout)
+        assert len(info["layers"]) == 1, why
+        assert read_offline(disk) == bytes(expected), why
+        assert prl("check", disk).returncode == 0, why
+        assert sorted(p.name for p in disk.iterdir() if p.suffix == ".hds") == [Path(info["layers"][0]["file"]).name]
+    assert killed >= rounds // 2, f"seed {seed}: only {killed} of {rounds} rounds were killed"
