@@ -206,6 +206,9 @@ class ControlServer:
             return {"id": ident, "error": {"class": e.cls, "message": str(e)}}
         except PrlNbdError as e:
             return {"id": ident, "error": {"class": "Failed", "message": str(e)}}
+        except OSError as e:  # storage refused (disk full, I/O error): the command failed, said in one line
+            where = f"{e.filename}: " if e.filename else ""
+            return {"id": ident, "error": {"class": "Failed", "message": f"{where}{e.strerror or e}"}}
         except Exception as e:  # the boundary: a bug fails one request, never the server
             log.exception("control request failed")
             return {"id": ident, "error": {"class": "Failed", "message": f"internal error: {e}"}}

@@ -9,15 +9,17 @@ stop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prlnbd.disk.chain import Disk, Layer, open_chain, open_disk
 from prlnbd.disk.descriptor import Descriptor, new_guid, normalize_guid, parse_descriptor
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from prlnbd.server import NbdServer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _crash_point(step: int) -> None:
@@ -156,24 +159,9 @@ async def snapshot(server: NbdServer, export: Export) -> dict[str, Any]:
                     os.unlink(path)
             raise
         _crash_point(1)
-        async with export.flushes_held():
-            started = time.monotonic()
-            async with export.writes_paused():
-                for old, new in zip(olds, new_tops, strict=True):
-                    assert isinstance(old, ParallelsImage)
-                    _hand_over_bitmaps(old, new)
-                disk.push_top(list(new_tops), guid)
-                export.chain_changed()
-            paused = time.monotonic() - started
-            _crash_point(2)
-            try:
-                await run(_seal_and_record, olds, desc, guid, paths)
-            except BaseException as e:
-                # The new tops take writes already: the disk is served as it is, but no flush may
-                # claim durability for what the descriptor does not name.
-                export.failed = f"the snapshot {guid} could not be recorded ({e}): writes are not durable"
-                log.error("export %r: %s", export.name, export.failed)
-                raise
+        # From here the snapshot runs to its end even if the control connection goes (a stop):
+        # once writes went to the new tops, only the saved descriptor makes them durable.
+        paused = await _to_the_end(_switch(server, export, olds, new_tops, desc, guid, paths))
     frozen = disk.guids[1]
     log.info(
         "control: export %r: snapshot %s frozen, new top %s (writes held %.2f ms)",
@@ -183,6 +171,54 @@ async def snapshot(server: NbdServer, export: Export) -> dict[str, Any]:
         paused * 1000,
     )
     return {"frozen": frozen, "top": guid, "paused-ms": round(paused * 1000, 3)}
+
+
+async def _switch(
+    server: NbdServer,
+    export: Export,
+    olds: list[Layer],
+    new_tops: list[ParallelsImage],
+    desc: Descriptor,
+    guid: str,
+    paths: list[Path],
+) -> float:
+    """The snapshot's switch to the new tops (see snapshot()); returns how long writes were held, in seconds."""
+    disk = export.disk
+    async with export.flushes_held():
+        started = time.monotonic()
+        async with export.writes_paused():
+            for old, new in zip(olds, new_tops, strict=True):
+                assert isinstance(old, ParallelsImage)
+                _hand_over_bitmaps(old, new)
+            disk.push_top(list(new_tops), guid)
+            export.chain_changed()
+        paused = time.monotonic() - started
+        _crash_point(2)
+        try:
+            await server.pool.run(_seal_and_record, olds, desc, guid, paths)
+        except BaseException as e:
+            # The new tops take writes already: the disk is served as it is, but no flush may
+            # claim durability for what the descriptor does not name.
+            export.failed = f"the snapshot {guid} could not be recorded ({e}): writes are not durable"
+            log.error("export %r: %s", export.name, export.failed)
+            raise
+    return paused
+
+
+async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Await CORO to its end even when the caller is cancelled meanwhile; then pass the cancellation on."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def _hand_over_bitmaps(old: ParallelsImage, new: ParallelsImage) -> None:
