@@ -7,9 +7,11 @@ with `prlnbd check` once the server stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -621,3 +623,48 @@ def test_online_merge_killed_at_random_steps_then_finished_offline(tmp_path: Pat
         assert prl("check", disk).returncode == 0, why
         assert sorted(p.name for p in disk.iterdir() if p.suffix == ".hds") == [Path(info["layers"][0]["file"]).name]
     assert killed >= rounds // 2, f"seed {seed}: only {killed} of {rounds} rounds were killed"
+
+
+def test_query_shows_a_merge_in_progress(tmp_path: Path) -> None:
+    """While `ctl merge` runs, query on another control connection reports it with its progress."""
+    from tests.integration.test_control import Raw
+
+    size, cluster = 256 * M, 64 * K
+    disk = tmp_path / "d.hdd"
+    assert prl("create", disk, "--size", str(size), "--cluster-size", str(cluster)).returncode == 0
+    srv, _, control = serve(tmp_path, size=size)
+    with support.running(srv):
+        h = connect(srv)
+        for at in range(0, size, 32 * M):
+            h.pwrite(os.urandom(32 * M), at)
+        h.flush()
+        h.shutdown()
+        frozen = str(ctl(control, "snapshot", "d")["frozen"])
+        merger = Raw(control)
+        request = {"id": "m", "command": "merge", "arguments": {"export": "d", "guid": frozen}}
+        merger.send(json.dumps(request).encode() + b"\n")
+        watcher = Raw(control)
+        seen: list[dict[str, object]] = []
+        merger.sock.setblocking(False)
+        done = False
+        while not done:
+            watcher.send(b'{"id": "q", "command": "query"}\n')
+            ops = watcher.reply()["return"]["operations"]  # type: ignore[index]
+            seen += ops
+            with contextlib.suppress(BlockingIOError):  # no reply yet: the merge runs on
+                done = merger.sock.recv(1, socket.MSG_PEEK) != b""
+        merger.sock.setblocking(True)
+        reply = merger.reply()
+        assert reply["return"]["bytes-moved"] == size  # type: ignore[index]
+        merges = [op for op in seen if op["operation"] == "merge"]
+        assert merges, "query never showed the merge"
+        assert all(op["guid"] == frozen and op["export"] == "d" for op in merges), merges
+        # total is 0 until the merge is planned, then the bytes to move; done counts up to it.
+        assert all(op["total"] in (0, size) for op in merges), merges
+        assert all(0 <= op["done"] <= op["total"] for op in merges), merges  # type: ignore[operator]
+        assert any(op["total"] == size for op in merges), merges
+        watcher.send(b'{"id": "q", "command": "query"}\n')
+        assert watcher.reply()["return"]["operations"] == []  # type: ignore[index]
+        merger.close()
+        watcher.close()
+    assert srv.proc.returncode == 0, srv.log_text()
