@@ -544,15 +544,23 @@ def test_online_snapshot_and_merge_of_a_split_disk(tmp_path: Path) -> None:
     boundary = 3989504 * 512
     srv, _, control = serve(tmp_path, size=size)
     with support.running(srv):
+        ctl(control, "bitmap", "d", "add", "--granularity", "64K")
+        bitmap = str(ctl(control, "query")["exports"][0]["bitmaps"][0]["name"])  # type: ignore[index]
         h = connect(srv)
         a = os.urandom(2 * M)
         h.pwrite(a, boundary - M)
         h.flush()
+        ctl(control, "bitmap", "d", "clear", bitmap)
         snap = ctl(control, "snapshot", "d")
         frozen = str(snap["frozen"])
         b = os.urandom(64 * K)
         h.pwrite(b, boundary - 32 * K)
         h.flush()
+        # The bitmap went on in the new tops of both pieces: the write across the boundary marks both.
+        ctx = f"qemu:dirty-bitmap:{bitmap}"
+        hb = connect(srv, contexts=(ctx,))
+        assert dirty_extents(hb, ctx, size) == [(boundary - 64 * K, 128 * K)]
+        hb.shutdown()
         name = str(ctl(control, "export-snapshot", "d", frozen)["name"])
         assert support.nbd_pread(srv.uri(name), boundary - M, 2 * M) == a
         ctl(control, "remove-export", name)
