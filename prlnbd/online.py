@@ -377,6 +377,8 @@ async def merge(server: NbdServer, export: Export, guid: str) -> dict[str, Any]:
             fresh = [await run(ParallelsImage.open, part.target.file) for part in plan.parts]
             disk.replace_layers(index - 1, 2, list(fresh), [plan.child])
         export.chain_changed()
+        # The layers taken out are closed in the pool: the last close of a deleted file frees its storage.
+        await run(disk.close_retired)
     log.info(
         "control: export %r: snapshot %s merged %s (%d bytes moved)", export.name, plan.guid, plan.direction, state.done
     )

@@ -256,6 +256,7 @@ class Disk:
         self._active: dict[int, int] = {}  # epoch -> I/O of it still running
         self._quarantine: collections.deque[tuple[int, list[int]]] = collections.deque()
         self._retired: collections.deque[tuple[int, list[Layer]]] = collections.deque()  # see replace_layers()
+        self._epoch_ended = threading.Condition(self._lock)  # notified when the last I/O of an epoch ends
         self._direct: dict[int, int] = {}  # layer fd -> its O_DIRECT twin (cache=none)
         self._no_nowait: set[int] = set()  # fds whose file system refuses RWF_NOWAIT reads
         self._misses = 0  # read_nowait() calls in a row that found their data not cached
@@ -275,20 +276,34 @@ class Disk:
                 active[epoch] = left
             else:
                 del active[epoch]
-                if self._quarantine or self._retired:
+                if self._quarantine:
                     self._reclaim()
+                if self._retired:
+                    self._epoch_ended.notify_all()
 
     def _reclaim(self) -> None:
-        """Hand quarantined host clusters back for reuse, and close retired layers, once no I/O that might
-        use them runs (under _lock)."""
+        """Hand quarantined host clusters back for reuse once no I/O that might use them runs (under _lock)."""
         oldest = min(self._active) if self._active else self._epoch + 1
         top = self.layers[0]
         while self._quarantine and self._quarantine[0][0] < oldest:
             _, hosts = self._quarantine.popleft()
             if isinstance(top, ParallelsImage):
                 top.reuse(hosts)
-        while self._retired and self._retired[0][0] < oldest:
-            _, layers = self._retired.popleft()
+
+    def close_retired(self) -> None:
+        """Close the layers replace_layers() took out, once no I/O that may have looked them up runs.
+
+        Waits for that I/O to end: for a worker thread. The close itself is done
+        outside every lock and off the event loop: closing the last descriptor of a
+        file a merge deleted frees its storage, which can take long.
+        """
+        while True:
+            with self._lock:
+                while self._retired and self._retired[0][0] >= (min(self._active) if self._active else self._epoch):
+                    self._epoch_ended.wait()
+                if not self._retired:
+                    return
+                _, layers = self._retired.popleft()
             self._close_layers(layers)
 
     def _close_layers(self, layers: list[Layer]) -> None:
@@ -319,7 +334,7 @@ class Disk:
     def replace_layers(self, index: int, count: int, new: list[Layer], guids: list[str]) -> None:
         """Put NEW (with GUIDS) in place of layers[index:index+count] (a merge), reading the same.
 
-        The layers taken out are closed once no I/O that may have looked them up still runs.
+        The layers taken out are closed by close_retired(), once no I/O that may have looked them up runs.
         """
         with self._lock:
             old = self.layers[index : index + count]
@@ -327,7 +342,6 @@ class Disk:
             self.guids = [*self.guids[:index], *guids, *self.guids[index + count :]]
             self._retired.append((self._epoch, old))
             self._epoch += 1
-            self._reclaim()
         if self._direct:
             self.open_direct()
 

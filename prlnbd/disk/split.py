@@ -255,6 +255,11 @@ class SplitDisk(Disk):
             piece.replace_layers(index, count, new[k * n : (k + 1) * n], guids)
         self.layers, self.guids = self.pieces[0].layers, self.pieces[0].guids
 
+    def close_retired(self) -> None:
+        """Disk.close_retired() of every piece."""
+        for piece in self.pieces:
+            piece.close_retired()
+
     def close(self) -> None:
         """Close every piece, even when closing one fails; the first failure is raised after."""
         close_all(self.pieces)

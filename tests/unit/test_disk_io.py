@@ -238,3 +238,27 @@ def test_a_partial_write_into_a_reused_stale_cluster_reads_zeros_around_it(
     assert int(img.bat[20]) == stale
     assert read(d, 20 * CS, CS) == bytes(100) + b"b" * 50 + bytes(CS - 150)
     d.close()
+
+
+def test_layers_taken_out_are_closed_only_after_io_that_may_use_them(tmp_path: Path) -> None:
+    """replace_layers() swaps at once; close_retired() closes the old layers once the I/O of older epochs ended."""
+    base = tmp_path / "base.hds"
+    write_image(base, 4 << 20, cluster_size=1 << 20, clusters={0: b"b" * (1 << 20)})
+    d = open_disk(base)
+    other = ParallelsImage.open(base)
+    old = d.layers[0]
+    running = d._enter()  # a read in flight that resolved its runs through the old layer
+    d.replace_layers(0, 1, [other], [""])
+    assert d.layers == [other]
+    closer = threading.Thread(target=d.close_retired)
+    closer.start()
+    # Wait until it waits (an event, not a time): the I/O of the old epoch still runs.
+    while not d._epoch_ended._waiters:  # type: ignore[attr-defined]
+        closer.join(0.001)
+        assert closer.is_alive(), "close_retired() returned while I/O of the old layer ran"
+    assert old.fd >= 0
+    d._leave(running)
+    closer.join()
+    assert old.fd == -1
+    assert bytes(d.read(0, 4)[0]) == b"bbbb"
+    d.close()
