@@ -63,6 +63,11 @@ COLD_IMAGE = "cold-8g.v1.hds"  # its name in the cache directory; bump v1 when i
 VM_LEAD = 1.0  # seconds the backup (client B) runs before the VM's reads (client A) start
 VM_TAIL = 1.0  # and after they end, so B covers A's whole window
 LOG_MS = 100  # fio bandwidth log interval for the vm-backup windows
+MERGE_SIZE = 2 * GiB  # the disk of merge-*: its root layer holds the first GiB, its top the second
+MERGE_BUNDLE = "merge-2g.v1.hdd"  # its pristine chain in the cache directory; bump v1 with its recipe
+MERGE_EXPORT = "disk"
+MERGE_CAP = 600  # seconds: the longest a merge (and client A's fio beside it) may take
+MERGE_MIN_READS = 200  # fewer of A's reads inside a merge make no p99
 
 # Ratio a benchmark must reach to PASS (the targets of the project's issues):
 # prlnbd / qemu-nbd for throughput, qemu-nbd time / prlnbd time for the maps,
@@ -101,8 +106,9 @@ VM_BACKUPS = ("vm-backup-write-hot", "vm-backup-write-cold", "vm-backup-copy-hot
 MANY = ("many-8x4", "many-32x1")
 SCENES = (*COLD_READS, *VM_BACKUPS, "newcomer", *MANY, "durable-write")
 TLS_ROWS = ("tls-read-seq", "tls-read-rand", "tls-write-seq")
+MERGES = ("merge-cold", "merge-hot")
 BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand",
-              *SCENES, *TLS_ROWS, "space-reuse")
+              *SCENES, *TLS_ROWS, "space-reuse", *MERGES)
 GROUPS = {
     "reads": ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t"),
     "writes": ("write-seq", "write-rand"),
@@ -112,6 +118,7 @@ GROUPS = {
     "many": MANY,
     "scenes": SCENES,
     "tls": TLS_ROWS,
+    "merge": MERGES,
     "all": BENCHMARKS,
 }
 DEFAULT_GROUP = "reads"
@@ -223,10 +230,11 @@ def log(msg: str) -> None:
 
 
 def run_cmd(cmd: Sequence[str | Path], timeout: float = 600,
-            preexec_fn: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run CMD, raising BenchError with its output if it fails."""
+            preexec_fn: Callable[[], object] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run CMD (INPUT on its stdin), raising BenchError with its output if it fails."""
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                         preexec_fn=preexec_fn)
+                         preexec_fn=preexec_fn, input=input)
     if res.returncode != 0:
         raise BenchError(f"{' '.join(map(str, cmd))[:200]} failed ({res.returncode}):\n"
                          f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
@@ -477,6 +485,18 @@ print(json.dumps(times))
 """
 
 
+# Data check of merge-*: reads 4 KiB at each (offset, byte) of the JSON list on
+# stdin and prints how many did not hold that byte throughout, and the first few offsets.
+PATTERN_CHECK = r"""
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+bad = [o for o, byte in json.load(sys.stdin) if h.pread(4096, o) != bytes([byte]) * 4096]
+h.shutdown()
+print(json.dumps({"bad": len(bad), "first": bad[:5]}))
+"""
+
+
 class Bench:
     """Builds the images once, starts servers, and runs the selected benchmarks."""
 
@@ -497,6 +517,7 @@ class Bench:
         self._full: Path | None = None
         self._map1: Path | None = None
         self._cold: Path | None = None
+        self._merge_copy: Path | None = None  # a copy of merge_bundle() no merge has consumed yet
         # Built images too dear to build every run (the 8 GiB cold image) live here.
         self.cache_dir: Path = args.cache_dir or (args.workdir or Path("/tmp")) / "prlnbd-bench-cache"
         self.rows: list[Row] = []
@@ -615,6 +636,47 @@ class Bench:
         evict(part)
         part.rename(path)
         return path
+
+    def merge_bundle(self) -> Path:
+        """The pristine chain of merge-*, built once into the cache directory and kept.
+
+        A MERGE_SIZE bundle of two layers, every cluster allocated once: the
+        root holds the first half (cluster c filled with pattern(c)), the top
+        the second. The whole disk reads pattern(c), and merging the root down
+        into the top moves the root's 1 GiB, none of it hidden by the top.
+        Never served itself: each measurement serves a copy (merge_copy()).
+        """
+        path = self.cache_dir / MERGE_BUNDLE
+        if (path / "DiskDescriptor.xml").exists():
+            return path
+        log(f"building a {MERGE_SIZE // GiB} GiB two-layer bundle in {path}")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        half = MERGE_SIZE // CLUSTER // 2
+        build_chain(part, MERGE_SIZE, [
+            [(c * CLUSTER, CLUSTER, pattern(c)) for c in range(half)],
+            [(c * CLUSTER, CLUSTER, pattern(c)) for c in range(half, 2 * half)],
+        ])
+        evict(part)
+        part.rename(path)
+        return path
+
+    def merge_copy(self) -> Path:
+        """A copy of merge_bundle() that no merge has consumed, beside it (not on tmpfs: it must be evictable).
+
+        A merge deletes the root and rewrites the descriptor, so after one the
+        copy is made again; a measurement without a merge leaves it for the next.
+        """
+        if self._merge_copy is not None:
+            return self._merge_copy
+        src = self.merge_bundle()
+        dst = src.with_name(src.stem + ".work.hdd")
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        fsync_file(dst)  # the copy's writeback lands here, in no measurement
+        self._merge_copy = dst
+        return dst
 
     def map_images(self) -> tuple[Path, Path]:
         """A 1 TiB 3-layer chain with 2000 allocated clusters, and one layer holding them all.
@@ -1418,6 +1480,265 @@ class Bench:
                        self.start_qemu(image, True, "--shared=32")) as (s, q):
             self.fio_rows(specs, s, q, "qemu-nbd -e 32")
 
+    # ---- online merge (issue 12) ----------------------------------------------------
+
+    def bench_merge(self, name: str) -> None:
+        """merge-{cold,hot}: how much a VM's 4 KiB random reads slow down while a snapshot is merged online.
+
+        Client A: fio randread 4k QD1 over the whole MERGE_SIZE disk, a writable
+        export of a copy of merge_bundle()'s chain served with --control. The
+        merge: `ctl merge` of the root, which its child, the served top, takes
+        in ("down": 1 GiB moved into the top the VM writes). Each repetition
+        measures, in rotating order: A during the merge, A without a merge, and
+        the merge without A. Every measurement starts its own server; a merge
+        consumes its copy of the chain. Rows: A's p99, p50, p99.9 (during /
+        without) and the merge's duration and throughput (with A / without A).
+        No qemu-nbd reference (it cannot merge a Parallels snapshot) and no
+        targets: the issue asks for a measurement.
+        """
+        temp = name.split("-")[1]
+        p99 = self.new_row(name, "µs", "no merge")
+        p50 = self.new_row(f"{name}/p50", "µs", "no merge")
+        p999 = self.new_row(f"{name}/p99.9", "µs", "no merge")
+        duration = self.new_row(f"{name}/duration", "s", "merge without A")
+        bput = self.new_row(f"{name}/MiB/s", "MiB/s", "merge without A")
+        rows = (p99, p50, p999, duration, bput)
+        if self.self_test or "--control" not in self.prlnbd_serve_help():
+            for row in rows:
+                row.status = "SKIP"
+            p99.notes.append("qemu-nbd has no online merge of a Parallels snapshot: nothing to self-test"
+                             if self.self_test else "prlnbd serve has no --control option (no online merge)")
+            return
+        extra: dict[str, dict[str, list[float]]] = {"during": {}, "without": {}, "alone": {}}
+        wrong: list[str] = []
+
+        def measure(side: str) -> float:
+            bundle = self.merge_copy()
+            ctl = self.socks / f"ctl-{time.monotonic_ns()}.sock"
+            server = start_prlnbd(self.socks, [f"{MERGE_EXPORT}={bundle}"], "--control", str(ctl))
+            self.servers.append(server)
+            merges = side != "without"
+            try:
+                if temp == "cold":
+                    evict(bundle)
+                else:
+                    fsync_file(bundle)
+                    warm(bundle)
+                if merges:
+                    self._merge_copy = None  # consumed, whatever happens next
+                fig = {"during": self.a_during_merge, "without": self.a_alone,
+                       "alone": self.merge_alone}[side](server, ctl)
+                if merges:
+                    wrong.extend(self.check_merged(server, ctl))
+            finally:
+                self.stop(server)
+            if merges:
+                wrong.extend(check_bundle(bundle))
+            for key, value in fig.items():
+                extra[side].setdefault(key, []).append(value)
+            if side == "alone":
+                bput.ref.append(fig["MiB/s"])
+                return fig["duration"]
+            for row, key in ((p50, "p50"), (p999, "p99.9")):
+                (row.prlnbd if side == "during" else row.ref).append(fig[key])
+            if side == "during":
+                duration.prlnbd.append(fig["duration"])
+                bput.prlnbd.append(fig["MiB/s"])
+            return fig["p99"]
+
+        alone_ms: list[float] = []  # the merge's duration without A, in ms for rotate()'s progress line
+        try:
+            self.rotate(name, "", [
+                ("A during merge: p99 µs", lambda _i: measure("during"), p99.prlnbd),
+                ("A without: p99 µs", lambda _i: measure("without"), p99.ref),
+                ("merge without A: ms", lambda _i: measure("alone") * 1e3, alone_ms)])
+        except (BenchError, SkipBench, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            for row in rows:
+                row.status = "ERROR"
+            p99.notes.append(str(exc))
+            log(f"  {name}: ERROR: {exc}")
+        duration.ref = [ms / 1e3 for ms in alone_ms]
+        if wrong:
+            for row in rows:
+                row.status = "WRONG"
+            p99.notes.append("AFTER A MERGE: " + "; ".join(wrong)[:600])
+        elif duration.prlnbd:
+            p99.notes.append("after every merge: one image left, prlnbd check and qemu-img check clean, "
+                             "and 4 KiB of each 1 MiB cluster read over NBD held its pattern")
+        self.merge_notes(p99, p999, duration, extra, temp)
+
+    def merge_notes(self, p99: Row, p999: Row, duration: Row, extra: dict[str, dict[str, list[float]]],
+                    temp: str) -> None:
+        """The notes of the merge rows: A's read counts, IOPS, slowest read, and p99 by phase of the merge."""
+        med = {side: {k: statistics.median(v) for k, v in figs.items()} for side, figs in extra.items()}
+        during, without = med["during"], med["without"]
+        if during and without:
+            p99.notes.append(
+                f"A (medians): reads counted during {during['reads']:.0f} over {during['window']:.1f} s, "
+                f"without {without['reads']:.0f} over {without['window']:.1f} s; IOPS during "
+                f"{during['IOPS']:.0f}, without {without['IOPS']:.0f}; slowest read during "
+                f"{during['max'] / 1e3:.1f} ms (completed {during['max before reply']:.0f} ms before the "
+                f"merge's reply), "
+                f"without {without['max'] / 1e3:.1f} ms")
+            p99.notes.append(
+                f"A's p99 during the merge by phase (medians): while copying {during['p99 copy']:,.0f} µs "
+                f"({during['reads copy']:.0f} reads), from the last step copied to the reply (flush, "
+                f"descriptor, delete) {during['p99 end']:,.0f} µs ({during['reads end']:.0f} reads, "
+                f"{during['end s']:.2f} s)")
+            if min(extra["during"]["reads"]) < 1000:
+                p999.notes.append("fewer than 1000 of A's reads in some merge window: p99.9 is "
+                                  "then about A's slowest read")
+        p99.notes.append(
+            f"A: fio randread 4k QD1 over the whole {MERGE_SIZE // GiB} GiB disk, image {temp}; during = "
+            f"A's reads completed between the merge seen copying (query) and its reply; without = a "
+            f"{self.runtime} s run on the same chain, no merge; ratio = during / without "
+            "(above 1: slower during the merge)")
+        alone = med["alone"]
+        if during and alone:
+            duration.notes.append(
+                f"phases (medians): request to the last step copied {during['copy s']:.2f} s with A, "
+                f"{alone['copy s']:.2f} s without; then to the reply (flush, descriptor, delete) "
+                f"{during['end s']:.2f} s with A, {alone['end s']:.2f} s without (polled every 100 ms)")
+        duration.notes.append(
+            "`ctl merge` of the root (1 GiB) down into the served top, request to reply; ratio = with A "
+            "/ without A (above 1: A slows the merge); runs with A: "
+            f"{', '.join(f'{d:.1f}' for d in duration.prlnbd) or '-'} s, without: "
+            f"{', '.join(f'{d:.1f}' for d in duration.ref) or '-'} s")
+
+    def a_alone(self, server: Server, _ctl: Path) -> dict[str, float]:
+        """Client A for self.runtime seconds with no merge: its latency figures (µs) and IOPS."""
+        prefix = self.work / "mergeA"
+        job = self.fio_job(nbd_target(server.uri()), "randread", "4k", 1, runtime=self.runtime,
+                           extra=per_io_log(prefix), tag="mergeA")
+        lats = [lat for _t, lat in read_lat_log(prefix)]
+        window = float(job["job_runtime"]) / 1e3
+        return {**latency_figures(lats), "window": window, "IOPS": len(lats) / window}
+
+    def a_during_merge(self, server: Server, ctl: Path) -> dict[str, float]:
+        """Client A while `ctl merge` removes the root: A's figures over the merge, the merge's duration and MiB/s.
+
+        A starts first (a VM already running); once the server has counted
+        requests on A's connection, the merge is asked for (run_merge()). A's
+        window opens when `query` shows the merge copying and closes when its
+        reply arrives; then A is stopped. Only A's reads completed inside the
+        window count.
+        """
+        prefix = self.work / "mergeA"
+        a = self.fio_start(nbd_target(server.uri()), "randread", "4k", 1, runtime=MERGE_CAP,
+                           extra=per_io_log(prefix), tag="mergeA")
+        try:
+            wait_for(lambda: any(c["requests"] > 0 for c in control(ctl, "query")["connections"]),
+                     "client A's first requests", 60, a.proc)
+            fig = self.run_merge(ctl, a.proc)
+        finally:
+            if a.proc.poll() is None:
+                a.proc.send_signal(signal.SIGINT)  # fio stops its job and writes its report and log
+            try:
+                _out, err = a.proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+                _out, err = a.proc.communicate()
+        report = fio_report(a.out)
+        if report is None or report["error"]:
+            raise BenchError(f"client A (fio) failed: {err[-1000:]}")
+        t_run, t_copied, t_end = fig["t run"], fig["t copied"], fig["t end"]
+        log_entries = read_lat_log(prefix)
+        inside = [(t, lat) for t, lat in log_entries if t_run <= t <= t_end]
+        if len(inside) < MERGE_MIN_READS:
+            raise BenchError(f"only {len(inside)} of A's reads completed during the merge "
+                             f"({(t_end - t_run) / 1e3:.2f} s)")
+        lats = [lat for _t, lat in inside]
+        slowest = max(inside, key=lambda e: e[1])[0]
+        copy = [lat for t, lat in inside if t <= t_copied] or [0.0]
+        end = [lat for t, lat in inside if t > t_copied] or [0.0]
+        window = (t_end - t_run) / 1e3
+        return {**latency_figures(lats), "window": window, "IOPS": len(lats) / window,
+                "duration": fig["duration"], "MiB/s": fig["MiB/s"], "copy s": fig["copy s"],
+                "end s": fig["end s"],
+                "max before reply": t_end - slowest,
+                "p99 copy": quantile(copy, 0.99), "reads copy": float(len(copy)),
+                "p99 end": quantile(end, 0.99), "reads end": float(len(end))}
+
+    def merge_alone(self, _server: Server, ctl: Path) -> dict[str, float]:
+        """The merge with no client: its duration and MiB/s."""
+        fig = self.run_merge(ctl, None)
+        return {k: fig[k] for k in ("duration", "MiB/s", "copy s", "end s")}
+
+    def run_merge(self, ctl: Path, client: subprocess.Popen[str] | None) -> dict[str, float]:
+        """`ctl merge` of the served chain's root; when (Unix ms) it was seen copying, done copying, answered.
+
+        The request goes on its own control connection from a thread; `query`
+        on others polls its progress: every 10 ms until it shows done > 0 (t
+        run), then every 100 ms until done reaches total (t copied: the flush and
+        the descriptor's commit follow) or the reply comes (t end). Also gives
+        the duration (request to reply, s) and MiB/s (bytes moved over it).
+        """
+        layers = control(ctl, "query")["exports"][0]["layers"]
+        if len(layers) != 2:
+            raise BenchError(f"the merge chain has {len(layers)} layers, not 2: {layers}")
+        root = layers[-1]["guid"]
+        reply: dict[str, Any] = {}
+
+        def merge() -> None:
+            try:
+                reply["return"] = control(ctl, "merge", export=MERGE_EXPORT, guid=root)
+            except BenchError as exc:
+                reply["error"] = str(exc)
+            reply["t"] = time.time() * 1000
+
+        def progress() -> tuple[int, int] | None:
+            for op in control(ctl, "query")["operations"]:
+                if op["operation"] == "merge":
+                    return int(op["done"]), int(op["total"])
+            return None
+
+        thread = threading.Thread(target=merge, daemon=True)
+        t_sent = time.time() * 1000
+        thread.start()
+        wait_for(lambda: "t" in reply or (progress() or (0, 0))[0] > 0, "merge copying", 60, client)
+        t_run = time.time() * 1000
+        if "t" in reply:
+            raise BenchError(f"the merge ended before query saw it copying: {reply}")
+        t_copied: float | None = None
+        deadline = time.monotonic() + MERGE_CAP
+        while thread.is_alive():
+            thread.join(0.1)
+            if t_copied is None and thread.is_alive():
+                now = progress()
+                if now is not None and now[0] >= now[1]:
+                    t_copied = time.time() * 1000
+            if time.monotonic() > deadline:
+                raise BenchError(f"the merge took more than {MERGE_CAP} s")
+        if "error" in reply:
+            raise BenchError(f"ctl merge failed: {reply['error']}")
+        result = reply["return"]
+        if result.get("direction") != "down":
+            raise BenchError(f"the merge went {result.get('direction')!r}, not down into the top: {result}")
+        t_end = float(reply["t"])
+        seconds = (t_end - t_sent) / 1e3
+        t_copied = t_copied or t_end
+        return {"t run": t_run, "t copied": t_copied, "t end": t_end, "duration": seconds,
+                "MiB/s": float(result["bytes-moved"]) / MiB / seconds,
+                "copy s": (t_copied - t_sent) / 1e3, "end s": (t_end - t_copied) / 1e3}
+
+    def check_merged(self, server: Server, ctl: Path) -> list[str]:
+        """What is wrong with the disk served after a merge: one layer left, 4 KiB of each cluster = pattern(c)."""
+        problems = []
+        layers = control(ctl, "query")["exports"][0]["layers"]
+        if len(layers) != 1:
+            problems.append(f"the served chain has {len(layers)} layers after the merge, not 1")
+        if self.args.no_verify:
+            return problems
+        # A different 4 KiB block of each cluster, so every part of a cluster is read somewhere.
+        offsets = [(c * CLUSTER + (c * 7) % (CLUSTER // (4 * KiB)) * 4 * KiB, pattern(c))
+                   for c in range(MERGE_SIZE // CLUSTER)]
+        res = run_cmd([PYTHON, "-c", PATTERN_CHECK, server.uri()], timeout=600,
+                      input=json.dumps(offsets))
+        found = json.loads(res.stdout)
+        if found["bad"]:
+            problems.append(f"{found['bad']} of {len(offsets)} blocks read wrong, first at {found['first']}")
+        return problems
+
     def run(self, selected: Sequence[str]) -> None:
         """Run the SELECTED benchmarks in a fixed order."""
         wanted = set(selected)
@@ -1452,6 +1773,9 @@ class Bench:
             steps.append((" + ".join(tls), lambda: self.bench_tls(tls)))
         if "space-reuse" in wanted:
             steps.append(("space-reuse", self.bench_space))
+        for name in MERGES:
+            if name in wanted:
+                steps.append((name, lambda n=name: self.bench_merge(n)))
         for label, step in steps:
             t0 = time.monotonic()
             log(f"== {label}")
@@ -1473,6 +1797,87 @@ def map_clusters() -> list[int]:
 def percentile_us(job: dict[str, Any], rw: str, pct: str) -> float:
     """A completion latency percentile (fio's key, e.g. "99.000000") of a fio job, in µs."""
     return float(fio_side(job, rw)["clat_ns"]["percentile"][pct]) / 1e3
+
+
+def per_io_log(prefix: Path) -> list[str]:
+    """fio options logging every I/O's completion latency (ns) with its Unix time (ms) to PREFIX_clat.1.log."""
+    for old in prefix.parent.glob(f"{prefix.name}_*.log"):
+        old.unlink()
+    return [f"--write_lat_log={prefix}", "--log_avg_msec=0", "--log_unix_epoch=1"]
+
+
+def read_lat_log(prefix: Path) -> list[tuple[float, float]]:
+    """(Unix time in ms, completion latency in µs) of every I/O in the log per_io_log(PREFIX) asked for."""
+    path = prefix.with_name(f"{prefix.name}_clat.1.log")
+    entries = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) >= 2:
+                entries.append((float(fields[0]), float(fields[1]) / 1e3))
+    if not entries:
+        raise BenchError(f"{path.name}: no latency log")
+    return entries
+
+
+def latency_figures(lats: Sequence[float]) -> dict[str, float]:
+    """p50, p99, p99.9 and max of LATS (µs, nearest rank), and how many there are."""
+    return {"p50": quantile(lats, 0.5), "p99": quantile(lats, 0.99), "p99.9": quantile(lats, 0.999),
+            "max": max(lats), "reads": float(len(lats))}
+
+
+def fio_report(out: Path) -> dict[str, Any] | None:
+    """The job report of a fio run stopped by SIGINT (its JSON comes after a "terminating" line), or None."""
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        text = out.read_text()
+        job: dict[str, Any] = json.loads(text[text.index("{"):])["jobs"][0]
+        return job
+    return None
+
+
+def control(path: Path, command: str, **arguments: object) -> dict[str, Any]:
+    """One request to a prlnbd control socket (as `prlnbd ctl`); its "return", or BenchError."""
+    from prlnbd.cli import control_request
+    from prlnbd.errors import PrlNbdError
+
+    try:
+        reply = control_request(str(path), command, arguments)
+    except PrlNbdError as exc:
+        raise BenchError(str(exc)) from None
+    if "error" in reply:
+        raise BenchError(f"ctl {command}: {reply['error']}")
+    result: dict[str, Any] = reply["return"]  # type: ignore[assignment]
+    return result
+
+
+def wait_for(ready: Callable[[], bool], what: str, timeout: float,
+             client: subprocess.Popen[str] | None = None) -> None:
+    """Poll READY() every 10 ms until it holds; BenchError after TIMEOUT s, or if CLIENT exits first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if client is not None and client.poll() is not None:
+            raise BenchError(f"the client exited ({client.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def check_bundle(bundle: Path) -> list[str]:
+    """What `prlnbd check` and `qemu-img check` find wrong in BUNDLE after a merge (one image left)."""
+    problems = []
+    images = image_files(bundle)
+    if len(images) != 1:
+        problems.append(f"{len(images)} images left in {bundle.name}, not 1")
+    res = subprocess.run([PYTHON, "-m", "prlnbd", "check", str(bundle)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        problems.append(f"prlnbd check exited {res.returncode}: {(res.stdout + res.stderr).strip()[-200:]}")
+    for image in images:
+        res = subprocess.run(["qemu-img", "check", "-q", "-f", "parallels", image],
+                             capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            problems.append(f"qemu-img check {image.name}: {(res.stdout + res.stderr).strip()[:200]}")
+    return problems
 
 
 def quantile(values: Sequence[float], q: float) -> float:
