@@ -60,7 +60,7 @@ def check_image(path: Path, *, repair: bool = False) -> list[Finding]:
         first = Finding(name, kind, str(e))
         # An extension whose clusters `qemu-img check -r` cut off is reported, and with REPAIR
         # dropped, before the rest of the image can be checked.
-        findings = _cut_extension(path, repair)
+        findings = _cut_extension(path, repair) if kind == "extension" else []
         if not findings or not all(f.fixed for f in findings):
             return findings or [first]
         try:
@@ -233,7 +233,8 @@ def _cut_extension(path: Path, repair: bool) -> list[Finding]:
     """
     name = str(path)
     try:
-        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
+        # O_NONBLOCK: never wait in open(2) (a FIFO); the image opened as one just before, so it is a file.
+        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return []
     try:
