@@ -267,6 +267,12 @@ class MergeCopy:
     child, opened apart: each of the child's data runs is written into it.
     step() and finish() block: for a worker thread. Copying again after a crash
     is correct: the same data is written again, or nothing is left to pull.
+
+    Online, "down" into the served top: TARGET is the served Disk itself and
+    SOURCE its layers[1]; a pull changes no guest byte, so no dirty bitmap is
+    marked. The server makes the copy durable as it flushes (begin_flush on
+    its loop thread, flush_io in a worker, end_flush), rather than through
+    sync()/finish(), which run all three in the calling thread.
     """
 
     def __init__(
@@ -753,9 +759,16 @@ def merge_disk(
             _repair_targets(plan, guards)
         _refuse_in_use(desc, plan)
         check_bitmaps_fit(plan)
-        begin_merge(plan, hook=hook)
-        moved = _copy(plan, guards, hook, progress)
-        deleted = commit_merge(plan, hook=hook)
+        try:
+            begin_merge(plan, hook=hook)
+            moved = _copy(plan, guards, hook, progress)
+            deleted = commit_merge(plan, hook=hook)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise ImageError(
+                f"{dpath}: merging snapshot {plan.guid} failed: {e.strerror or e}{where}; every state still reads"
+                f" as before; `prlnbd merge {path} {plan.guid}` finishes it once the cause is fixed"
+            ) from e
     finally:
         for fd in guards.values():
             os.close(fd)

@@ -279,3 +279,18 @@ def test_copy_down_is_idempotent_and_keeps_the_child(tmp_path: Path) -> None:
         finally:
             target.close()
     assert total == 0  # the second round
+
+
+def test_check_reports_a_leftover_journal_as_a_notice(tmp_path: Path) -> None:
+    from prlnbd.disk.merge import JOURNAL_NAME, begin_merge
+    from prlnbd.disk.tools import check_disk
+
+    disk, (root, _, _) = chain(tmp_path, [range(0, 2), range(0, 3), range(5, 6)])
+    begin_merge(plan_merge(parse_descriptor(disk), root))
+    assert (disk / JOURNAL_NAME).exists()
+    report = check_disk(disk)
+    notes = [f for f in report.findings if f.kind == "merge"]
+    assert len(notes) == 1 and root in notes[0].message and f"prlnbd merge {disk} {root}" in notes[0].message
+    assert report.exit_code == 0
+    # Opening the disk is not confused by it either.
+    open_disk(disk).close()
