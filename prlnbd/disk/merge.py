@@ -24,7 +24,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -922,7 +922,3 @@ def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> D
     ro.close()
     return disk
 
-
-def iter_guids(desc: Descriptor) -> Iterator[str]:
-    """The snapshot GUIDs of DESC's top chain, top first (for messages and tests)."""
-    yield from desc._guids(None)
