@@ -754,6 +754,9 @@ def merge_disk(
     plan = plan_merge(desc, g, direction=resume)
     guards = _lock_tops(desc, plan, path)
     try:
+        if parse_descriptor(dpath).top_guid != desc.top_guid:
+            # A snapshot was taken between the plan and the locks: the top held is no longer the top.
+            raise DescriptorError(f"{dpath}: the top changed while the merge started; run it again")
         if journal is not None:
             # Our own interrupted copy may have left its targets open (in_use): close them as check --repair does.
             _repair_targets(plan, guards)
@@ -861,40 +864,58 @@ def _copy(
     if progress is not None:
         progress(0, total)
     for part in plan.parts:
-        target = _open_target(plan, part, guards)
+        target, source = open_part(plan, part, guards)
         try:
-            source: Layer
-            own_source: ParallelsImage | None = None
-            if plan.direction == "down":
-                source = target.layers[1]
-            else:
-                own_source = ParallelsImage.open(part.source.file)
-                source = own_source
-            try:
-                mc = MergeCopy(plan, target, source, hook=hook)
-                since_sync = 0
-                while True:
-                    n = mc.step(STEP_BYTES)
-                    if n == 0:
-                        break
-                    done += n
-                    since_sync += n
-                    if since_sync >= SYNC_EVERY:
-                        mc.sync()
-                        since_sync = 0
-                    if progress is not None:
-                        progress(done, max(total, done))
-                mc.finish()
-                move_bitmaps(plan, target, source)
-            finally:
-                if own_source is not None:
-                    own_source.close()
+            mc = MergeCopy(plan, target, source, hook=hook)
+            since_sync = 0
+            while n := mc.step(STEP_BYTES):
+                done += n
+                since_sync += n
+                if since_sync >= SYNC_EVERY:
+                    mc.sync()
+                    since_sync = 0
+                if progress is not None:
+                    progress(done, max(total, done))
+            mc.finish()
+            move_bitmaps(plan, target, source)
             hook()
         finally:
-            target.close()  # the clean stop: BAT durable, bitmaps stored, in_use cleared
+            close_part(plan, target, source)
     if progress is not None:
         progress(max(total, done), max(total, done))
     return done
+
+
+def open_part(plan: MergePlan, part: MergePart, guards: dict[Path, int] | None = None) -> tuple[Disk, Layer]:
+    """Open what the copy of PART needs: (the target Disk, writable, on part.target_chain; the source layer).
+
+    "down": the source is the target Disk's layers[1]. "up": the source, the
+    child, is opened read-only on its own. Close both with close_part(). (A
+    server merging down into its served top passes its own Disk and layers[1]
+    to MergeCopy instead.)
+    """
+    target = _open_target(plan, part, guards or {})
+    if plan.direction == "down":
+        return target, target.layers[1]
+    try:
+        return target, ParallelsImage.open(part.source.file)
+    except BaseException:
+        target.close()
+        raise
+
+
+def close_part(plan: MergePlan, target: Disk, source: Layer) -> None:
+    """Close what open_part() opened: the source (for "up"), then the target with a clean stop.
+
+    The clean stop makes the BAT durable, stores the dirty bitmaps (those
+    move_bitmaps() gave it) and clears in_use: only after it may the
+    descriptor change (commit_merge).
+    """
+    try:
+        if plan.direction == "up":
+            source.close()
+    finally:
+        target.close()
 
 
 def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> Disk:
