@@ -24,7 +24,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -267,6 +267,12 @@ class MergeCopy:
     child, opened apart: each of the child's data runs is written into it.
     step() and finish() block: for a worker thread. Copying again after a crash
     is correct: the same data is written again, or nothing is left to pull.
+
+    Online, "down" into the served top: TARGET is the served Disk itself and
+    SOURCE its layers[1]; a pull changes no guest byte, so no dirty bitmap is
+    marked. The server makes the copy durable as it flushes (begin_flush on
+    its loop thread, flush_io in a worker, end_flush), rather than through
+    sync()/finish(), which run all three in the calling thread.
     """
 
     def __init__(
@@ -748,14 +754,24 @@ def merge_disk(
     plan = plan_merge(desc, g, direction=resume)
     guards = _lock_tops(desc, plan, path)
     try:
+        if parse_descriptor(dpath).top_guid != desc.top_guid:
+            # A snapshot was taken between the plan and the locks: the top held is no longer the top.
+            raise DescriptorError(f"{dpath}: the top changed while the merge started; run it again")
         if journal is not None:
             # Our own interrupted copy may have left its targets open (in_use): close them as check --repair does.
             _repair_targets(plan, guards)
         _refuse_in_use(desc, plan)
         check_bitmaps_fit(plan)
-        begin_merge(plan, hook=hook)
-        moved = _copy(plan, guards, hook, progress)
-        deleted = commit_merge(plan, hook=hook)
+        try:
+            begin_merge(plan, hook=hook)
+            moved = _copy(plan, guards, hook, progress)
+            deleted = commit_merge(plan, hook=hook)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise ImageError(
+                f"{dpath}: merging snapshot {plan.guid} failed: {e.strerror or e}{where}; every state still reads"
+                f" as before; `prlnbd merge {path} {plan.guid}` finishes it once the cause is fixed"
+            ) from e
     finally:
         for fd in guards.values():
             os.close(fd)
@@ -848,40 +864,58 @@ def _copy(
     if progress is not None:
         progress(0, total)
     for part in plan.parts:
-        target = _open_target(plan, part, guards)
+        target, source = open_part(plan, part, guards)
         try:
-            source: Layer
-            own_source: ParallelsImage | None = None
-            if plan.direction == "down":
-                source = target.layers[1]
-            else:
-                own_source = ParallelsImage.open(part.source.file)
-                source = own_source
-            try:
-                mc = MergeCopy(plan, target, source, hook=hook)
-                since_sync = 0
-                while True:
-                    n = mc.step(STEP_BYTES)
-                    if n == 0:
-                        break
-                    done += n
-                    since_sync += n
-                    if since_sync >= SYNC_EVERY:
-                        mc.sync()
-                        since_sync = 0
-                    if progress is not None:
-                        progress(done, max(total, done))
-                mc.finish()
-                move_bitmaps(plan, target, source)
-            finally:
-                if own_source is not None:
-                    own_source.close()
+            mc = MergeCopy(plan, target, source, hook=hook)
+            since_sync = 0
+            while n := mc.step(STEP_BYTES):
+                done += n
+                since_sync += n
+                if since_sync >= SYNC_EVERY:
+                    mc.sync()
+                    since_sync = 0
+                if progress is not None:
+                    progress(done, max(total, done))
+            mc.finish()
+            move_bitmaps(plan, target, source)
             hook()
         finally:
-            target.close()  # the clean stop: BAT durable, bitmaps stored, in_use cleared
+            close_part(plan, target, source)
     if progress is not None:
         progress(max(total, done), max(total, done))
     return done
+
+
+def open_part(plan: MergePlan, part: MergePart, guards: dict[Path, int] | None = None) -> tuple[Disk, Layer]:
+    """Open what the copy of PART needs: (the target Disk, writable, on part.target_chain; the source layer).
+
+    "down": the source is the target Disk's layers[1]. "up": the source, the
+    child, is opened read-only on its own. Close both with close_part(). (A
+    server merging down into its served top passes its own Disk and layers[1]
+    to MergeCopy instead.)
+    """
+    target = _open_target(plan, part, guards or {})
+    if plan.direction == "down":
+        return target, target.layers[1]
+    try:
+        return target, ParallelsImage.open(part.source.file)
+    except BaseException:
+        target.close()
+        raise
+
+
+def close_part(plan: MergePlan, target: Disk, source: Layer) -> None:
+    """Close what open_part() opened: the source (for "up"), then the target with a clean stop.
+
+    The clean stop makes the BAT durable, stores the dirty bitmaps (those
+    move_bitmaps() gave it) and clears in_use: only after it may the
+    descriptor change (commit_merge).
+    """
+    try:
+        if plan.direction == "up":
+            source.close()
+    finally:
+        target.close()
 
 
 def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> Disk:
@@ -909,10 +943,6 @@ def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> D
     ro.close()
     return disk
 
-
-def iter_guids(desc: Descriptor) -> Iterator[str]:
-    """The snapshot GUIDs of DESC's top chain, top first (for messages and tests)."""
-    yield from desc._guids(None)
 
 
 def merge_kill_hook() -> Callable[[], None]:

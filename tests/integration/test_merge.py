@@ -297,6 +297,7 @@ def test_merge_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert "removed" in res.stdout
 
 
+@pytest.mark.slow
 def test_merge_killed_at_random_steps_then_finished(tmp_path: Path) -> None:
     """SIGKILL at a random step of a merge: every remaining state reads the same, before and after the rerun."""
     seed = int(os.environ.get("PRLNBD_MERGE_SEED", random.randrange(1 << 30)))

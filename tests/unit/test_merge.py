@@ -9,7 +9,7 @@ from lxml import etree
 
 from prlnbd.disk.chain import open_chain, open_disk
 from prlnbd.disk.descriptor import ZERO_GUID, build_descriptor, parse_descriptor, save_descriptor
-from prlnbd.disk.merge import MergeCopy, MergePlan, plan_merge, rewrite_descriptor
+from prlnbd.disk.merge import MergeCopy, MergePlan, commit_merge, plan_merge, rewrite_descriptor
 from prlnbd.disk.tools import create_disk, snapshot_disk
 from prlnbd.errors import DescriptorError
 from prlnbd.image.create import write_image
@@ -279,3 +279,48 @@ def test_copy_down_is_idempotent_and_keeps_the_child(tmp_path: Path) -> None:
         finally:
             target.close()
     assert total == 0  # the second round
+
+
+def test_check_reports_a_leftover_journal_as_a_notice(tmp_path: Path) -> None:
+    from prlnbd.disk.merge import JOURNAL_NAME, begin_merge
+    from prlnbd.disk.tools import check_disk
+
+    disk, (root, _, _) = chain(tmp_path, [range(0, 2), range(0, 3), range(5, 6)])
+    begin_merge(plan_merge(parse_descriptor(disk), root))
+    assert (disk / JOURNAL_NAME).exists()
+    report = check_disk(disk)
+    notes = [f for f in report.findings if f.kind == "merge"]
+    assert len(notes) == 1 and root in notes[0].message and f"prlnbd merge {disk} {root}" in notes[0].message
+    assert report.exit_code == 0
+    # Opening the disk is not confused by it either.
+    open_disk(disk).close()
+
+
+def test_copy_down_never_overwrites_what_the_child_got_meanwhile(tmp_path: Path) -> None:
+    """Online, guest writes reach the child during the copy: a cluster written first is not pulled over."""
+    disk, (root, mid, _) = chain(tmp_path, [range(0, 1), range(0, 8), range(20, 21)])
+    desc = parse_descriptor(disk)
+    plan = plan_merge(desc, mid, online=True)
+    assert plan.direction == "down" and plan.child_is_top
+    target = open_disk(disk, writable=True)  # the served disk: the top over mid over root
+    try:
+        mc = MergeCopy(plan, target, target.layers[1])
+        assert mc.total == 8 * K64
+        target.write(3 * K64 + 10, b"\xee" * 100)  # a guest write after the plan, before the copy
+        while mc.step(3 * K64):
+            pass
+        mc.finish()
+        data = bytes(target.read(0, SIZE)[0])
+    finally:
+        target.close()
+    want = bytearray([2]) * (8 * K64) + bytes(SIZE - 8 * K64)
+    want[3 * K64 + 10 : 3 * K64 + 110] = b"\xee" * 100
+    want[20 * K64 : 21 * K64] = bytes([3]) * K64
+    assert data == bytes(want)
+    assert commit_merge(plan) == [plan.source.file] and not plan.source.file.exists()
+    after = open_disk(disk)
+    try:
+        assert bytes(after.read(0, SIZE)[0]) == bytes(want)
+        assert after.guids == [plan.child, root]
+    finally:
+        after.close()
