@@ -114,9 +114,11 @@ def assert_same(bundle: Path, before: dict[str, bytes], removed: str) -> None:
 
 # Layouts of a 4-layer chain (root, a, b, top) that make merging layer V go DIRECTION:
 # the merged layer and its child get many or few clusters; the rest overlap them in part.
-def layout(victim: int, direction: str, cs: list[int] | None = None) -> list[tuple[int, list[support.Write]]]:
+def layout(
+    victim: int, direction: str, cs: list[int] | None = None, few: int = 3
+) -> list[tuple[int, list[support.Write]]]:
     sizes = cs or [K64] * 4
-    many, few = 40, 3
+    many = 40
     out = []
     for i in range(4):
         c = sizes[i]
@@ -305,12 +307,13 @@ def test_merge_killed_at_random_steps_then_finished(tmp_path: Path) -> None:
     cases = []
     for victim, direction in ((0, "down"), (2, "up"), (2, "down"), (1, "up")):
         src = tmp_path / f"src-{victim}-{direction}"
-        guids = build(src / "b.hdd", layout(victim, direction))
+        guids = build(src / "b.hdd", layout(victim, direction, few=12))
         if (victim, direction) == (2, "up"):
             assert prlnbd("bitmap", src / "b.hdd", "add", BITMAP).returncode == 0
         plan = plan_merge(parse_descriptor(src / "b.hdd"), guids[victim])
         assert plan.direction == direction
-        steps = plan.bytes // K64 + 16  # a kill point per cluster, sync and descriptor step, and some past the end
+        # A kill point per cluster copied and about 10 for syncs, journal and descriptor; a few past the end.
+        steps = plan.bytes // K64 + 12
         cases.append((src, guids, victim, direction, states(src / "b.hdd"), steps))
     killed = 0
     for round_ in range(ROUNDS):
@@ -338,4 +341,5 @@ def test_merge_killed_at_random_steps_then_finished(tmp_path: Path) -> None:
         assert sorted(p.name for p in bundle.iterdir()) == sorted(
             ["DiskDescriptor.xml", *(f.name for f in files(bundle))]
         ), why
-    assert killed >= ROUNDS // 2, f"seed {seed}: only {killed} of {ROUNDS} rounds were killed"
+    # About 9 in 10 rounds are killed; far fewer means the kill points moved (seen as 0 when the hook is gone).
+    assert killed >= ROUNDS // 3, f"seed {seed}: only {killed} of {ROUNDS} rounds were killed"
