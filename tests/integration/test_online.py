@@ -630,7 +630,8 @@ def test_online_merge_killed_at_random_steps_then_finished_offline(tmp_path: Pat
         assert read_offline(disk) == bytes(expected), why
         assert prl("check", disk).returncode == 0, why
         assert sorted(p.name for p in disk.iterdir() if p.suffix == ".hds") == [Path(info["layers"][0]["file"]).name]
-    assert killed >= rounds // 2, f"seed {seed}: only {killed} of {rounds} rounds were killed"
+    # About 9 kill points in 10 fall inside the merge: a run killing fewer than 2 of 8 rounds tested little.
+    assert killed >= min(2, rounds), f"seed {seed}: only {killed} of {rounds} rounds were killed"
 
 
 def test_query_shows_a_merge_in_progress(tmp_path: Path) -> None:
