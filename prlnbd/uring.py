@@ -54,6 +54,9 @@ _CQE = struct.Struct("<QiI")
 _U32 = struct.Struct("<I")
 
 DEFAULT_ENTRIES = 256
+# How long a submission the kernel refused for want of resources (EAGAIN) waits to be retried,
+# when no read in flight will end and retry it sooner.
+RETRY_DELAY = 0.001
 # One SQE reads at most this much: the kernel's limit for one read (MAX_RW_COUNT) is a little
 # under 2 GiB; requests are far smaller, this only keeps len within its u32.
 _MAX_LEN = 1 << 30
@@ -321,10 +324,13 @@ class UringReader:
         try:
             self.ring.submit()
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EBUSY):
-                # The kernel is short of resources for now: completions will make room.
-                return
-            raise
+            if e.errno not in (errno.EAGAIN, errno.EBUSY):
+                raise
+            # The kernel is short of resources for now: completions make room, and with none
+            # in flight to bring one, a retry after a moment must.
+            if len(self._ops) <= self.ring.unsubmitted:
+                self._submit_pending = True
+                self._loop.call_later(RETRY_DELAY, self._submit)
 
     def _complete(self) -> None:
         """The eventfd fired: run the callbacks of the reads that ended; resubmit what is left of short ones."""
