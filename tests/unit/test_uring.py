@@ -206,3 +206,34 @@ def test_server_refuses_to_start_without_io_uring(monkeypatch: pytest.MonkeyPatc
         asyncio.run(main())
     message = str(info.value)
     assert "--aio=io_uring" in message and "Operation not permitted" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["writeback", "none"])
+def test_split_disk_read_via_the_ring_across_pieces(tmp_path: Path, direct: bool) -> None:
+    """A split disk: reads within a piece and across piece boundaries, buffered and O_DIRECT, give read()'s bytes."""
+    from tests.unit.test_split import STARTS, bundle, expected
+
+    disk = open_disk(bundle(tmp_path, 2))
+    if direct:
+        disk.open_direct()
+    want = expected(2)
+    rng = random.Random(9)
+    spans = [(0, len(want)), (STARTS[1] - 100, 300), (STARTS[1] - 4096, 8192), (STARTS[2] - 65536, 131072)]
+    spans += [(o, rng.randrange(1, len(want) - o)) for o in (rng.randrange(len(want) - 1) for _ in range(30))]
+
+    async def body(reader: uring.UringReader) -> None:
+        for offset, length in spans:
+            plan = disk.read_begin(offset, length)
+            assert sum(sum(p._active.values()) for p in disk.pieces) >= 1
+            assert await read(reader, plan.ios) is None
+            plan.release()
+            assert bytes(plan.buf) == want[offset : offset + length], (offset, length)
+            assert [(r.offset, r.length, r.zero) for r in plan.runs] == [
+                (r.offset, r.length, r.zero) for r in disk.read(offset, length)[1]
+            ]
+        assert not any(p._active for p in disk.pieces)
+
+    try:
+        run(body)
+    finally:
+        disk.close()
