@@ -504,7 +504,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self._send_read(req, got)
         elif self.server.ring is not None:
             # --aio=io_uring: the runs are read by the ring, reaped on this loop, with no thread
-            # handoff per request (tests/bench cold-read-rand and its prlnbd-aio-io_uring row).
+            # hand-off per request. Earned on tests/bench rows cold-read-rand/prlnbd-aio-io_uring:threads
+            # and vm-backup-{copy,write}-cold/aio-io_uring:threads; opt-in, since cold-read-rand-qd1
+            # and cold-read-seq did not gain.
             self.inflight += 1
             try:
                 export.read_via(self.server.ring, req.offset, req.length, partial(self._ring_done, req))
