@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--aio",
-        choices=("threads",),
+        choices=("threads", "io_uring"),
         default="threads",
-        help="how disk I/O leaves the event loop: a pool of worker threads (the only choice yet)",
+        help="how disk I/O leaves the event loop: threads, a pool of worker threads (default); io_uring:"
+        " READs that miss the page cache go through an io_uring reaped on the event loop, the rest to the pool",
     )
     serve.add_argument(
         "--max-connections",
@@ -513,6 +514,7 @@ async def _make_server(exports: dict[str, Export], args: argparse.Namespace, tls
         max_connections=getattr(args, "max_connections", DEFAULT_MAX_CONNECTIONS),
         max_per_address=getattr(args, "max_connections_per_address", DEFAULT_MAX_PER_ADDRESS),
         allow_outside_bundle=getattr(args, "allow_outside_bundle", False),
+        aio=getattr(args, "aio", "threads"),
     )
 
 

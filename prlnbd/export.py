@@ -16,6 +16,7 @@ import struct
 import sys
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
 
 from prlnbd.disk.chain import Disk
 from prlnbd.disk.split import SplitDisk
@@ -50,6 +51,14 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 # What a raw top layer's status is recomputed over after a write, around the bytes written:
 # the file system allocates blocks, not bytes (a Parallels top changes in whole clusters).
 _RAW_GRAIN = 1 << 20
+class Reader(Protocol):
+    """What read_via() needs of a reader that runs reads off the event loop's thread of control."""
+
+    def read_all(
+        self, ios: Sequence[tuple[int, int, memoryview, int]], callback: Callable[[BaseException | None], None]
+    ) -> None: ...
+
+
 # The depth map's code for "the top layer holds it, as data" (see Disk.depth_runs).
 _TOP_DATA = 1 << 1
 
@@ -416,6 +425,35 @@ class Export:
         except OSError as e:
             raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
         return buf, [(r.offset, r.length) for r in runs if r.zero]
+
+    def read_via(
+        self,
+        reader: Reader,
+        offset: int,
+        length: int,
+        callback: Callable[[tuple[Buffer, list[tuple[int, int]]] | None, BaseException | None], None],
+    ) -> None:
+        """read(), its data runs run by READER (io_uring, on the event loop); then CALLBACK(result, None)
+        or CALLBACK(None, error), as the I/O pool calls back."""
+        try:
+            plan = self.disk.read_begin(offset, length)
+        except OSError as e:
+            raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
+
+        def done(error: BaseException | None) -> None:
+            plan.release()
+            if isinstance(error, OSError):
+                callback(None, RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {error.strerror}"))
+            elif error is not None:
+                callback(None, error)
+            else:
+                callback((plan.buf, [(r.offset, r.length) for r in plan.runs if r.zero]), None)
+
+        try:
+            reader.read_all(plan.ios, done)
+        except BaseException:
+            plan.release()
+            raise
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to read the host ranges behind [offset, offset+length) into its cache (NBD CACHE)."""

@@ -9,8 +9,9 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -60,6 +61,22 @@ def close_all(things: Iterable[Layer] | Iterable[Disk]) -> None:
             error = error or e
     if error is not None:
         raise error
+
+
+@dataclass
+class ReadPlan:
+    """A read resolved through the chain, for the caller to run: see Disk.read_begin()."""
+
+    buf: bytes | bytearray | memoryview
+    runs: list[Run]
+    ios: list[tuple[int, int, memoryview, int]]
+    releases: list[Callable[[], None]]
+
+    def release(self) -> None:
+        """The reads ended (or will never run): let the disk reuse what they looked up."""
+        releases, self.releases = self.releases, []
+        for release in releases:
+            release()
 
 
 class Run:
@@ -396,6 +413,36 @@ class Disk:
             return buf, runs
         finally:
             self._leave(epoch)
+
+    def read_begin(self, offset: int, length: int) -> ReadPlan:
+        """What read() would do, as reads for the caller to run (io_uring): the buffer, the runs and,
+        per data run, (fd, buffered fd, part of the buffer, host offset).
+
+        The plan holds this read's epoch until its release() is called, after the
+        last of its reads ended: no cluster it looked up is reused, and no layer
+        it reads is closed, before then.
+        """
+        epoch = self._enter()
+        try:
+            runs = self._runs(offset, length)
+            buf = self._buffer(length)
+            ios = self._ios_into(memoryview(buf), offset, runs)
+        except BaseException:
+            self._leave(epoch)
+            raise
+        return ReadPlan(buf, runs, ios, [partial(self._leave, epoch)])
+
+    def _ios_into(self, view: memoryview, offset: int, runs: list[Run]) -> list[tuple[int, int, memoryview, int]]:
+        ios = []
+        for run in runs:
+            if not run.zero and run.layer is not None:
+                start = run.offset - offset
+                piece = view[start : start + run.length]
+                fd = run.layer.fd
+                dfd = self._direct.get(fd)
+                use = dfd if dfd is not None and _aligned(run.host, run.length) and _aligned_memory(piece) else fd
+                ios.append((use, fd, piece, run.host))
+        return ios
 
     def read_nowait(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
         """read(), when every byte can be had without waiting on storage (cached, or a hole); else None.

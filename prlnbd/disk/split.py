@@ -17,12 +17,14 @@ its part at the clean stop as a single image stores its bitmaps.
 from __future__ import annotations
 
 import bisect
+import mmap
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, Run, close_all, open_chain
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, ReadPlan, Run, close_all, open_chain
 from prlnbd.disk.descriptor import Descriptor, Piece
 from prlnbd.errors import DescriptorError, ExtensionError, PrlNbdError
 from prlnbd.image.extension import DirtyBitmap, Extension, SplitBitmap, feature_space, kept_features, new_bitmap
@@ -184,6 +186,31 @@ class SplitDisk(Disk):
             out[start : start + n] = buf
             all_runs += self._shift(runs, base)
         return out, all_runs
+
+    def read_begin(self, offset: int, length: int) -> ReadPlan:
+        """Disk.read_begin() piece by piece, into one buffer; the plan holds each piece's epoch."""
+        parts = list(self._parts(offset, length))
+        if len(parts) == 1:
+            piece, base, at, n = parts[0]
+            plan = piece.read_begin(at, n)
+            plan.runs = self._shift(plan.runs, base)
+            return plan
+        direct = any(piece.direct for piece, _, _, _ in parts)
+        buf: bytearray | memoryview = memoryview(mmap.mmap(-1, length)) if direct and length else bytearray(length)
+        view = memoryview(buf)
+        out = ReadPlan(buf, [], [], [])
+        try:
+            for piece, base, at, n in parts:
+                epoch = piece._enter()
+                out.releases.append(partial(piece._leave, epoch))
+                runs = piece._runs(at, n)
+                start = base + at - offset
+                out.ios += piece._ios_into(view[start : start + n], at, runs)
+                out.runs += self._shift(runs, base)
+        except BaseException:
+            out.release()
+            raise
+        return out
 
     def read_nowait(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
         """read(), when every piece can be read without waiting on storage; else None."""

@@ -1212,6 +1212,10 @@ class Bench:
                              capture_output=True, text=True, timeout=60)
         return res.stdout
 
+    def aio_modes(self) -> list[str]:
+        """The --aio modes to measure beside prlnbd's default (none with --self-test)."""
+        return [] if self.self_test else [m for m in self.args.aio if m != "threads"]
+
     def direct_engine(self, image: Path) -> str:
         """The fio engine for O_DIRECT reads of a file: io_uring when it works here, else libaio."""
         for engine in ("io_uring", "libaio"):
@@ -1243,6 +1247,11 @@ class Bench:
         q = self.start_qemu(image, True)
         qn = self.start_qemu(image, True, "--cache=none", "--aio=native")
         sn = self.start_subject(image, True, extra=["--cache=none"]) if has_cache else None
+        # --aio MODE: the same prlnbd sides again with --aio=MODE, in the same rotation.
+        aio = {mode: (self.start_subject(image, True, extra=[f"--aio={mode}"]),
+                      self.start_subject(image, True, extra=["--cache=none", f"--aio={mode}"])
+                      if has_cache else None)
+               for mode in self.aio_modes()}
         try:
             for name in names:
                 rw, bs, qd, unit = specs[name]
@@ -1270,10 +1279,18 @@ class Bench:
                 sides = [(self.subject, cold_nbd(s), figures["s"]),
                          ("qemu-nbd", cold_nbd(q), figures["q"]),
                          ("qemu-nbd none/native", cold_nbd(qn), figures["qn"])]
+                for mode, (sa, _) in aio.items():
+                    figures[f"s-{mode}"] = []
+                    sides.append((f"{self.subject} --aio={mode}", cold_nbd(sa), figures[f"s-{mode}"]))
                 if name == "cold-read-rand":
                     sides.append((f"fio direct=1 {engine}", device, figures["dev"]))
                     if sn is not None:
                         sides.append((f"{self.subject} --cache=none", cold_nbd(sn), figures["sn"]))
+                    for mode, (_, sna) in aio.items():
+                        if sna is not None:
+                            figures[f"sn-{mode}"] = []
+                            sides.append((f"{self.subject} --cache=none --aio={mode}", cold_nbd(sna),
+                                          figures[f"sn-{mode}"]))
                 error = None
                 try:
                     self.rotate(name, unit, sides)
@@ -1300,6 +1317,19 @@ class Bench:
                         none = self.new_row(f"{name}/prlnbd-cache-none", unit, qemu_label[best])
                         none.prlnbd, none.ref = figures["sn"], figures[best]
                         rows.append(none)
+                for mode in aio:
+                    variants = [("s", "", row)]
+                    if f"sn-{mode}" in figures:
+                        variants.append(("sn", "-cache-none", rows[-1]))
+                    for key, label, base in variants:
+                        vs_qemu = self.new_row(f"{name}/prlnbd{label}-aio-{mode}", unit, qemu_label[best])
+                        vs_qemu.target = self.args.targets.get(base.name, TARGETS.get(base.name))
+                        vs_qemu.prlnbd, vs_qemu.ref = figures[f"{key}-{mode}"], figures[best]
+                        vs_threads = self.new_row(f"{name}/prlnbd{label}-aio-{mode}:threads", unit,
+                                                  f"{self.subject}{label.replace('-cache-none', ' --cache=none')}"
+                                                  " --aio=threads")
+                        vs_threads.prlnbd, vs_threads.ref = figures[f"{key}-{mode}"], figures[key]
+                        rows += [vs_qemu, vs_threads]
                 if runtime is None:
                     row.notes.append(f"each run reads {size // GiB} GiB once, from the start")
                 if error is not None:
@@ -1307,7 +1337,7 @@ class Bench:
                         r.status = "ERROR"
                         r.notes.append(error)
         finally:
-            for server in (s, q, qn, sn):
+            for server in (s, q, qn, sn, *(x for pair in aio.values() for x in pair)):
                 if server is not None:
                     self.stop(server)
 
@@ -1328,17 +1358,27 @@ class Bench:
         p50 = self.new_row(f"{name}/p50", "µs", ref, higher=False)
         p999 = self.new_row(f"{name}/p99.9", "µs", ref, higher=False)
         bput = self.new_row(f"{name}/B", "MiB/s", ref)
-        rows = (p99, p50, p999, bput)
+        rows = [p99, p50, p999, bput]
         stalls: dict[bool, list[float]] = {True: [], False: []}
         worst: dict[bool, list[float]] = {True: [], False: []}
+        # Every side's figures by key: "s" prlnbd, "q" qemu-nbd, "s-MODE" prlnbd --aio=MODE.
+        modes = self.aio_modes()
+        keys = ["s", "q", *(f"s-{m}" for m in modes)]
+        figs: dict[str, dict[str, list[float]]] = {k: {"p99": [], "p50": [], "p99.9": [], "B": []}
+                                                   for k in keys}
 
-        def measure(subject: bool, server: Server | None) -> float:
+        def start(key: str, read_only: bool) -> Server:
+            if key == "q":
+                return self.start_qemu(image, read_only)
+            extra = [f"--aio={key[2:]}"] if key.startswith("s-") else []
+            return self.start_subject(image, read_only, extra=extra)
+
+        def measure(key: str, server: Server | None) -> float:
             # Two writable servers may not hold one image at once (each marks it in
             # use): for the write scenes, each measurement starts its own server.
             own = server is None
             if server is None:
-                server = (self.start_subject(image, False) if subject
-                          else self.start_qemu(image, False))
+                server = start(key, False)
             try:
                 if temp == "cold":
                     evict(image)
@@ -1349,24 +1389,41 @@ class Bench:
             finally:
                 if own:
                     self.stop(server)
-            for row, key in ((p50, "p50"), (p999, "p99.9"), (bput, "B")):
-                (row.prlnbd if subject else row.ref).append(fig[key])
-            stalls[subject].append(fig["B stall"])
-            worst[subject].append(fig["max"])
+            for part in ("p50", "p99.9", "B"):
+                figs[key][part].append(fig[part])
+            if key in ("s", "q"):
+                stalls[key == "s"].append(fig["B stall"])
+                worst[key == "s"].append(fig["max"])
             return fig["p99"]
 
+        labels = {"s": self.subject, "q": ref, **{f"s-{m}": f"{self.subject} --aio={m}" for m in modes}}
+        servers: dict[str, Server | None] = dict.fromkeys(keys)
         try:
-            if writable:
-                self.alternate(p99, lambda _i: measure(True, None), lambda _i: measure(False, None))
-            else:
-                with self.pair(self.start_subject(image, True),
-                               self.start_qemu(image, True)) as (s, q):
-                    self.alternate(p99, lambda _i: measure(True, s), lambda _i: measure(False, q))
+            if not writable:
+                for key in keys:
+                    servers[key] = start(key, True)
+            self.rotate(name, "µs", [(labels[k], lambda _i, k=k: measure(k, servers[k]), figs[k]["p99"])
+                                     for k in keys])
         except (BenchError, SkipBench, RuntimeError) as exc:
             for row in rows:
                 row.status = "SKIP" if isinstance(exc, SkipBench) else "ERROR"
             p99.notes.append(str(exc))
             log(f"  {name}: {p99.status}: {exc}")
+        finally:
+            for server in servers.values():
+                if server is not None:
+                    self.stop(server)
+        for row, part in ((p99, "p99"), (p50, "p50"), (p999, "p99.9"), (bput, "B")):
+            row.prlnbd, row.ref = figs["s"][part], figs["q"][part]
+        for m in modes:
+            for suffix, part, other, higher in (("", "p99", "q", False), ("/B", "B", "q", True),
+                                                (":threads", "p99", "s", False)):
+                variant = self.new_row(f"{name}/aio-{m}{suffix}", "MiB/s" if part == "B" else "µs",
+                                       labels[other], higher=higher)
+                base = f"{name}{suffix}" if other == "q" else None
+                variant.target = self.args.targets.get(base, TARGETS.get(base)) if base else None
+                variant.prlnbd, variant.ref = figs[f"s-{m}"][part], figs[other][part]
+                variant.status = p99.status
         if stalls[True]:
             gap = ("B's longest stretch with nothing written (fio's 100 ms bandwidth log)"
                    if writable else "the longest gap between nbdcopy's progress lines "
@@ -1987,6 +2044,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "image; default: WORKDIR/prlnbd-bench-cache)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the data and maps the two sides serve")
+    p.add_argument("--aio", action="append", default=[], metavar="MODE",
+                   help="also measure prlnbd serve --aio=MODE (e.g. io_uring) in the cold-read and "
+                        "vm-backup rows, beside the default, in the same rotation")
     p.add_argument("--target", action="append", default=[], metavar="NAME=RATIO",
                    help="override a target ratio, e.g. read-rand=0.6")
     p.add_argument("--check", action="store_true",

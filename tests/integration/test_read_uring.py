@@ -1,0 +1,164 @@
+"""`serve --aio=io_uring`: READs that miss the page cache go through the ring, and read what qemu-nbd reads.
+
+Every image is evicted from the page cache (fsync, then POSIX_FADV_DONTNEED)
+before it is read, so the reads cannot be answered inline from the cache and
+really go to the ring; the server's closing line counts them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from prlnbd import uring
+from tests import support
+from tests.integration.test_read_chain import CHAINS, SIZE, assert_bytes, build, reference
+
+try:
+    uring.Ring(1).close()
+    UNAVAILABLE = None
+except OSError as _e:
+    UNAVAILABLE = uring.why_unavailable(_e)
+
+pytestmark = [
+    pytest.mark.skipif(
+        not all(support.have(t) for t in ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "fincore")),
+        reason="qemu-utils, libnbd-bin and util-linux are needed",
+    ),
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring: {UNAVAILABLE}"),
+]
+
+
+def evict(paths: list[Path]) -> None:
+    """Write the files' dirty pages out and drop all their pages from the page cache."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident(paths: list[Path]) -> int:
+    """How many bytes of PATHS are in the page cache, as fincore(1) counts them."""
+    res = support.run("fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths))
+    return sum(int(line) for line in res.stdout.split())
+
+
+def ring_reads(server: support.Server) -> int:
+    """How many reads the stopped server's ring ran (its closing line)."""
+    found = re.search(r"io_uring: (\d+) reads for (\d+) requests", server.log_text())
+    assert found, server.log_text()[-2000:]
+    return int(found.group(1))
+
+
+def random_reads(uri: str, want: bytes, seed: int, count: int = 300) -> None:
+    """COUNT reads at random offsets and lengths, 8 in flight at once, each equal to WANT's bytes."""
+    import nbd
+
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    todo = []
+    for _ in range(count):
+        length = rng.choice([1, 512, 4096, 65536, rng.randrange(1, 1 << 20)])
+        offset = rng.randrange(0, len(want) - length)
+        if rng.random() < 0.3:
+            offset &= ~4095
+            length = max(4096, length & ~4095)
+            offset = min(offset, len(want) - length)
+        todo.append((offset, length))
+    for i in range(0, count, 8):
+        batch = [(off, n, nbd.Buffer(n)) for off, n in todo[i : i + 8]]
+        cookies = [h.aio_pread(buf, off) for off, _, buf in batch]
+        for cookie in cookies:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        for off, n, buf in batch:
+            assert_bytes(buf.to_bytearray(), want[off : off + n], f"{n} bytes at {off}")
+    h.shutdown()
+
+
+@pytest.mark.parametrize("name", ["4-mixed", "5-raw-root"])
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_cold_chain_through_the_ring_matches_qemu(tmp_path: Path, name: str, cache: str) -> None:
+    bundle = tmp_path / "vm.hdd"
+    chain = build(bundle, CHAINS[name])
+    support.write_descriptor(bundle, chain.paths, SIZE)
+    want = chain.expected_bytes()
+    prl = support.start_prlnbd(tmp_path, [str(bundle)], "--read-only", "--aio=io_uring", f"--cache={cache}")
+    with support.running(prl), support.running(reference(tmp_path, chain)) as ref:
+        evict(chain.paths)
+        # The premise: nothing of the chain is in the page cache now.
+        assert resident(chain.paths) == 0
+        got = support.nbd_pread(prl.uri(), chunk=256 << 10)
+        assert_bytes(got, want, f"prlnbd --aio=io_uring --cache={cache}")
+        assert_bytes(support.nbd_pread(ref.uri()), want, "qemu-nbd")
+        evict(chain.paths)
+        random_reads(prl.uri(), want, seed=len(name))
+        evict(chain.paths)
+        res = support.run("qemu-img", "compare", "-f", "raw", "-F", "raw", prl.uri(), ref.uri(), check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+    assert prl.stop() == 0
+    assert "Traceback" not in prl.log_text()
+    # The reads above went through the ring, not the thread pool: with --cache=none every read of
+    # data does (the whole disk in 256 KiB chunks, 300 random reads, qemu-img compare's).
+    assert ring_reads(prl) > (SIZE // (256 << 10) + 300 if cache == "none" else 0)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_writes_through_the_pool_and_cold_reads_through_the_ring(tmp_path: Path, cache: str) -> None:
+    """A writable export: writes, zeroing and flushes go to the pool; reads after eviction see them."""
+    import nbd
+
+    bundle = tmp_path / "vm.hdd"
+    chain = build(bundle, CHAINS["2-parallels"])
+    support.write_descriptor(bundle, chain.paths, SIZE)
+    want = bytearray(chain.expected_bytes())
+    prl = support.start_prlnbd(tmp_path, [str(bundle)], "--aio=io_uring", f"--cache={cache}")
+    rng = random.Random(11)
+    with support.running(prl):
+        h = nbd.NBD()
+        h.connect_uri(prl.uri())
+        for i in range(40):
+            length = rng.choice([4096, 65536, rng.randrange(1, 300_000)])
+            offset = rng.randrange(0, SIZE - length)
+            if i % 5 == 4:
+                h.zero(length, offset)
+                want[offset : offset + length] = bytes(length)
+            else:
+                data = rng.randbytes(length)
+                h.pwrite(data, offset)
+                want[offset : offset + length] = data
+        h.flush()
+        evict(chain.paths)
+        assert_bytes(bytes(h.pread(SIZE, 0)), bytes(want), "after eviction")
+        h.shutdown()
+        evict(chain.paths)
+        random_reads(prl.uri(), bytes(want), seed=3, count=100)
+    assert prl.stop() == 0
+    assert "Traceback" not in prl.log_text()
+    assert ring_reads(prl) > 0
+    with support.running(reference(tmp_path, chain)) as ref:
+        assert_bytes(support.nbd_pread(ref.uri()), bytes(want), "qemu-nbd after the stop")
+
+
+def test_no_silent_fallback(tmp_path: Path) -> None:
+    """An unknown mode is refused by the parser; --aio=threads runs no ring."""
+    bundle = tmp_path / "vm.hdd"
+    chain = build(bundle, CHAINS["2-parallels"])
+    support.write_descriptor(bundle, chain.paths, SIZE)
+    res = support.run(support.PYTHON, "-m", "prlnbd", "serve", "--socket", str(tmp_path / "s"), "--aio=native",
+                      str(bundle), check=False)
+    assert res.returncode != 0 and "--aio" in res.stderr
+    prl = support.start_prlnbd(tmp_path, [str(bundle)], "--read-only", "--aio=threads")
+    with support.running(prl):
+        evict(chain.paths)
+        assert_bytes(support.nbd_pread(prl.uri()), chain.expected_bytes(), "threads")
+    assert prl.stop() == 0
+    assert "io_uring" not in prl.log_text()

@@ -1,0 +1,239 @@
+"""The io_uring binding: reads of known bytes through a small ring, errors, and the export's use of it."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prlnbd import uring
+from prlnbd.disk.chain import open_disk
+from prlnbd.errors import PrlNbdError, RequestError
+from prlnbd.export import Export
+from prlnbd.image.create import write_image
+from prlnbd.nbd.constants import Errno
+
+SIZE = 3 << 20
+
+
+def _available() -> str | None:
+    try:
+        uring.Ring(1).close()
+    except OSError as e:
+        return uring.why_unavailable(e)
+    return None
+
+
+UNAVAILABLE = _available()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring: {UNAVAILABLE}")
+
+
+def run(body: Callable[[uring.UringReader], Coroutine[Any, Any, None]], entries: int = 4) -> uring.UringReader:
+    """Run BODY with a reader of ENTRIES on a fresh loop; the reader must end idle."""
+
+    async def main() -> uring.UringReader:
+        reader = uring.UringReader(asyncio.get_running_loop(), entries)
+        try:
+            await body(reader)
+            assert reader.busy == 0
+        finally:
+            reader.close()
+        return reader
+
+    return asyncio.run(main())
+
+
+def read(reader: uring.UringReader, ios: list[uring.ReadIO]) -> asyncio.Future[BaseException | None]:
+    fut: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    reader.read_all(ios, fut.set_result)
+    return fut
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> tuple[int, bytes]:
+    data = random.Random(7).randbytes(SIZE)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data  # type: ignore[misc]
+    os.close(fd)
+
+
+def test_reads_at_many_offsets_and_lengths_beyond_the_depth(data_file: tuple[int, bytes]) -> None:
+    """300 reads (some of several runs, some past the end) through a ring of 4: each buffer holds the file's bytes."""
+    fd, data = data_file
+    rng = random.Random(1)
+    seen: list[uring.UringReader] = []
+
+    async def body(reader: uring.UringReader) -> None:
+        seen.append(reader)
+        assert reader.ring.sq_entries == 4
+        jobs = []
+        for i in range(300):
+            runs = []
+            for _ in range(1 + i % 3):
+                offset = rng.choice([0, 1, 511, 4096, rng.randrange(SIZE), SIZE - 100, SIZE - 4096])
+                length = rng.choice([1, 512, 4096, 4097, 65536, rng.randrange(1, 1 << 20)])
+                runs.append((offset, bytearray(b"\xa5" * length)))
+            jobs.append((runs, read(reader, [(fd, fd, memoryview(buf), off) for off, buf in runs])))
+        for runs, fut in jobs:
+            assert await fut is None
+            for off, buf in runs:
+                inside = data[off : off + len(buf)]
+                # Past the end of the file the buffer keeps what it had.
+                assert bytes(buf) == inside + b"\xa5" * (len(buf) - len(inside)), (off, len(buf))
+
+    reader = run(body)
+    assert reader.requests == 300
+    # Reads that crossed the end were short and went on (and then met the end).
+    assert reader.reads > sum(1 + i % 3 for i in range(300))
+
+
+def test_no_reads_still_calls_back() -> None:
+    async def body(reader: uring.UringReader) -> None:
+        assert await read(reader, []) is None
+
+    run(body)
+
+
+def test_error_completion_is_an_oserror(data_file: tuple[int, bytes]) -> None:
+    """EBADF from the kernel: the request's callback gets it, once, after its other reads ended; others go on."""
+    fd, data = data_file
+    bad = 1 << 20  # no process has this many descriptors open (and the number is not reused meanwhile)
+
+    async def body(reader: uring.UringReader) -> None:
+        good = bytearray(4096)
+        fut = read(reader, [(fd, fd, memoryview(bytearray(10)), 0), (bad, bad, memoryview(bytearray(10)), 0),
+                            (fd, fd, memoryview(good), 8192)])
+        other = bytearray(100)
+        fut2 = read(reader, [(fd, fd, memoryview(other), 5)])
+        err = await fut
+        assert isinstance(err, OSError) and err.errno == errno.EBADF
+        assert await fut2 is None and bytes(other) == data[5:105]
+        assert bytes(good) == data[8192 : 8192 + 4096]
+
+    run(body)
+
+
+def test_direct_reads_and_an_unaligned_rest(tmp_path: Path) -> None:
+    """An O_DIRECT read that meets the end of a file not a multiple of 4 KiB goes on through the buffered fd."""
+    import mmap
+
+    data = random.Random(3).randbytes(3 * 4096 + 700)
+    path = tmp_path / "odd"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        os.close(fd)
+        pytest.skip("no O_DIRECT on this file system")
+
+    async def body(reader: uring.UringReader) -> None:
+        buf = memoryview(mmap.mmap(-1, 4 * 4096))
+        assert await read(reader, [(dfd, fd, buf, 0)]) is None
+        assert bytes(buf) == data + bytes(4096 - 700)
+
+    try:
+        run(body)
+    finally:
+        os.close(fd)
+        os.close(dfd)
+
+
+def test_export_read_via_the_ring_and_an_error_as_eio(tmp_path: Path) -> None:
+    """Export.read_via(): the bytes read() gives; a failed read is an EIO RequestError; the epoch is left."""
+    path = tmp_path / "d.hds"
+    write_image(path, SIZE)
+    disk = open_disk(path, writable=True)
+    exp = Export("d", disk, read_only=False)
+    payload = random.Random(5).randbytes(1 << 20)
+    exp.write(1 << 20, memoryview(payload))
+    exp.changed(1 << 20, len(payload))
+
+    def via(reader: uring.UringReader, offset: int, length: int) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        exp.read_via(reader, offset, length, lambda res, exc: fut.set_result(exc if exc is not None else res))
+        return fut
+
+    async def body(reader: uring.UringReader) -> None:
+        for offset, length in [(0, 4096), ((1 << 20) - 512, 8192), ((1 << 20) + 12345, 54321), (0, SIZE)]:
+            fut = via(reader, offset, length)
+            # In flight, the read holds its epoch: nothing it looked up can be reused yet.
+            assert sum(disk._active.values()) == 1
+            got = await fut
+            buf, holes = got
+            assert bytes(buf) == bytes(exp.read(offset, length)[0])
+            assert holes == exp.read(offset, length)[1]
+        assert not disk._active  # every read left its epoch
+        real = disk.read_begin
+
+        def broken(offset: int, length: int) -> Any:
+            plan = real(offset, length)
+            plan.ios = [(-1, -1, view, host) for _, _, view, host in plan.ios]
+            return plan
+
+        disk.read_begin = broken  # type: ignore[method-assign]
+        err = await via(reader, 1 << 20, 4096)
+        assert isinstance(err, RequestError) and err.errno == Errno.EIO
+        assert not disk._active
+
+    try:
+        run(body)
+    finally:
+        exp.close()
+
+
+def test_server_refuses_to_start_without_io_uring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--aio=io_uring never falls back: a ring that cannot be set up is a one-line error naming why."""
+    import prlnbd.server as server_mod
+
+    def refuse(*_: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(server_mod, "UringReader", refuse)
+
+    async def main() -> None:
+        server_mod.NbdServer({}, aio="io_uring")
+
+    with pytest.raises(PrlNbdError) as info:
+        asyncio.run(main())
+    message = str(info.value)
+    assert "--aio=io_uring" in message and "Operation not permitted" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["writeback", "none"])
+def test_split_disk_read_via_the_ring_across_pieces(tmp_path: Path, direct: bool) -> None:
+    """A split disk: reads within a piece and across piece boundaries, buffered and O_DIRECT, give read()'s bytes."""
+    from tests.unit.test_split import STARTS, bundle, expected
+
+    disk = open_disk(bundle(tmp_path, 2))
+    if direct:
+        disk.open_direct()
+    want = expected(2)
+    rng = random.Random(9)
+    spans = [(0, len(want)), (STARTS[1] - 100, 300), (STARTS[1] - 4096, 8192), (STARTS[2] - 65536, 131072)]
+    spans += [(o, rng.randrange(1, len(want) - o)) for o in (rng.randrange(len(want) - 1) for _ in range(30))]
+
+    async def body(reader: uring.UringReader) -> None:
+        for offset, length in spans:
+            plan = disk.read_begin(offset, length)
+            assert sum(sum(p._active.values()) for p in disk.pieces) >= 1
+            assert await read(reader, plan.ios) is None
+            plan.release()
+            assert bytes(plan.buf) == want[offset : offset + length], (offset, length)
+            assert [(r.offset, r.length, r.zero) for r in plan.runs] == [
+                (r.offset, r.length, r.zero) for r in disk.read(offset, length)[1]
+            ]
+        assert not any(p._active for p in disk.pieces)
+
+    try:
+        run(body)
+    finally:
+        disk.close()
