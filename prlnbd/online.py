@@ -13,9 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,19 +37,13 @@ from prlnbd.errors import PrlNbdError
 from prlnbd.export import Export
 from prlnbd.image.extension import Extension
 from prlnbd.image.parallels import ParallelsImage
+from prlnbd.killpoints import KillPoints
 
 if TYPE_CHECKING:
     from prlnbd.server import NbdServer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _crash_point(step: int) -> None:
-    """Test hook: PRLNBD_ONLINE_KILL_AT=STEP kills the server with SIGKILL at that step of a snapshot:
-    1 new tops made, 2 layers swapped (writes go to the new tops), 3 old tops sealed, 4 descriptor saved."""
-    if os.environ.get("PRLNBD_ONLINE_KILL_AT") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -158,10 +151,13 @@ async def snapshot(server: NbdServer, export: Export) -> dict[str, Any]:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
-        _crash_point(1)
+        # Crash tests: PRLNBD_ONLINE_KILL_AT=N kills the server at step N: 1 new tops made, 2 layers swapped
+        # (writes go to the new tops), 3 old tops sealed, 4 descriptor saved.
+        kill = KillPoints("PRLNBD_ONLINE_KILL_AT")
+        kill()
         # From here the snapshot runs to its end even if the control connection goes (a stop):
         # once writes went to the new tops, only the saved descriptor makes them durable.
-        paused = await _to_the_end(_switch(server, export, olds, new_tops, desc, guid, paths))
+        paused = await _to_the_end(_switch(server, export, olds, new_tops, desc, guid, paths, kill))
     frozen = disk.guids[1]
     log.info(
         "control: export %r: snapshot %s frozen, new top %s (writes held %.2f ms)",
@@ -181,6 +177,7 @@ async def _switch(
     desc: Descriptor,
     guid: str,
     paths: list[Path],
+    kill: Callable[[], None],
 ) -> float:
     """The snapshot's switch to the new tops (see snapshot()); returns how long writes were held, in seconds."""
     disk = export.disk
@@ -193,9 +190,9 @@ async def _switch(
             disk.push_top(list(new_tops), guid)
             export.chain_changed()
         paused = time.monotonic() - started
-        _crash_point(2)
+        kill()
         try:
-            await server.pool.run(_seal_and_record, olds, desc, guid, paths)
+            await server.pool.run(_seal_and_record, olds, desc, guid, paths, kill)
         except BaseException as e:
             # The new tops take writes already: the disk is served as it is, but no flush may
             # claim durability for what the descriptor does not name.
@@ -238,7 +235,9 @@ def _hand_over_bitmaps(old: ParallelsImage, new: ParallelsImage) -> None:
     new.extension.bitmaps = live
 
 
-def _seal_and_record(olds: list[Layer], desc: Descriptor, guid: str, paths: list[Path]) -> None:
+def _seal_and_record(
+    olds: list[Layer], desc: Descriptor, guid: str, paths: list[Path], kill: Callable[[], None]
+) -> None:
     """Store the old tops as a clean stop would and sync them, then name the new tops in the descriptor.
 
     For a worker thread, with flushes held; the old tops take no writes any more.
@@ -246,9 +245,9 @@ def _seal_and_record(olds: list[Layer], desc: Descriptor, guid: str, paths: list
     for old in olds:
         assert isinstance(old, ParallelsImage)
         old.seal()
-    _crash_point(3)
+    kill()
     record_snapshot(desc, guid, paths)
-    _crash_point(4)
+    kill()
 
 
 # ---- a snapshot's own export

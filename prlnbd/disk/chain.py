@@ -602,20 +602,44 @@ class Disk:
             if host:
                 self._pwrite_all(top.fd, piece, host + within)
                 return
-            with self._lock:
-                if top.host_offset(cluster):
-                    continue  # mapped meanwhile: write into it
-                pending = self._allocating.get(cluster)
-                if pending is None:
-                    pending = self._allocating[cluster] = threading.Event()
-                    try:
-                        new_host, fresh = top.allocate()
-                    except BaseException:
-                        del self._allocating[cluster]
-                        pending.set()
-                        raise
-                    break
-            pending.wait()  # another write is filling this cluster: then write into it
+            claimed = self._claim(top, cluster)
+            if claimed is not None:
+                break
+            # mapped meanwhile, or another write filled it while we waited: write into it
+        self._fill_claimed(top, cluster, within, piece, *claimed)
+
+    def _claim(self, top: ParallelsImage, cluster: int) -> tuple[threading.Event, int, bool] | None:
+        """Take unmapped CLUSTER of TOP for allocation: (its event, the new host cluster, whether it reads as zeros).
+
+        None when it is mapped, or after waiting for the write that was filling it.
+        """
+        with self._lock:
+            if top.host_offset(cluster):
+                return None
+            pending = self._allocating.get(cluster)
+            if pending is None:
+                pending = self._allocating[cluster] = threading.Event()
+                try:
+                    new_host, fresh = top.allocate()
+                except BaseException:
+                    del self._allocating[cluster]
+                    pending.set()
+                    raise
+                return pending, new_host, fresh
+        pending.wait()
+        return None
+
+    def _fill_claimed(
+        self,
+        top: ParallelsImage,
+        cluster: int,
+        within: int,
+        piece: memoryview,
+        pending: threading.Event,
+        new_host: int,
+        fresh: bool,
+    ) -> None:
+        """Fill a claimed cluster (PIECE at WITHIN, the rest from below), then map it and wake who waits for it."""
         try:
             self._fill_new_cluster(top, cluster, within, piece, new_host, fresh)
         except BaseException:
@@ -629,6 +653,29 @@ class Disk:
             top.map_cluster(cluster, new_host)
             del self._allocating[cluster]
         pending.set()
+
+    def pull_cluster(self, cluster: int) -> bool:
+        """Fill top CLUSTER with what the layers below show there, unless the top holds it or is getting it.
+
+        A merge into the top: nothing anyone reads changes. A guest write that got
+        there first wins; one that comes later waits and writes over the copy.
+        Returns whether the cluster was filled. For a worker thread.
+        """
+        top = self.layers[0]
+        if not isinstance(top, ParallelsImage) or not top.writable:
+            raise ImageError(f"{top.path}: only an expandable image open for writing takes clusters from below")
+        epoch = self._enter()
+        try:
+            with self._lock:
+                if top.host_offset(cluster) or cluster in self._allocating:
+                    return False  # the top holds (or is getting) its own bytes there: they hide those below
+            claimed = self._claim(top, cluster)
+            if claimed is None:
+                return False
+            self._fill_claimed(top, cluster, 0, memoryview(b""), *claimed)
+            return True
+        finally:
+            self._leave(epoch)
 
     def _fill_new_cluster(
         self, top: ParallelsImage, cluster: int, within: int, piece: memoryview, new_host: int, fresh: bool

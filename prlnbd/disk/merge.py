@@ -22,8 +22,6 @@ import contextlib
 import copy
 import json
 import os
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from prlnbd.disk.descriptor import (
     ImageEntry,
     Piece,
     descriptor_path,
+    fsync_directory,
     normalize_guid,
     parse_descriptor,
     save_descriptor,
@@ -47,6 +46,7 @@ from prlnbd.image.check import check_image
 from prlnbd.image.extension import Extension, feature_space, kept_features
 from prlnbd.image.locking import Holder
 from prlnbd.image.parallels import ParallelsImage, open_file
+from prlnbd.killpoints import KillPoints, no_kill
 
 JOURNAL_NAME = ".prlnbd-merge.json"
 JOURNAL_VERSION = 1
@@ -56,24 +56,6 @@ SYNC_EVERY = 64 << 20
 STEP_BYTES = 8 << 20
 
 Direction = Literal["down", "up"]
-
-
-class _Killer:
-    """Test hook: PRLNBD_MERGE_KILL_AT=N kills the process (SIGKILL) before its Nth write, sync or descriptor step."""
-
-    def __init__(self) -> None:
-        at = os.environ.get("PRLNBD_MERGE_KILL_AT")
-        self.at = int(at) if at else -1
-        self.steps = 0
-
-    def __call__(self) -> None:
-        self.steps += 1
-        if self.steps == self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _no_kill() -> None:
-    """The step hook when no test asks for a kill."""
 
 
 # ---------------------------------------------------------------- plan
@@ -282,7 +264,7 @@ class MergeCopy:
         self.target = target
         self.source = source
         self.done = 0
-        self._hook = hook or _no_kill
+        self._hook = hook or no_kill
         top = target.top
         if not isinstance(top, ParallelsImage) or not top.writable:
             raise ImageError(f"{top.path}: the merge target must be an expandable image open for writing")
@@ -323,7 +305,7 @@ class MergeCopy:
             first, end = self._pulls[self._cursor]
             cluster = first + self._within
             self._hook()
-            _pull_cluster(self.target, top, cluster)
+            self.target.pull_cluster(cluster)
             copied += min(cs, self.target.size - cluster * cs)
             self._within += 1
             if cluster + 1 >= end:
@@ -379,43 +361,6 @@ def _pread(fd: int, length: int, offset: int, path: Path) -> bytes:
         # A cluster cut short by the end of the file: its missing bytes read as zeros.
         data += bytes(length - len(data))
     return data
-
-
-def _pull_cluster(disk: Disk, top: ParallelsImage, cluster: int) -> bool:
-    """Fill child CLUSTER of DISK's top with what the layers below show there, unless it holds it already.
-
-    Disk.write's allocation, less the guest data: the cluster is taken under the
-    Disk's lock only when unmapped and not being filled, so a guest write that
-    got there first wins, and one that comes later waits and writes over the
-    copy. Returns whether a cluster was filled.
-    """
-    epoch = disk._enter()
-    try:
-        with disk._lock:
-            if top.host_offset(cluster) or cluster in disk._allocating:
-                return False  # the child holds (or is getting) its own bytes there: they hide the merged ones
-            pending = disk._allocating[cluster] = threading.Event()
-            try:
-                new_host, fresh = top.allocate()
-            except BaseException:
-                del disk._allocating[cluster]
-                pending.set()
-                raise
-        try:
-            disk._fill_new_cluster(top, cluster, 0, memoryview(b""), new_host, fresh)
-        except BaseException:
-            with disk._lock:
-                top.unallocate(new_host)
-                del disk._allocating[cluster]
-            pending.set()
-            raise
-        with disk._lock:
-            top.map_cluster(cluster, new_host)
-            del disk._allocating[cluster]
-        pending.set()
-        return True
-    finally:
-        disk._leave(epoch)
 
 
 def move_bitmaps(plan: MergePlan, target: Disk, source: Layer) -> None:
@@ -507,15 +452,7 @@ def _write_journal(plan: MergePlan, phase: str, hook: Callable[[], None]) -> Non
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _sync_dir(bundle)
-
-
-def _sync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_directory(bundle)
 
 
 @dataclass
@@ -640,7 +577,7 @@ def begin_merge(plan: MergePlan, *, hook: Callable[[], None] | None = None) -> N
     A later `prlnbd merge` of the same GUID then knows that the target images
     may have been left open (in_use) by this merge and repairs them first.
     """
-    _write_journal(plan, "copy", hook or _no_kill)
+    _write_journal(plan, "copy", hook or no_kill)
 
 
 def commit_merge(plan: MergePlan, *, hook: Callable[[], None] | None = None) -> list[Path]:
@@ -651,7 +588,7 @@ def commit_merge(plan: MergePlan, *, hook: Callable[[], None] | None = None) -> 
     journal. The descriptor is read again first and must still hold GUID between
     the child and the parent (a snapshot taken meanwhile is kept).
     """
-    step = hook or _no_kill
+    step = hook or no_kill
     dpath = plan.descriptor.path
     current = parse_descriptor(dpath, allow_outside=plan.descriptor.allow_outside)
     if current.parents.get(plan.guid) != plan.parent or current.parents.get(plan.child) != plan.guid:
@@ -680,11 +617,11 @@ def _finish_commit(dpath: Path, files: list[Path], step: Callable[[], None]) -> 
             f.unlink()
             deleted.append(f)
     step()
-    _sync_dir(dpath.parent)
+    fsync_directory(dpath.parent)
     step()
     with contextlib.suppress(FileNotFoundError):
         journal_path(dpath).unlink()
-    _sync_dir(dpath.parent)
+    fsync_directory(dpath.parent)
     return deleted
 
 
@@ -731,7 +668,7 @@ def merge_disk(
     if not dpath.exists():
         raise DescriptorError(f"{path}: merging snapshots needs a bundle with {DESCRIPTOR_NAME}, not a single image")
     g = normalize_guid(guid)
-    hook = _Killer()
+    hook = merge_kill_hook()
     desc = parse_descriptor(dpath)
     journal = read_journal(dpath)
     if journal is not None and journal.guid not in desc.parents:
@@ -946,5 +883,6 @@ def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> D
 
 
 def merge_kill_hook() -> Callable[[], None]:
-    """The test hook a merge calls before each write, sync or descriptor step (PRLNBD_MERGE_KILL_AT=N)."""
-    return _Killer()
+    """The hook a merge calls before each write, sync, journal or descriptor step: crash tests set
+    PRLNBD_MERGE_KILL_AT=N to have the Nth kill the process (prlnbd.killpoints)."""
+    return KillPoints("PRLNBD_MERGE_KILL_AT")

@@ -18,6 +18,7 @@ from prlnbd.disk.descriptor import (
     add_element,
     build_descriptor,
     descriptor_path,
+    fsync_directory,
     new_guid,
     parse_descriptor,
     save_descriptor,
@@ -164,15 +165,6 @@ def record_snapshot(desc: Descriptor, guid: str, images: list[Path]) -> None:
         add_element(storages[index], "Image", children=[("GUID", guid), ("Type", "Compressed"), ("File", image.name)])
     _add_shot(root, desc.top_guid, guid)
     save_descriptor(desc.tree, desc.path)
-
-
-def fsync_directory(path: Path) -> None:
-    """Make the entries of directory PATH durable (a file created or removed in it)."""
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _add_shot(root: etree._Element, parent: str, guid: str) -> None:

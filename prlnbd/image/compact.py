@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from prlnbd.image import format as fmt
 from prlnbd.image.extension import encode_extension, kept_features
 from prlnbd.image.locking import lock_image
 from prlnbd.image.parallels import ParallelsImage
+from prlnbd.killpoints import KillPoints
 
 # Clusters copied before one fdatasync and one round of BAT updates.
 BATCH = 64
@@ -49,20 +49,6 @@ class CompactResult:
             "given-back": self.given_back,
             **({"pieces": [p.as_dict() for p in self.pieces]} if self.pieces else {}),
         }
-
-
-class _Killer:
-    """Test hook: PRLNBD_COMPACT_KILL_AT=N kills the process with SIGKILL before its Nth write or sync."""
-
-    def __init__(self) -> None:
-        at = os.environ.get("PRLNBD_COMPACT_KILL_AT")
-        self.at = int(at) if at else -1
-        self.steps = 0
-
-    def __call__(self) -> None:
-        self.steps += 1
-        if self.steps == self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def compact_image(path: Path, progress: Callable[[int, int], None] | None = None) -> CompactResult:
@@ -161,7 +147,7 @@ def _compact(
     unit = fmt.SECTOR if img.header.is_v1 else cs
     st = os.fstat(fd)
     size_before, alloc_before = st.st_size, st.st_blocks * 512
-    step = _Killer()
+    step = KillPoints("PRLNBD_COMPACT_KILL_AT")  # crash tests: SIGKILL before the Nth write or sync
     owners = _owners(img, path)
     ext = img.extension
     moves = _plan(owners, img.unreferenced())
