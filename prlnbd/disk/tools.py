@@ -272,6 +272,8 @@ def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool =
                 report.findings.append(Finding(str(entry.file), "chain", f"image {entry.guid} is missing"))
             elif entry.type == "Compressed":
                 report.findings.extend(check_image(entry.file, repair=repair))
+        if repair and desc.split:
+            report.findings.extend(_drop_partial_bitmaps([chain[0] for chain in chains]))
         if not any(f.corruption and not f.fixed for f in report.findings):
             try:
                 open_disk(path, allow_outside_bundle=allow_outside_bundle).close()
@@ -281,6 +283,50 @@ def check_disk(path: Path, *, repair: bool = False, allow_outside_bundle: bool =
     report.findings.extend(check_image(path, repair=repair))
     return report
 
+
+
+def _drop_partial_bitmaps(tops: list[ImageEntry]) -> list[Finding]:
+    """A split disk's bitmap is whole only in every piece's top: after a repair dropped one piece's part (cut off
+    by `qemu-img check -r`), remove the others' parts too, saying so, so the disk opens again."""
+    held: dict[bytes, list[Path]] = {}
+    names: dict[bytes, str] = {}
+    for entry in tops:
+        if entry.type != "Compressed" or not entry.file.exists():
+            continue
+        try:
+            img = ParallelsImage.open(entry.file)
+        except PrlNbdError:
+            return []  # a top that still does not open is reported by the checks above
+        try:
+            for bm in img.extension.bitmaps if img.extension else []:
+                held.setdefault(bm.id, []).append(entry.file)
+                names[bm.id] = bm.name
+        finally:
+            img.close()
+    count = sum(1 for e in tops if e.type == "Compressed")
+    findings = []
+    for bid, files in held.items():
+        if len(files) == count:
+            continue
+        for file in files:
+            img = ParallelsImage.open(file, writable=True)
+            try:
+                ext = img.extension
+                if ext is not None:
+                    ext.bitmaps = [b for b in ext.bitmaps if b.id != bid]
+            finally:
+                img.close()
+        findings.append(
+            Finding(
+                str(files[0]),
+                "extension",
+                f"dirty bitmap {names[bid]} is in {len(files)} of the {count} pieces' top images (a repair dropped"
+                f" the rest); fixed: its parts removed from the others too (the next backup from it must copy"
+                " everything)",
+                fixed=True,
+            )
+        )
+    return findings
 
 
 def _top_image_paths(path: Path) -> tuple[Path, list[Path], Descriptor | None]:

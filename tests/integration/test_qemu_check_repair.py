@@ -108,3 +108,29 @@ def test_qemu_img_check_r_leaks_then_prlnbd_check_repair(tmp_path: Path, case: s
     after[9 * M1 : 9 * M1 + 3] = b"zzz"
     assert qemu_read(tmp_path / "q2", img) == bytes(after)
     assert json.loads(prl("bitmap", img, "list", "--json").stdout)[0]["dirty-bytes"] == 64 * 1024
+
+
+def test_split_disk_repair_drops_a_cut_bitmap_from_every_piece(tmp_path: Path) -> None:
+    """`qemu-img check -r leaks` on one piece of a split disk cuts that piece's part of a bitmap; `prlnbd check
+    --repair` of the disk drops the bitmap from every piece (a bitmap is whole only in all of them), and the disk
+    is served again."""
+    disk = tmp_path / "s.hdd"
+    size = 3 * 1024 * M1
+    assert prl("create", disk, "--size", size, "--split").returncode == 0
+    assert prl("bitmap", disk, "add", NAMES[0]).returncode == 0
+    boundary = 3989504 * 512
+    prl_write(tmp_path, disk, [(boundary - 100, b"z" * 200), (M1, b"y" * 10)])
+    assert [b["name"] for b in json.loads(prl("bitmap", disk, "list", "--json").stdout)] == [NAMES[0]]
+    first = sorted(disk.glob("*.0.*.hds"))[0]
+    size0 = os.stat(first).st_size
+    res = support.run("qemu-img", "check", "-f", "parallels", "-r", "leaks", first, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert os.stat(first).st_size < size0, "qemu-img check -r leaks cut nothing off: the case is not reproduced"
+    rep = prl("check", disk, "--repair", "--json")
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    messages = [p["message"] for p in json.loads(rep.stdout)["problems"]]
+    assert any("1 of the 2 pieces" in m and "removed from the others" in m for m in messages), messages
+    assert prl("check", disk).returncode == 0
+    assert json.loads(prl("bitmap", disk, "list", "--json").stdout) == []
+    with support.running(support.start_prlnbd(tmp_path / "again", [f"d={disk}"])) as srv:
+        assert support.nbd_pread(srv.uri("d"), boundary - 100, 200) == b"z" * 200
