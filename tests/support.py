@@ -134,6 +134,33 @@ def run(
     return res
 
 
+def prlnbd_on_tty(*args: str | Path) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """Run `prlnbd ARGS` with stderr on a pseudo-terminal, where progress bars are drawn: its result
+    (stdout captured) and everything it wrote to the terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        res = subprocess.run([PYTHON, "-m", "prlnbd", *map(str, args)], stdout=subprocess.PIPE, stderr=slave,
+                             text=True, cwd=ROOT, timeout=120, check=False)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the writer side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return res, out
+
+
 def have(tool: str) -> bool:
     """Whether TOOL is on PATH."""
     return shutil.which(tool) is not None

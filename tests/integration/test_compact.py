@@ -146,28 +146,8 @@ def test_compact_killed_at_every_step_reads_the_same(tmp_path: Path) -> None:
 
 
 def test_compact_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
-    import pty
-
     img = holey_image(tmp_path, size=8 * M1, data=4 * M1)
-    master, slave = pty.openpty()
-    try:
-        res = subprocess.run([support.PYTHON, "-m", "prlnbd", "compact", str(img)], stdout=subprocess.PIPE,
-                             stderr=slave, text=True, cwd=support.ROOT, timeout=120, check=False)
-        os.close(slave)
-        slave = -1
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the writer side is closed
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+    res, out = support.prlnbd_on_tty("compact", img)
     assert res.returncode == 0, out
     assert b"compact: [" in out and b"100.0%" in out, out
     assert "gave back" in res.stdout

@@ -271,29 +271,9 @@ def test_merge_of_a_split_disk_merges_every_piece(tmp_path: Path) -> None:
 
 
 def test_merge_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
-    import pty
-
     bundle = tmp_path / "b.hdd"
     guids = build(bundle, layout(1, "down"))
-    master, slave = pty.openpty()
-    try:
-        res = subprocess.run([support.PYTHON, "-m", "prlnbd", "merge", str(bundle), guids[1]], stdout=subprocess.PIPE,
-                             stderr=slave, text=True, cwd=support.ROOT, timeout=120, check=False)
-        os.close(slave)
-        slave = -1
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the writer side is closed
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+    res, out = support.prlnbd_on_tty("merge", bundle, guids[1])
     assert res.returncode == 0, out
     assert b"merge: [" in out and b"100.0%" in out, out
     assert "removed" in res.stdout
