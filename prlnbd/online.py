@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -62,7 +62,7 @@ def _busy(server: NbdServer) -> dict[str, Busy]:
 
 
 @contextlib.contextmanager
-def _changing(server: NbdServer, export: Export, what: str, guid: str = "") -> Any:
+def _changing(server: NbdServer, export: Export, what: str, guid: str = "") -> Iterator[Busy]:
     """Mark EXPORT as being changed by WHAT; refuse a second change at once."""
     busy = _busy(server)
     now = busy.get(export.name)
@@ -293,8 +293,7 @@ async def remove_export(server: NbdServer, name: str, *, force: bool = False) ->
     export = server.exports.get(name)
     if export is not None and export.name in _busy(server):
         raise PrlNbdError(f"export {name!r} is busy: a {_busy(server)[name].what} is in progress")
-    clients = sum(1 for c in server.connections if c.export is export) if export is not None else 0
-    removed = await server.remove_export(name, force=force)
+    removed, clients = await server.remove_export(name, force=force)
     await server.pool.run(removed.close)
     log.info("control: export %r removed%s", name, f" ({clients} clients disconnected)" if clients else "")
     return {"name": name, "disconnected": clients}

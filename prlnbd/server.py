@@ -736,9 +736,10 @@ class NbdServer:
         self.exports[export.name] = export
         self.infos[export.name] = export.info
 
-    async def remove_export(self, name: str, *, force: bool = False) -> Export:
+    async def remove_export(self, name: str, *, force: bool = False) -> tuple[Export, int]:
         """Stop serving export NAME: refused while it has clients unless FORCE, which closes their connections
-        once their requests in flight are answered. Returns the export, for the caller to close."""
+        once their requests in flight are answered. Returns the export, for the caller to close, and how many
+        clients were disconnected."""
         export = self.exports.get(name)
         if export is None:
             raise PrlNbdError(f"no export named {name!r} (exports: {', '.join(self.exports) or 'none'})")
@@ -757,7 +758,7 @@ class NbdServer:
         if clients:
             await asyncio.wait([c.gone for c in clients])
         del self.exports[name]
-        return export
+        return export, len(clients)
 
     def pool_share(self, conn: NbdProtocol) -> int:
         """How many jobs CONN may have in the I/O pool: the workers shared out between its users."""
