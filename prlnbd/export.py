@@ -300,6 +300,8 @@ class Export:
             # Index where each bitmap changes now, before serving, as QEMU summarises a bitmap
             # when it loads one: its context's replies are slices of that index (_BitmapStatus).
             bitmap.index()
+        self._marked = [_BitmapStatus(bitmap, disk.size) for bitmap in self.bitmaps.values()]
+        self._status: dict[str, _Status] = dict(zip(self.bitmaps, self._marked, strict=True))
         self._index_chain()
         self.writing = 0  # write requests in the I/O pool (see writes_paused)
         self.failed: str | None = None  # why FLUSH can no longer promise durability (a broken chain change)
@@ -338,12 +340,8 @@ class Export:
             tables[context] = [STATE_DIRTY if 1 <= code >> 1 <= above else 0 for code in range(most)]
         self._derived = [(_Stretches.of(size, starts, codes, table), table) for table in tables.values()]
         status: dict[str, _Status] = dict(zip(tables, (index for index, _ in self._derived), strict=True))
-        old = getattr(self, "_status", None)
-        if old is not None:
-            status.update((name, index) for name, index in old.items() if name in self.bitmaps)
-        else:
-            self._marked = [_BitmapStatus(bitmap, size) for bitmap in self.bitmaps.values()]
-            status.update(zip(self.bitmaps, self._marked, strict=True))
+        # The bitmaps' indexes do not depend on the layers: kept as they are.
+        status.update((name, index) for name, index in self._status.items() if name in self.bitmaps)
         self._status = status
         # A write changes status in whole clusters of the top layer: recomputed over those.
         top = disk.top
