@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("threads", "io_uring"),
         default="threads",
         help="how disk I/O leaves the event loop: threads, a pool of worker threads (default); io_uring:"
-        " READs that miss the page cache go through an io_uring reaped on the event loop, the rest to the pool",
+        " READs that miss the page cache, and WRITEs into clusters the top image holds, go through an io_uring"
+        " reaped on the event loop; the rest goes to the pool",
     )
     serve.add_argument(
         "--max-connections",

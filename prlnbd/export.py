@@ -51,11 +51,15 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 # What a raw top layer's status is recomputed over after a write, around the bytes written:
 # the file system allocates blocks, not bytes (a Parallels top changes in whole clusters).
 _RAW_GRAIN = 1 << 20
-class Reader(Protocol):
-    """What read_via() needs of a reader that runs reads off the event loop's thread of control."""
+class RingIO(Protocol):
+    """What read_via() and write_via() need of what runs their I/O off the event loop's thread of control."""
 
     def read_all(
         self, ios: Sequence[tuple[int, int, memoryview, int]], callback: Callable[[BaseException | None], None]
+    ) -> None: ...
+
+    def write_all(
+        self, ios: Sequence[tuple[int, memoryview, int]], callback: Callable[[BaseException | None], None]
     ) -> None: ...
 
 
@@ -426,7 +430,7 @@ class Export:
 
     def read_via(
         self,
-        reader: Reader,
+        reader: RingIO,
         offset: int,
         length: int,
         callback: Callable[[tuple[Buffer, list[tuple[int, int]]] | None, BaseException | None], None],
@@ -456,6 +460,35 @@ class Export:
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to read the host ranges behind [offset, offset+length) into its cache (NBD CACHE)."""
         self.disk.prefetch(offset, length)
+
+    def write_via(
+        self, ring: RingIO, offset: int, data: memoryview, callback: Callable[[None, BaseException | None], None]
+    ) -> bool:
+        """write() run by RING (io_uring, on the event loop), when the top layer holds every cluster
+        of the range already; then CALLBACK(None, None) or CALLBACK(None, error), as the I/O pool
+        calls back. False, and nothing done, when the write must allocate: that is write()'s work
+        (copy-on-write under the disk's lock), for the pool.
+        """
+        try:
+            plan = self.disk.write_begin(offset, data)
+        except OSError as e:
+            raise _write_error("WRITE", len(data), offset, e) from e
+        if plan is None:
+            return False
+
+        def done(error: BaseException | None) -> None:
+            plan.release()
+            if isinstance(error, OSError):
+                callback(None, _write_error("WRITE", len(data), offset, error))
+            else:
+                callback(None, error)
+
+        try:
+            ring.write_all(plan.ios, done)
+        except BaseException:
+            plan.release()
+            raise
+        return True
 
     def write(self, offset: int, data: memoryview) -> None:
         """Write DATA at OFFSET (copy-on-write into the top layer). The caller then calls changed()."""

@@ -1,12 +1,12 @@
-"""Reads through Linux io_uring, driven from the event loop: no thread per request.
+"""Reads and writes through Linux io_uring, driven from the event loop: no thread per request.
 
 The binding is a few raw system calls through ctypes (io_uring_setup 425,
 io_uring_enter 426, io_uring_register 427) and the rings mapped with mmap,
 laid out as struct io_uring_params says. liburing is not used: its SQE and CQE
 helpers are inline functions of its headers, which ctypes cannot call.
 
-The loop queues read SQEs, hands them to the kernel once per turn (one
-io_uring_enter for every read queued in that turn) and learns of completions
+The loop queues read and write SQEs, hands them to the kernel once per turn
+(one io_uring_enter for everything queued in that turn) and learns of completions
 through an eventfd registered with the ring, which it watches with
 add_reader(); it reaps the completion queue itself.
 
@@ -42,11 +42,12 @@ _OFF_SQES = 0x10000000
 _ENTER_GETEVENTS = 1 << 0
 _REGISTER_EVENTFD = 4
 _OP_READ = 22
+_OP_WRITE = 23
 
 # struct io_uring_params: 10 u32 (the last three reserved), then io_sqring_offsets and
 # io_cqring_offsets, 8 u32 and a u64 each.
 _PARAMS = struct.Struct("<10I8IQ8IQ")
-# struct io_uring_sqe as a plain read uses it: opcode, flags, ioprio, fd, off, addr, len,
+# struct io_uring_sqe as a plain read or write uses it: opcode, flags, ioprio, fd, off, addr, len,
 # rw_flags, user_data, buf_index, personality, splice_fd_in, addr3, pad.
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 # struct io_uring_cqe: user_data, res, flags.
@@ -55,9 +56,9 @@ _U32 = struct.Struct("<I")
 
 DEFAULT_ENTRIES = 256
 # How long a submission the kernel refused for want of resources (EAGAIN) waits to be retried,
-# when no read in flight will end and retry it sooner.
+# when nothing in flight will end and retry it sooner.
 RETRY_DELAY = 0.001
-# One SQE reads at most this much: the kernel's limit for one read (MAX_RW_COUNT) is a little
+# One SQE moves at most this much: the kernel's limit for one read or write (MAX_RW_COUNT) is a little
 # under 2 GiB; requests are far smaller, this only keeps len within its u32.
 _MAX_LEN = 1 << 30
 
@@ -88,7 +89,7 @@ def why_unavailable(err: OSError) -> str:
 
 
 class Ring:
-    """One io_uring instance: queue reads, submit them, reap completions (sans asyncio)."""
+    """One io_uring instance: queue reads and writes, submit them, reap completions (sans asyncio)."""
 
     def __init__(self, entries: int = DEFAULT_ENTRIES) -> None:
         machine = platform.machine()
@@ -156,8 +157,15 @@ class Ring:
 
     def queue_read(self, fd: int, addr: int, length: int, offset: int, user_data: int) -> None:
         """Queue a read of LENGTH bytes at OFFSET of FD into memory at ADDR (call space() first)."""
+        self._queue(_OP_READ, fd, addr, length, offset, user_data)
+
+    def queue_write(self, fd: int, addr: int, length: int, offset: int, user_data: int) -> None:
+        """Queue a write of LENGTH bytes from memory at ADDR to OFFSET of FD (call space() first)."""
+        self._queue(_OP_WRITE, fd, addr, length, offset, user_data)
+
+    def _queue(self, opcode: int, fd: int, addr: int, length: int, offset: int, user_data: int) -> None:
         slot = self._tail & self._sq_mask
-        _SQE.pack_into(self._sqes, slot * _SQE.size, _OP_READ, 0, 0, fd, offset, addr, length, 0, user_data,
+        _SQE.pack_into(self._sqes, slot * _SQE.size, opcode, 0, 0, fd, offset, addr, length, 0, user_data,
                        0, 0, 0, 0, 0)
         self._tail = (self._tail + 1) & 0xFFFFFFFF
         # The SQE is written before the tail that publishes it (TSO keeps the order).
@@ -218,26 +226,34 @@ Done = Callable[[BaseException | None], None]
 # One read to do in full: (fd, fallback fd, buffer, file offset). A short read goes on from
 # the fallback fd: an O_DIRECT read that stops short leaves a rest that may not be aligned.
 ReadIO = tuple[int, int, memoryview, int]
+# One write to do in full: (fd, the bytes, file offset).
+WriteIO = tuple[int, memoryview, int]
 
 
 class _Op:
-    """One read in flight: what is left of it, and the request it belongs to."""
+    """One read or write in flight: what is left of it, and the request it belongs to."""
 
-    __slots__ = ("anchor", "done", "fallback", "fd", "group", "offset", "view")
+    __slots__ = ("anchor", "done", "fallback", "fd", "group", "offset", "view", "write")
 
-    def __init__(self, group: _Group, fd: int, fallback: int, view: memoryview, offset: int) -> None:
+    def __init__(self, group: _Group, fd: int, fallback: int, view: memoryview, offset: int, write: bool) -> None:
         self.group = group
         self.fd = fd
         self.fallback = fallback
         self.view = view
         self.offset = offset
+        self.write = write
         self.done = 0
-        # Holds the buffer exported, so it stays where the kernel writes until the completion.
-        self.anchor = (ctypes.c_char * len(view)).from_buffer(view)
+        # Holds the buffer exported, so it stays where it is until the completion (the kernel
+        # reads from it or writes into it). A read-only buffer (bytes) is copied: the kernel
+        # only reads it, but ctypes gives addresses of writable buffers alone.
+        if view.readonly:
+            self.anchor = (ctypes.c_char * len(view)).from_buffer_copy(view)
+        else:
+            self.anchor = (ctypes.c_char * len(view)).from_buffer(view)
 
 
 class _Group:
-    """The reads of one request: its callback runs once, after the last of them ends."""
+    """The reads or writes of one request: its callback runs once, after the last of them ends."""
 
     __slots__ = ("callback", "error", "left")
 
@@ -247,8 +263,9 @@ class _Group:
         self.error: BaseException | None = None
 
 
-class UringReader:
-    """Reads for the event loop through one Ring: read_all() queues, completions call back on the loop."""
+class UringIO:
+    """Reads and writes for the event loop through one Ring: read_all() and write_all() queue,
+    completions call back on the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, entries: int = DEFAULT_ENTRIES) -> None:
         self._loop = loop
@@ -265,7 +282,7 @@ class UringReader:
             os.close(self._efd)
             self.ring.close()
             raise
-        # Reads in flight are at most the SQ's size, so the CQ (twice that) never overflows.
+        # SQEs in flight are at most the SQ's size, so the CQ (twice that) never overflows.
         self._limit = self.ring.sq_entries
         self._ops: dict[int, _Op] = {}
         self._next = 1
@@ -274,11 +291,13 @@ class UringReader:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self.requests = 0  # read_all() calls
-        self.reads = 0  # SQEs queued, resubmissions of short reads included
+        self.reads = 0  # read SQEs queued, resubmissions of short reads included
+        self.write_requests = 0  # write_all() calls
+        self.writes = 0  # write SQEs queued, resubmissions of short writes included
 
     @property
     def busy(self) -> int:
-        """How many reads are in flight or waiting for room in the ring."""
+        """How many reads and writes are in flight or waiting for room in the ring."""
         return len(self._ops) + len(self._waiting)
 
     def read_all(self, ios: Sequence[ReadIO], callback: Done) -> None:
@@ -288,18 +307,34 @@ class UringReader:
         must not be resized until the callback runs.
         """
         if self._closed:
-            raise RuntimeError("the io_uring reader is closed")
+            raise RuntimeError("the io_uring ring is closed")
         self.requests += 1
         group = _Group(len(ios), callback)
         if not ios:
             self._loop.call_soon(callback, None)
             return
         for fd, fallback, view, offset in ios:
-            self._waiting.append(_Op(group, fd, fallback, view, offset))
+            self._waiting.append(_Op(group, fd, fallback, view, offset, False))
+        self._fill()
+
+    def write_all(self, ios: Sequence[WriteIO], callback: Done) -> None:
+        """Write each buffer of IOS to its file; then CALLBACK(None), or CALLBACK(the first error), on the loop.
+
+        The buffers must stay as they are until the callback runs.
+        """
+        if self._closed:
+            raise RuntimeError("the io_uring ring is closed")
+        self.write_requests += 1
+        group = _Group(len(ios), callback)
+        if not ios:
+            self._loop.call_soon(callback, None)
+            return
+        for fd, view, offset in ios:
+            self._waiting.append(_Op(group, fd, fd, view, offset, True))
         self._fill()
 
     def _fill(self) -> None:
-        """Queue waiting reads while the ring has room, and have them submitted at the end of this turn."""
+        """Queue waiting reads and writes while the ring has room, and have them submitted at the end of this turn."""
         ring = self.ring
         waiting = self._waiting
         if waiting:
@@ -314,10 +349,15 @@ class UringReader:
     def _queue(self, op: _Op) -> None:
         key = self._next
         self._next += 1
-        self.reads += 1
         self._ops[key] = op
         addr = ctypes.addressof(op.anchor) + op.done
-        self.ring.queue_read(op.fd, addr, min(len(op.view) - op.done, _MAX_LEN), op.offset + op.done, key)
+        length = min(len(op.view) - op.done, _MAX_LEN)
+        if op.write:
+            self.writes += 1
+            self.ring.queue_write(op.fd, addr, length, op.offset + op.done, key)
+        else:
+            self.reads += 1
+            self.ring.queue_read(op.fd, addr, length, op.offset + op.done, key)
 
     def _submit(self) -> None:
         self._submit_pending = False
@@ -333,7 +373,7 @@ class UringReader:
                 self._loop.call_later(RETRY_DELAY, self._submit)
 
     def _complete(self) -> None:
-        """The eventfd fired: run the callbacks of the reads that ended; resubmit what is left of short ones."""
+        """The eventfd fired: run the callbacks of the I/O that ended; resubmit what is left of short ones."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)
         ops = self._ops
@@ -358,9 +398,14 @@ class UringReader:
         if res < 0:
             self._finish(op, OSError(-res, os.strerror(-res)))
             return
+        if res == 0 and op.write:
+            # The kernel took nothing and gave no reason: a write must not be answered as done.
+            self._finish(op, OSError(errno.EIO, f"write of {len(op.view) - op.done} bytes at "
+                                                f"{op.offset + op.done} wrote nothing"))
+            return
         op.done += res
         if res == 0 or op.done >= len(op.view):
-            self._finish(op, None)  # whole, or the file ended: the rest stays as it was
+            self._finish(op, None)  # whole, or (a read) the file ended: the rest stays as it was
             return
         op.fd = op.fallback
         self._waiting.appendleft(op)
@@ -379,7 +424,7 @@ class UringReader:
             self._loop.call_exception_handler({"message": "io_uring completion callback failed", "exception": e})
 
     async def idle(self) -> None:
-        """Wait until no read is in flight."""
+        """Wait until no read or write is in flight."""
         if self.busy:
             fut: asyncio.Future[None] = self._loop.create_future()
             self._idle_waiters.append(fut)

@@ -64,19 +64,32 @@ def close_all(things: Iterable[Layer] | Iterable[Disk]) -> None:
 
 
 @dataclass
-class ReadPlan:
-    """A read resolved through the chain, for the caller to run: see Disk.read_begin()."""
+class _Plan:
+    """I/O resolved through the chain for the caller to run; it holds the disk's epochs until release()."""
+
+    releases: list[Callable[[], None]] = field(default_factory=list, kw_only=True)
+
+    def release(self) -> None:
+        """The I/O ended (or will never run): let the disk reuse what it looked up."""
+        releases, self.releases = self.releases, []
+        for release in releases:
+            release()
+
+
+@dataclass
+class ReadPlan(_Plan):
+    """A read resolved through the chain: see Disk.read_begin()."""
 
     buf: bytes | bytearray | memoryview
     runs: list[Run]
     ios: list[tuple[int, int, memoryview, int]]
-    releases: list[Callable[[], None]]
 
-    def release(self) -> None:
-        """The reads ended (or will never run): let the disk reuse what they looked up."""
-        releases, self.releases = self.releases, []
-        for release in releases:
-            release()
+
+@dataclass
+class WritePlan(_Plan):
+    """A write into clusters the top layer holds already: see Disk.write_begin()."""
+
+    ios: list[tuple[int, memoryview, int]]
 
 
 class Run:
@@ -430,7 +443,7 @@ class Disk:
         except BaseException:
             self._leave(epoch)
             raise
-        return ReadPlan(buf, runs, ios, [partial(self._leave, epoch)])
+        return ReadPlan(buf, runs, ios, releases=[partial(self._leave, epoch)])
 
     def _ios_into(self, view: memoryview, offset: int, runs: list[Run]) -> list[tuple[int, int, memoryview, int]]:
         ios = []
@@ -521,9 +534,7 @@ class Disk:
         dfd = self._direct.get(fd)
         if dfd is not None and _aligned(host, len(view)):
             if not _aligned_memory(view):
-                copy = mmap.mmap(-1, len(view))
-                copy[:] = view
-                view = memoryview(copy)
+                view = _aligned_copy(view)
             fd = dfd
         done = 0
         while done < len(view):
@@ -566,6 +577,57 @@ class Disk:
     def _below(self, offset: int, length: int) -> list[Run]:
         """How the layers under the top resolve a range."""
         return list(self._resolve(1, offset, length))
+
+    def write_begin(self, offset: int, data: memoryview) -> WritePlan | None:
+        """What write() would do, as writes for the caller to run (io_uring), when it is only that:
+        every cluster the range touches is held by the top layer already. None when one needs
+        allocating (copy-on-write, under the disk's lock): that is write()'s work.
+
+        Each write is (fd, part of DATA, host offset); with `--cache=none`, aligned ones go
+        to the O_DIRECT descriptor from an aligned copy, as write() does. The plan holds
+        this write's epoch until its release(): no cluster it looked up is released and
+        reused, and no layer closed, before the writes end.
+        """
+        top = self.layers[0]
+        if not top.writable:
+            return None
+        epoch = self._enter()
+        try:
+            ios = self._write_ios(top, offset, data)
+        except BaseException:
+            self._leave(epoch)
+            raise
+        if ios is None:
+            self._leave(epoch)
+            return None
+        return WritePlan(ios, releases=[partial(self._leave, epoch)])
+
+    def _write_ios(self, top: Layer, offset: int, data: memoryview) -> list[tuple[int, memoryview, int]] | None:
+        if isinstance(top, RawImage):
+            pieces = [(data, offset)]
+        elif isinstance(top, ParallelsImage):
+            cs = top.cluster_size
+            pieces = []
+            pos = 0
+            while pos < len(data):
+                at = offset + pos
+                cluster = at // cs
+                host = top.host_offset(cluster)
+                if not host:
+                    return None
+                n = min(cs - (at - cluster * cs), len(data) - pos)
+                pieces.append((data[pos : pos + n], host + at - cluster * cs))
+                pos += n
+        else:  # pragma: no cover - layers are one of the two kinds
+            return None
+        ios = []
+        dfd = self._direct.get(top.fd)
+        for piece, host in pieces:
+            if dfd is not None and _aligned(host, len(piece)):
+                ios.append((dfd, piece if _aligned_memory(piece) else _aligned_copy(piece), host))
+            else:
+                ios.append((top.fd, piece, host))
+        return ios
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write DATA at OFFSET into the top layer, copying on write from the layers below.
@@ -833,6 +895,13 @@ def _aligned_memory(view: memoryview) -> bool:
     if view.readonly or not len(view):
         return False
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
+
+
+def _aligned_copy(view: memoryview) -> memoryview:
+    """VIEW's bytes in page-aligned memory, for an O_DIRECT write of a buffer that is not."""
+    copy = mmap.mmap(-1, len(view))
+    copy[:] = view
+    return memoryview(copy)
 
 
 def _open_layer(path: Path, kind: str, writable: bool) -> Layer:

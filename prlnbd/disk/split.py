@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, ReadPlan, Run, close_all, open_chain
+from prlnbd.disk.chain import MAX_CHAIN_LENGTH, Disk, Layer, ReadPlan, Run, WritePlan, close_all, open_chain
 from prlnbd.disk.descriptor import Descriptor, Piece
 from prlnbd.errors import DescriptorError, ExtensionError, PrlNbdError
 from prlnbd.image.extension import DirtyBitmap, Extension, SplitBitmap, feature_space, kept_features, new_bitmap
@@ -198,7 +198,7 @@ class SplitDisk(Disk):
         direct = any(piece.direct for piece, _, _, _ in parts)
         buf: bytearray | memoryview = memoryview(mmap.mmap(-1, length)) if direct and length else bytearray(length)
         view = memoryview(buf)
-        out = ReadPlan(buf, [], [], [])
+        out = ReadPlan(buf, [], [])
         try:
             for piece, base, at, n in parts:
                 epoch = piece._enter()
@@ -231,6 +231,23 @@ class SplitDisk(Disk):
             out[start : start + n] = got[0]
             all_runs += self._shift(got[1], base)
         return out, all_runs
+
+    def write_begin(self, offset: int, data: memoryview) -> WritePlan | None:
+        """Disk.write_begin() piece by piece: one plan, or None when any piece must allocate."""
+        out = WritePlan([])
+        try:
+            for piece, base, at, n in self._parts(offset, len(data)):
+                start = base + at - offset
+                plan = piece.write_begin(at, data[start : start + n])
+                if plan is None:
+                    out.release()
+                    return None
+                out.ios += plan.ios
+                out.releases += plan.releases
+        except BaseException:
+            out.release()
+            raise
+        return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write DATA at OFFSET, each part into its piece's top layer. For a worker thread."""

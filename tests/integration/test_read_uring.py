@@ -1,4 +1,5 @@
-"""`serve --aio=io_uring`: READs that miss the page cache go through the ring, and read what qemu-nbd reads.
+"""`serve --aio=io_uring`: READs that miss the page cache, and WRITEs into clusters the top holds, go through
+the ring, and give what qemu-nbd gives.
 
 Every image is evicted from the page cache (fsync, then POSIX_FADV_DONTNEED)
 before it is read, so the reads cannot be answered inline from the cache and
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def resident(paths: list[Path]) -> int:
 
 def ring_reads(server: support.Server) -> int:
     """How many reads the stopped server's ring ran (its closing line)."""
-    found = re.search(r"io_uring: (\d+) reads for (\d+) requests", server.log_text())
+    found = re.search(r"io_uring: (\d+) reads for (\d+) READs", server.log_text())
     assert found, server.log_text()[-2000:]
     return int(found.group(1))
 
@@ -111,41 +113,94 @@ def test_cold_chain_through_the_ring_matches_qemu(tmp_path: Path, name: str, cac
     assert ring_reads(prl) > (SIZE // (256 << 10) + 300 if cache == "none" else 0)
 
 
+def ring_writes(server: support.Server) -> tuple[int, int]:
+    """How many writes the stopped server's ring ran, for how many WRITE requests (its closing line)."""
+    found = re.search(r"(\d+) writes for (\d+) WRITEs", server.log_text())
+    assert found, server.log_text()[-2000:]
+    return int(found.group(1)), int(found.group(2))
+
+
+def concurrent_writes(h: object, want: bytearray, rng: random.Random, count: int, depth: int = 16) -> int:
+    """COUNT writes (every fifth a WRITE_ZEROES), DEPTH in flight, none overlapping another in flight;
+    WANT follows them. Returns how many were WRITEs."""
+    import nbd
+
+    assert isinstance(h, nbd.NBD)
+    size = len(want)
+    writes = 0
+    done = 0
+    while done < count:
+        batch: list[tuple[int, int, bytes | None]] = []
+        while len(batch) < min(depth, count - done):
+            length = rng.choice([512, 4096, 4096, 65536, rng.randrange(1, 200_000)])
+            offset = rng.randrange(0, size - length)
+            if rng.random() < 0.5:
+                offset &= ~4095
+            if any(offset < o + n and o < offset + length for o, n, _ in batch):
+                continue
+            data = None if len(batch) % 5 == 4 else rng.randbytes(length)
+            batch.append((offset, length, data))
+        cookies = []
+        for offset, length, data in batch:
+            if data is None:
+                cookies.append(h.aio_zero(length, offset))
+                want[offset : offset + length] = bytes(length)
+            else:
+                cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset))
+                want[offset : offset + length] = data
+                writes += 1
+        for cookie in cookies:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        done += len(batch)
+    return writes
+
+
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-def test_writes_through_the_pool_and_cold_reads_through_the_ring(tmp_path: Path, cache: str) -> None:
-    """A writable export: writes, zeroing and flushes go to the pool; reads after eviction see them."""
+def test_writes_through_the_ring_and_cold_reads(tmp_path: Path, cache: str) -> None:
+    """A writable export with a dirty bitmap, 16 requests in flight: writes into clusters the top holds go
+    to the ring, those that allocate (and zeroing, flushes) to the pool. After a flush and eviction the
+    export reads what was written, the bitmap covers every write, qemu-nbd reads the same after the
+    stop and qemu-img check finds the top clean."""
     import nbd
 
     bundle = tmp_path / "vm.hdd"
     chain = build(bundle, CHAINS["2-parallels"])
     support.write_descriptor(bundle, chain.paths, SIZE)
+    name = str(uuid.uuid4())
+    support.run(support.PYTHON, "-m", "prlnbd", "bitmap", str(bundle), "add", name)
     want = bytearray(chain.expected_bytes())
     prl = support.start_prlnbd(tmp_path, [str(bundle)], "--aio=io_uring", f"--cache={cache}")
     rng = random.Random(11)
     with support.running(prl):
         h = nbd.NBD()
+        h.add_meta_context(f"qemu:dirty-bitmap:{name}")
         h.connect_uri(prl.uri())
-        for i in range(40):
-            length = rng.choice([4096, 65536, rng.randrange(1, 300_000)])
-            offset = rng.randrange(0, SIZE - length)
-            if i % 5 == 4:
-                h.zero(length, offset)
-                want[offset : offset + length] = bytes(length)
-            else:
-                data = rng.randbytes(length)
-                h.pwrite(data, offset)
-                want[offset : offset + length] = data
+        before = bytearray(want)
+        writes = concurrent_writes(h, want, rng, 400)
         h.flush()
         evict(chain.paths)
         assert_bytes(bytes(h.pread(SIZE, 0)), bytes(want), "after eviction")
         h.shutdown()
+        dirty = [(o, n) for o, n, flags in support.nbdinfo_map(prl.uri(), f"qemu:dirty-bitmap:{name}") if flags]
+        changed = [i for i in range(0, SIZE, 512) if before[i : i + 512] != want[i : i + 512]]
+        assert changed
+        for i in changed:
+            assert any(o <= i < o + n for o, n in dirty), f"changed sector at {i} not marked dirty"
         evict(chain.paths)
         random_reads(prl.uri(), bytes(want), seed=3, count=100)
     assert prl.stop() == 0
     assert "Traceback" not in prl.log_text()
+    ring, requests = ring_writes(prl)
+    # Most writes met clusters the top held by then: the ring ran them; the first write into each
+    # new cluster went to the pool.
+    assert 0 < requests < writes, (requests, writes)
+    assert ring >= requests
     assert ring_reads(prl) > 0
     with support.running(reference(tmp_path, chain)) as ref:
         assert_bytes(support.nbd_pread(ref.uri()), bytes(want), "qemu-nbd after the stop")
+    res = support.run("qemu-img", "check", "-f", "parallels", str(chain.paths[-1]), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_no_silent_fallback(tmp_path: Path) -> None:

@@ -34,11 +34,11 @@ UNAVAILABLE = _available()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring: {UNAVAILABLE}")
 
 
-def run(body: Callable[[uring.UringReader], Coroutine[Any, Any, None]], entries: int = 4) -> uring.UringReader:
+def run(body: Callable[[uring.UringIO], Coroutine[Any, Any, None]], entries: int = 4) -> uring.UringIO:
     """Run BODY with a reader of ENTRIES on a fresh loop; the reader must end idle."""
 
-    async def main() -> uring.UringReader:
-        reader = uring.UringReader(asyncio.get_running_loop(), entries)
+    async def main() -> uring.UringIO:
+        reader = uring.UringIO(asyncio.get_running_loop(), entries)
         try:
             await body(reader)
             assert reader.busy == 0
@@ -49,7 +49,7 @@ def run(body: Callable[[uring.UringReader], Coroutine[Any, Any, None]], entries:
     return asyncio.run(main())
 
 
-def read(reader: uring.UringReader, ios: list[uring.ReadIO]) -> asyncio.Future[BaseException | None]:
+def read(reader: uring.UringIO, ios: list[uring.ReadIO]) -> asyncio.Future[BaseException | None]:
     fut: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
     reader.read_all(ios, fut.set_result)
     return fut
@@ -69,9 +69,9 @@ def test_reads_at_many_offsets_and_lengths_beyond_the_depth(data_file: tuple[int
     """300 reads (some of several runs, some past the end) through a ring of 4: each buffer holds the file's bytes."""
     fd, data = data_file
     rng = random.Random(1)
-    seen: list[uring.UringReader] = []
+    seen: list[uring.UringIO] = []
 
-    async def body(reader: uring.UringReader) -> None:
+    async def body(reader: uring.UringIO) -> None:
         seen.append(reader)
         assert reader.ring.sq_entries == 4
         jobs = []
@@ -96,7 +96,7 @@ def test_reads_at_many_offsets_and_lengths_beyond_the_depth(data_file: tuple[int
 
 
 def test_no_reads_still_calls_back() -> None:
-    async def body(reader: uring.UringReader) -> None:
+    async def body(reader: uring.UringIO) -> None:
         assert await read(reader, []) is None
 
     run(body)
@@ -107,7 +107,7 @@ def test_error_completion_is_an_oserror(data_file: tuple[int, bytes]) -> None:
     fd, data = data_file
     bad = 1 << 20  # no process has this many descriptors open (and the number is not reused meanwhile)
 
-    async def body(reader: uring.UringReader) -> None:
+    async def body(reader: uring.UringIO) -> None:
         good = bytearray(4096)
         fut = read(reader, [(fd, fd, memoryview(bytearray(10)), 0), (bad, bad, memoryview(bytearray(10)), 0),
                             (fd, fd, memoryview(good), 8192)])
@@ -135,7 +135,7 @@ def test_direct_reads_and_an_unaligned_rest(tmp_path: Path) -> None:
         os.close(fd)
         pytest.skip("no O_DIRECT on this file system")
 
-    async def body(reader: uring.UringReader) -> None:
+    async def body(reader: uring.UringIO) -> None:
         buf = memoryview(mmap.mmap(-1, 4 * 4096))
         assert await read(reader, [(dfd, fd, buf, 0)]) is None
         assert bytes(buf) == data + bytes(4096 - 700)
@@ -157,12 +157,12 @@ def test_export_read_via_the_ring_and_an_error_as_eio(tmp_path: Path) -> None:
     exp.write(1 << 20, memoryview(payload))
     exp.changed(1 << 20, len(payload))
 
-    def via(reader: uring.UringReader, offset: int, length: int) -> asyncio.Future[Any]:
+    def via(reader: uring.UringIO, offset: int, length: int) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         exp.read_via(reader, offset, length, lambda res, exc: fut.set_result(exc if exc is not None else res))
         return fut
 
-    async def body(reader: uring.UringReader) -> None:
+    async def body(reader: uring.UringIO) -> None:
         for offset, length in [(0, 4096), ((1 << 20) - 512, 8192), ((1 << 20) + 12345, 54321), (0, SIZE)]:
             fut = via(reader, offset, length)
             # In flight, the read holds its epoch: nothing it looked up can be reused yet.
@@ -197,7 +197,7 @@ def test_server_refuses_to_start_without_io_uring(monkeypatch: pytest.MonkeyPatc
     def refuse(*_: object) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(server_mod, "UringReader", refuse)
+    monkeypatch.setattr(server_mod, "UringIO", refuse)
 
     async def main() -> None:
         server_mod.NbdServer({}, aio="io_uring")
@@ -221,7 +221,7 @@ def test_split_disk_read_via_the_ring_across_pieces(tmp_path: Path, direct: bool
     spans = [(0, len(want)), (STARTS[1] - 100, 300), (STARTS[1] - 4096, 8192), (STARTS[2] - 65536, 131072)]
     spans += [(o, rng.randrange(1, len(want) - o)) for o in (rng.randrange(len(want) - 1) for _ in range(30))]
 
-    async def body(reader: uring.UringReader) -> None:
+    async def body(reader: uring.UringIO) -> None:
         for offset, length in spans:
             plan = disk.read_begin(offset, length)
             assert sum(sum(p._active.values()) for p in disk.pieces) >= 1
@@ -235,5 +235,171 @@ def test_split_disk_read_via_the_ring_across_pieces(tmp_path: Path, direct: bool
 
     try:
         run(body)
+    finally:
+        disk.close()
+
+
+def write(reader: uring.UringIO, ios: list[uring.WriteIO]) -> asyncio.Future[BaseException | None]:
+    fut: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    reader.write_all(ios, fut.set_result)
+    return fut
+
+
+@pytest.fixture
+def blank_file(tmp_path: Path) -> tuple[int, Path]:
+    path = tmp_path / "blank"
+    path.write_bytes(bytes(SIZE))
+    fd = os.open(path, os.O_RDWR)
+    yield fd, path  # type: ignore[misc]
+    os.close(fd)
+
+
+def test_writes_at_many_offsets_beyond_the_depth(blank_file: tuple[int, Path]) -> None:
+    """300 requests of 1-3 writes each (some from read-only bytes) through a ring of 4: the file holds them all."""
+    fd, path = blank_file
+    rng = random.Random(2)
+    model = bytearray(SIZE)
+    slot = SIZE // 300
+    pieces = 0
+
+    async def body(reader: uring.UringIO) -> None:
+        nonlocal pieces
+        jobs = []
+        for i in range(300):
+            ios: list[uring.WriteIO] = []
+            at = i * slot
+            for _ in range(1 + i % 3):
+                length = rng.randrange(1, slot // 3)
+                data = rng.randbytes(length)
+                model[at : at + length] = data
+                ios.append((fd, memoryview(data if i % 2 else bytearray(data)), at))
+                at += length
+            pieces += len(ios)
+            jobs.append(write(reader, ios))
+        for fut in jobs:
+            assert await fut is None
+
+    reader = run(body)
+    assert reader.write_requests == 300 and reader.writes == pieces
+    assert path.read_bytes() == bytes(model)
+
+
+def test_short_writes_go_on_and_a_write_of_nothing_is_an_error(blank_file: tuple[int, Path]) -> None:
+    """A completion that says fewer bytes were written has the rest written again; one that says none is EIO."""
+    fd, path = blank_file
+    data = random.Random(4).randbytes(100_000)
+
+    def first_half(reader: uring.UringIO, zero: bool) -> None:
+        # Report each write SQE's first completion as short (or as nothing written).
+        real = reader.ring.reap
+        seen: set[int] = set()
+
+        def reap() -> list[tuple[int, int]]:
+            out = []
+            for key, res in real():
+                op = reader._ops[key]
+                if op.write and id(op) not in seen and res > 1:
+                    seen.add(id(op))
+                    res = 0 if zero else res // 2
+                out.append((key, res))
+            return out
+
+        reader.ring.reap = reap  # type: ignore[method-assign]
+
+    async def short(reader: uring.UringIO) -> None:
+        first_half(reader, zero=False)
+        assert await write(reader, [(fd, memoryview(data), 5000), (fd, memoryview(data[:10]), 0)]) is None
+
+    reader = run(short)
+    assert reader.writes > 2  # the rests went in again
+    got = path.read_bytes()
+    assert got[5000:105000] == data and got[:10] == data[:10]
+
+    async def nothing(reader: uring.UringIO) -> None:
+        first_half(reader, zero=True)
+        err = await write(reader, [(fd, memoryview(data[:4096]), 0)])
+        assert isinstance(err, OSError) and err.errno == errno.EIO and "wrote nothing" in str(err)
+
+    run(nothing)
+
+
+def test_export_write_via_the_ring_only_into_clusters_the_top_holds(tmp_path: Path) -> None:
+    """Export.write_via(): into held clusters the ring writes (holding the epoch until then); a write that
+    must allocate is left to the pool, holding nothing; with --cache=none aligned writes go O_DIRECT; a
+    failed write is an EIO RequestError."""
+    path = tmp_path / "d.hds"
+    write_image(path, SIZE)  # 1 MiB clusters
+    disk = open_disk(path, writable=True)
+    exp = Export("d", disk, read_only=False)
+    exp.write(1 << 20, memoryview(bytes(1 << 20)))
+    exp.changed(1 << 20, 1 << 20)
+    rng = random.Random(6)
+
+    def via(reader: uring.UringIO, offset: int, data: bytes) -> tuple[bool, asyncio.Future[Any]]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        taken = exp.write_via(reader, offset, memoryview(bytearray(data)), lambda _res, exc: fut.set_result(exc))
+        return taken, fut
+
+    async def body(reader: uring.UringIO) -> None:
+        for offset, length in [((1 << 20) + 100, 5000), (1 << 20, 1 << 20), ((2 << 20) - 4096, 4096)]:
+            data = rng.randbytes(length)
+            taken, fut = via(reader, offset, data)
+            assert taken
+            assert sum(disk._active.values()) == 1  # in flight: nothing it looked up is reused
+            assert await fut is None
+            assert not disk._active
+            assert bytes(exp.read(offset, length)[0]) == data
+        for offset, length in [(0, 4096), ((2 << 20) - 10, 20), (2 << 20, 1)]:
+            taken, _ = via(reader, offset, b"x" * length)
+            assert not taken and not disk._active, (offset, length)
+        assert exp.read(0, 4096)[1] == [(0, 4096)]  # still a hole: nothing was written there
+
+        disk.open_direct()
+        dfd = disk._direct[disk.top.fd]
+        plan = disk.write_begin((1 << 20) + 8192, memoryview(bytearray(8192)))
+        assert plan is not None and [io[0] for io in plan.ios] == [dfd]
+        plan.release()
+        data = rng.randbytes(8192)
+        taken, fut = via(reader, (1 << 20) + 8192, data)
+        assert taken and await fut is None
+        assert bytes(exp.read((1 << 20) + 8192, 8192)[0]) == data
+
+        real = disk.write_begin
+
+        def broken(offset: int, data: memoryview) -> Any:
+            plan = real(offset, data)
+            assert plan is not None
+            plan.ios = [(-1, view, host) for _, view, host in plan.ios]
+            return plan
+
+        disk.write_begin = broken  # type: ignore[method-assign]
+        taken, fut = via(reader, 1 << 20, b"y" * 4096)
+        err = await fut
+        assert taken and isinstance(err, RequestError) and err.errno == Errno.EIO
+        assert not disk._active
+
+    try:
+        run(body)
+    finally:
+        exp.close()
+
+
+def test_split_disk_write_begin_across_pieces(tmp_path: Path) -> None:
+    """A split disk: a write held by both pieces' tops is one plan with a write per piece; one that meets an
+    unallocated cluster in the second piece is None, with the first piece's epoch given back."""
+    from tests.unit.test_split import CS, STARTS, bundle
+
+    # Each piece's top holds its first and last clusters.
+    disk = open_disk(bundle(tmp_path, 1), writable=True)
+    try:
+        edge = STARTS[1]
+        plan = disk.write_begin(edge - 4096, memoryview(bytearray(8192)))
+        assert plan is not None and len(plan.ios) == 2
+        assert [len(view) for _, view, _ in plan.ios] == [4096, 4096]
+        assert all(p._active for p in disk.pieces[:2])
+        plan.release()
+        assert not any(p._active for p in disk.pieces)
+        assert disk.write_begin(edge - 100, memoryview(bytearray(CS + 200))) is None
+        assert not any(p._active for p in disk.pieces)
     finally:
         disk.close()
