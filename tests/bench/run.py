@@ -998,16 +998,25 @@ class Bench:
         runtime = None if rw == "write" else self.runtime
         check_failures: list[str] = []
 
-        def measure(i: int, subject: bool) -> float:
-            image = create_image(where / f"w-{'s' if subject else 'q'}{i}.hds", WRITE_SIZE)
-            server = self.start_subject(image, False) if subject else self.start_qemu(image, False)
+        # Sides by key: "s" prlnbd, "q" qemu-nbd, "s-MODE" prlnbd --aio=MODE (same rotation).
+        modes = self.aio_modes()
+        figures: dict[str, list[float]] = {"s": row.prlnbd, "q": row.ref, **{f"s-{m}": [] for m in modes}}
+
+        def measure(i: int, key: str) -> float:
+            subject = key != "q"
+            image = create_image(where / f"w-{key}{i}.hds", WRITE_SIZE)
+            if not subject:
+                server = self.start_qemu(image, False)
+            else:
+                server = self.start_subject(image, False, extra=[f"--aio={key[2:]}"] if key != "s" else [])
             try:
                 if subject and is_read_only(server):
                     raise SkipBench(f"{self.subject} exports the image read-only "
                                     "without --read-only (this version does not write yet)")
                 job = self.fio_job(nbd_target(server.uri()), rw, bs, qd, runtime=runtime,
                                    size=WRITE_SIZE, extra=extra)
-                flushes[subject].append(job["sync"]["total_ios"])
+                if key in ("s", "q"):
+                    flushes[subject].append(job["sync"]["total_ios"])
                 side = fio_side(job, rw)
                 return float(side["iops"]) if pick else side["bw_bytes"] / MiB
             finally:
@@ -1020,8 +1029,9 @@ class Bench:
                         check_failures.append(f"{image.name}: {(res.stdout + res.stderr).strip()}")
                 image.unlink(missing_ok=True)
 
+        labels = {"s": self.subject, "q": "qemu-nbd", **{f"s-{m}": f"{self.subject} --aio={m}" for m in modes}}
         try:
-            self.alternate(row, lambda i: measure(i, True), lambda i: measure(i, False))
+            self.rotate(name, unit, [(labels[k], lambda i, k=k: measure(i, k), figures[k]) for k in figures])
         except SkipBench as exc:
             row.status = "SKIP"
             row.notes.append(f"{exc}")
@@ -1030,6 +1040,12 @@ class Bench:
             row.status = "ERROR"
             row.notes.append(str(exc))
             log(f"  {name}: ERROR: {exc}")
+        for m in modes:
+            for suffix, other in (("", "q"), (":threads", "s")):
+                variant = self.new_row(f"{name}/aio-{m}{suffix}", unit, labels[other])
+                variant.target = self.args.targets.get(name, TARGETS.get(name)) if other == "q" else None
+                variant.prlnbd, variant.ref = figures[f"s-{m}"], figures[other]
+                variant.status = row.status
         if row.prlnbd and not row.status and not self.args.no_verify:
             self.verify_writes(row, rw, bs, qd)
         if check_failures:
@@ -2045,8 +2061,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing the data and maps the two sides serve")
     p.add_argument("--aio", action="append", default=[], metavar="MODE",
-                   help="also measure prlnbd serve --aio=MODE (e.g. io_uring) in the cold-read and "
-                        "vm-backup rows, beside the default, in the same rotation")
+                   help="also measure prlnbd serve --aio=MODE (e.g. io_uring) in the cold-read, "
+                        "vm-backup and write rows, beside the default, in the same rotation")
     p.add_argument("--target", action="append", default=[], metavar="NAME=RATIO",
                    help="override a target ratio, e.g. read-rand=0.6")
     p.add_argument("--check", action="store_true",
