@@ -299,6 +299,10 @@ class Export:
         if cache == "none":
             disk.open_direct()
         self._flush_lock = asyncio.Lock()
+        # Writes that ended (changed()) so far, and how many of them the last flush that
+        # succeeded covered: a flush with nothing new to cover needs no sync.
+        self._write_gen = 0
+        self._flushed_gen = 0
         self.bitmaps: dict[str, DirtyBitmap] = {DIRTY_BITMAP_PREFIX + b.name: b for b in disk.bitmaps()}
         for bitmap in self.bitmaps.values():
             # Index where each bitmap changes now, before serving, as QEMU summarises a bitmap
@@ -517,6 +521,7 @@ class Export:
         depth map over the top layer's clusters the range touches, splicing
         the result into it and into each context derived from it.
         """
+        self._write_gen += 1
         size = self.disk.size
         end = min(offset + length, size)
         if end <= offset:
@@ -560,15 +565,23 @@ class Export:
 
         RUN(fn, *args) runs the blocking part in a worker thread. Flushes run
         one at a time: a flush that finished early must not claim durability
-        for BAT entries another flush is still writing. With cache mode
-        "unsafe" nothing is done.
+        for BAT entries another flush is still writing. A flush that finds no
+        write ended since the last successful flush began, and no BAT entry to
+        write, has nothing to make durable and syncs nothing (as QEMU's block
+        layer does): clients that flush after every few writes, several
+        connections at once, then wait for one sync instead of a queue of them.
+        With cache mode "unsafe" nothing is done.
         """
         if self.read_only or self.cache == "unsafe":
             return
         async with self._flush_lock:
             if self.failed is not None:
                 raise RequestError(Errno.EIO, f"FLUSH failed: {self.failed}")
+            gen = self._write_gen
             token = self.disk.begin_flush()
+            if gen == self._flushed_gen and (token is None or token.empty):
+                self.disk.end_flush(token, True)
+                return
             try:
                 await run(self.disk.flush_io, token)
             except OSError as e:
@@ -578,6 +591,7 @@ class Export:
                 self.disk.end_flush(token, False)
                 raise
             self.disk.end_flush(token, True)
+            self._flushed_gen = gen
 
     def extents(self, context: str, offset: int, length: int, *, req_one: bool = False) -> list[tuple[int, int]]:
         """Block status of CONTEXT over the range as merged (length, flags) extents, none past its end.

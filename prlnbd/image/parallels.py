@@ -821,3 +821,8 @@ class FlushToken:
 
     entries: list[tuple[int, int]]
     pending_free: list[int]
+
+    @property
+    def empty(self) -> bool:
+        """Whether the flush has no BAT entry to write and no cluster to free."""
+        return not self.entries and not self.pending_free

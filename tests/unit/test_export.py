@@ -625,3 +625,65 @@ def test_status_of_a_raw_top(tmp_path: Path) -> None:
             check_indexes(exp, model)
     finally:
         exp.close()
+
+
+def test_a_flush_syncs_only_when_a_write_ended_since_the_last_one_began(tmp_path: Path) -> None:
+    """FLUSH covers every write that ended before it: one with nothing new to cover syncs nothing, one
+    after a write (an overwrite too, which maps no cluster) or after a failed flush syncs."""
+    import asyncio
+
+    cs = 1 << 20
+    exp = Export("x", open_disk(make_disk(tmp_path, 4 * cs, [(cs, [1])]), writable=True), read_only=False)
+    syncs: list[str] = []
+    fail = False
+    gate: asyncio.Event | None = None
+
+    async def run(fn: object, *args: object) -> None:
+        assert callable(fn)
+        syncs.append("sync")
+        if gate is not None:
+            await gate.wait()
+        if fail:
+            raise OSError(5, "Input/output error")
+        fn(*args)
+
+    def write(offset: int) -> None:
+        exp.write(offset, memoryview(b"x" * 4096))
+        exp.changed(offset, 4096)
+
+    async def main() -> None:
+        nonlocal fail, gate
+        await exp.flush(run)
+        assert syncs == []  # nothing written since the disk was opened
+        write(cs)  # an overwrite: no BAT entry changes
+        await exp.flush(run)
+        await exp.flush(run)
+        assert len(syncs) == 1
+        write(3 * cs)  # allocates
+        await exp.flush(run)
+        assert len(syncs) == 2
+        write(cs + 4096)
+        fail = True
+        with pytest.raises(export_mod.RequestError):
+            await exp.flush(run)
+        fail = False
+        await exp.flush(run)  # the failed flush covered nothing
+        assert len(syncs) == 4
+        # Two flushes queue behind a running one, and a write ends while it syncs: the first
+        # queued flush must sync again for it; the second then has nothing left to cover.
+        gate = asyncio.Event()
+        write(cs)
+        first = asyncio.ensure_future(exp.flush(run))
+        await asyncio.sleep(0)  # the first flush is now in its sync, holding the flush lock
+        assert len(syncs) == 5
+        second = asyncio.ensure_future(exp.flush(run))
+        third = asyncio.ensure_future(exp.flush(run))
+        write(cs + 8192)
+        gate.set()
+        await asyncio.gather(first, second, third)
+        assert len(syncs) == 6
+
+    try:
+        asyncio.run(main())
+    finally:
+        exp.close()
