@@ -41,6 +41,10 @@ CACHE_MODES = ("writeback", "none", "unsafe")
 Buffer = bytes | bytearray | memoryview
 # How many extents one BLOCK_STATUS chunk may carry; clients loop for the rest.
 MAX_EXTENTS = 64 * 1024
+# The same for a bitmap too dense to index, whose replies are scanned from its bytes on the
+# event loop (about a microsecond of Python per run): a reply stays a few milliseconds of
+# work, and other clients' requests are not held up behind a 64 Ki-extent scan.
+SCAN_EXTENTS = 4 * 1024
 
 
 _pack_one = struct.Struct(">II").pack
@@ -260,7 +264,7 @@ class _BitmapStatus:
             stretches.splice(start, stop, (start,), (STATE_DIRTY,))
 
     def payload(self, offset: int, end: int, limit: int) -> bytes:
-        """As _Stretches.payload()."""
+        """As _Stretches.payload() (at most SCAN_EXTENTS extents when scanned)."""
         if self.stretches is not None:
             return self.stretches.payload(offset, end, limit)
         ends, flags, capped = self.span(offset, end, limit)
@@ -270,10 +274,11 @@ class _BitmapStatus:
         return _pack(offset, ends, flags)
 
     def span(self, offset: int, end: int, limit: int) -> tuple[list[int], list[int], bool]:
-        """As _Stretches.span()."""
+        """As _Stretches.span() (at most SCAN_EXTENTS stretches when scanned)."""
         if self.stretches is not None:
             return self.stretches.span(offset, end, limit)
         # No index: scan for the changes this reply needs, and for where its last extent ends.
+        limit = min(limit, SCAN_EXTENTS)
         horizon = min(self.size, end + U32_MAX)
         dirty, found = self.bitmap.changes(offset, end - 1, horizon, limit)
         ends = found.tolist()
