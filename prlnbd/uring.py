@@ -306,31 +306,29 @@ class UringIO:
         Bytes past the end of a file stay as the buffer had them. The buffers
         must not be resized until the callback runs.
         """
-        if self._closed:
-            raise RuntimeError("the io_uring ring is closed")
-        self.requests += 1
-        group = _Group(len(ios), callback)
-        if not ios:
-            self._loop.call_soon(callback, None)
-            return
-        for fd, fallback, view, offset in ios:
-            self._waiting.append(_Op(group, fd, fallback, view, offset, False))
-        self._fill()
+        self._start(ios, False, callback)
 
     def write_all(self, ios: Sequence[WriteIO], callback: Done) -> None:
         """Write each buffer of IOS to its file; then CALLBACK(None), or CALLBACK(the first error), on the loop.
 
         The buffers must stay as they are until the callback runs.
         """
+        self._start([(fd, fd, view, offset) for fd, view, offset in ios], True, callback)
+
+    def _start(self, ios: Sequence[ReadIO], write: bool, callback: Done) -> None:
+        """Queue one request's reads (or writes) as (fd, fallback fd, buffer, offset); CALLBACK after the last."""
         if self._closed:
             raise RuntimeError("the io_uring ring is closed")
-        self.write_requests += 1
+        if write:
+            self.write_requests += 1
+        else:
+            self.requests += 1
         group = _Group(len(ios), callback)
         if not ios:
             self._loop.call_soon(callback, None)
             return
-        for fd, view, offset in ios:
-            self._waiting.append(_Op(group, fd, fd, view, offset, True))
+        for fd, fallback, view, offset in ios:
+            self._waiting.append(_Op(group, fd, fallback, view, offset, write))
         self._fill()
 
     def _fill(self) -> None:
