@@ -7,12 +7,14 @@ requests crossing a piece boundary must land in both pieces.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from tests import support
 from tests.support import Chain
+from tests.unit.test_uring import UNAVAILABLE as URING_UNAVAILABLE
 
 pytestmark = pytest.mark.skipif(
     not all(support.have(t) for t in ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")),
@@ -107,23 +109,37 @@ def test_split_snapshot_option_reads_the_roots(tmp_path: Path) -> None:
         assert support.nbd_pread(prl.uri()) == want
 
 
+def ring_writes(log: str) -> int:
+    """How many WRITEs a stopped server with --aio=io_uring ran through its ring (its closing line)."""
+    found = re.search(r"(\d+) writes for (\d+) WRITEs", log)
+    assert found, log[-2000:]
+    return int(found.group(2))
+
+
 @pytest.mark.parametrize(
-    ("layers", "cache"),
-    [(1, "writeback"), (2, "writeback"), (2, "none")],
-    ids=["no-snapshot", "one-snapshot", "one-snapshot-cache-none"],
+    ("layers", "cache", "aio"),
+    [(1, "writeback", "threads"), (2, "writeback", "threads"), (2, "none", "threads"), (2, "writeback", "io_uring")],
+    ids=["no-snapshot", "one-snapshot", "one-snapshot-cache-none", "one-snapshot-io_uring"],
 )
-def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int, cache: str) -> None:
+def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int, cache: str, aio: str) -> None:
     import nbd
 
+    if aio == "io_uring" and URING_UNAVAILABLE is not None:
+        pytest.skip(f"io_uring: {URING_UNAVAILABLE}")
     bundle = tmp_path / "vm.hdd"
     chains, _ = build(bundle, layers, seed=2)
     model = bytearray(b"".join(c.expected_bytes() for c in chains))
     roots = [support.file_digest(p) for c in chains for p in c.paths[:-1]]
-    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], f"--cache={cache}")) as prl:
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], f"--cache={cache}", f"--aio={aio}")) as prl:
         h = nbd.NBD()
         h.connect_uri(prl.uri())
-        # One WRITE across the boundary of pieces 0 and 1, unaligned on both sides.
+        # One WRITE across the boundary of pieces 0 and 1, unaligned on both sides; then again,
+        # into the clusters the first one gave the tops (with io_uring: through the ring).
         at, data = STARTS[1] - 3000, bytes(range(256)) * 40
+        h.pwrite(data, at)
+        model[at : at + len(data)] = data
+        assert h.pread(len(data), at) == data
+        data = bytes(reversed(data))
         h.pwrite(data, at)
         model[at : at + len(data)] = data
         assert h.pread(len(data), at) == data
@@ -145,6 +161,8 @@ def test_split_writes_cross_piece_boundaries(tmp_path: Path, layers: int, cache:
         assert got_all == bytes(model)
         h.shutdown()
     assert "Traceback" not in prl.log_text()
+    if aio == "io_uring":
+        assert ring_writes(prl.log_text()) >= 1
     # The pieces' files, read by qemu on their own, hold exactly what was written.
     want = reference(tmp_path / "after", chains)
     assert want[0] == bytes(model)
@@ -468,10 +486,12 @@ def build_plain(bundle: Path, variant: str) -> list[Chain]:
     return chains
 
 
-@pytest.mark.parametrize("variant", ["all-raw", "raw-root"])
-def test_split_plain_pieces_read_and_write_across_boundaries(tmp_path: Path, variant: str) -> None:
+@pytest.mark.parametrize(("variant", "aio"), [("all-raw", "threads"), ("raw-root", "threads"), ("all-raw", "io_uring")])
+def test_split_plain_pieces_read_and_write_across_boundaries(tmp_path: Path, variant: str, aio: str) -> None:
     import nbd
 
+    if aio == "io_uring" and URING_UNAVAILABLE is not None:
+        pytest.skip(f"io_uring: {URING_UNAVAILABLE}")
     bundle = tmp_path / "vm.hdd"
     chains = build_plain(bundle, variant)
     want = reference(tmp_path / "ref", chains)
@@ -480,7 +500,7 @@ def test_split_plain_pieces_read_and_write_across_boundaries(tmp_path: Path, var
         assert_serves(srv.uri(), want)
     model = bytearray(want[0])
     roots = [support.file_digest(c.paths[0]) for c in chains]
-    with support.running(support.start_prlnbd(tmp_path, [str(bundle)])) as srv:
+    with support.running(support.start_prlnbd(tmp_path, [str(bundle)], f"--aio={aio}")) as srv:
         h = nbd.NBD()
         h.connect_uri(srv.uri())
         # Unaligned writes over the boundaries of pieces 0|1 and 1|2 (into piece 1's raw root, or its top).
@@ -494,6 +514,8 @@ def test_split_plain_pieces_read_and_write_across_boundaries(tmp_path: Path, var
         assert h.pread(TOTAL, 0) == bytes(model)
         h.shutdown()
     assert srv.proc.returncode == 0 and "Traceback" not in srv.log_text()
+    if aio == "io_uring":
+        assert ring_writes(srv.log_text()) == 2  # raw pieces hold every byte: both WRITEs took the ring
     # Read independently: each piece's chain by qemu; a raw piece's file byte for byte.
     after = reference(tmp_path / "after", chains)
     assert after[0] == bytes(model)
