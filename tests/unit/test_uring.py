@@ -6,7 +6,7 @@ import asyncio
 import errno
 import os
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +55,21 @@ def read(reader: uring.UringIO, ios: list[uring.ReadIO]) -> asyncio.Future[BaseE
     return fut
 
 
-@pytest.fixture
-def data_file(tmp_path: Path) -> tuple[int, bytes]:
-    data = random.Random(7).randbytes(SIZE)
-    path = tmp_path / "data"
+def opened(path: Path, data: bytes, flags: int) -> Iterator[int]:
+    """PATH written with DATA and opened with FLAGS, for as long as the test runs."""
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    yield fd, data  # type: ignore[misc]
-    os.close(fd)
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    data = random.Random(7).randbytes(SIZE)
+    for fd in opened(tmp_path / "data", data, os.O_RDONLY):
+        yield fd, data
 
 
 def test_reads_at_many_offsets_and_lengths_beyond_the_depth(data_file: tuple[int, bytes]) -> None:
@@ -246,12 +253,10 @@ def write(reader: uring.UringIO, ios: list[uring.WriteIO]) -> asyncio.Future[Bas
 
 
 @pytest.fixture
-def blank_file(tmp_path: Path) -> tuple[int, Path]:
+def blank_file(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     path = tmp_path / "blank"
-    path.write_bytes(bytes(SIZE))
-    fd = os.open(path, os.O_RDWR)
-    yield fd, path  # type: ignore[misc]
-    os.close(fd)
+    for fd in opened(path, bytes(SIZE), os.O_RDWR):
+        yield fd, path
 
 
 def test_writes_at_many_offsets_beyond_the_depth(blank_file: tuple[int, Path]) -> None:
