@@ -606,18 +606,12 @@ class Disk:
         if isinstance(top, RawImage):
             pieces = [(data, offset)]
         elif isinstance(top, ParallelsImage):
-            cs = top.cluster_size
             pieces = []
-            pos = 0
-            while pos < len(data):
-                at = offset + pos
-                cluster = at // cs
+            for cluster, within, piece in _cluster_pieces(top.cluster_size, offset, data):
                 host = top.host_offset(cluster)
                 if not host:
                     return None
-                n = min(cs - (at - cluster * cs), len(data) - pos)
-                pieces.append((data[pos : pos + n], host + at - cluster * cs))
-                pos += n
+                pieces.append((piece, host + within))
         else:  # pragma: no cover - layers are one of the two kinds
             return None
         ios = []
@@ -648,15 +642,8 @@ class Disk:
             return
         if not isinstance(top, ParallelsImage):  # pragma: no cover - layers are one of the two kinds
             raise ImageError(f"{top.path}: cannot write to this kind of image")
-        cs = top.cluster_size
-        pos = 0
-        while pos < len(view):
-            at = offset + pos
-            cluster = at // cs
-            within = at - cluster * cs
-            n = min(cs - within, len(view) - pos)
-            self._write_cluster(top, cluster, within, view[pos : pos + n])
-            pos += n
+        for cluster, within, piece in _cluster_pieces(top.cluster_size, offset, view):
+            self._write_cluster(top, cluster, within, piece)
 
     def _write_cluster(self, top: ParallelsImage, cluster: int, within: int, piece: memoryview) -> None:
         while True:
@@ -895,6 +882,18 @@ def _aligned_memory(view: memoryview) -> bool:
     if view.readonly or not len(view):
         return False
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
+
+
+def _cluster_pieces(cs: int, offset: int, view: memoryview) -> Iterator[tuple[int, int, memoryview]]:
+    """VIEW, to be written at guest OFFSET, cut at boundaries of CS-byte clusters: (cluster, offset in it, piece)."""
+    pos = 0
+    while pos < len(view):
+        at = offset + pos
+        cluster = at // cs
+        within = at - cluster * cs
+        n = min(cs - within, len(view) - pos)
+        yield cluster, within, view[pos : pos + n]
+        pos += n
 
 
 def _aligned_copy(view: memoryview) -> memoryview:
