@@ -881,7 +881,6 @@ def _open_target(plan: MergePlan, part: MergePart, guards: dict[Path, int]) -> D
     return disk
 
 
-
 def merge_kill_hook() -> Callable[[], None]:
     """The hook a merge calls before each write, sync, journal or descriptor step: crash tests set
     PRLNBD_MERGE_KILL_AT=N to have the Nth kill the process (prlnbd.killpoints)."""
