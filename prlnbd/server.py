@@ -512,13 +512,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
             # and vm-backup-{copy,write}-cold/aio-io_uring:threads; opt-in, since cold-read-rand-qd1
             # and cold-read-seq did not gain. (The completion comes on a later turn: counting the
             # request after queueing it is in time, and nothing is counted if queueing fails.)
-            export.read_via(self.server.ring, req.offset, req.length, partial(self._ring_done, req))
+            export.read_via(self.server.ring, req.offset, req.length,
+                            partial(self._completed, req, NbdProtocol._send_read))
             self._started(req)
         else:
             self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_read)
-
-    def _ring_done(self, req: Request, result: Any, exc: BaseException | None) -> None:
-        self._completed(req, NbdProtocol._send_read, result, exc)
 
     def _send_read(self, req: Request, got: tuple[Any, list[tuple[int, int]]]) -> None:
         buf, holes = got
@@ -533,15 +531,14 @@ class NbdProtocol(asyncio.BufferedProtocol):
         payload = cast(memoryview, req.payload)
         ring = self.server.ring
         # --aio=io_uring: a write into clusters the top layer holds goes to the ring, as reads do
-        # (earned on tests/bench rows write-rand and durable-write with --aio io_uring). One that
-        # allocates stays in the pool: copy-on-write and the cluster's claim block.
-        if ring is not None and export.write_via(ring, req.offset, payload, partial(self._ring_written, req)):
+        # (earned on tests/bench rows write-rand/aio-io_uring:threads and
+        # vm-backup-write-cold/aio-io_uring:threads). One that allocates stays in the pool:
+        # copy-on-write and the cluster's claim block.
+        done = partial(self._completed, req, NbdProtocol._written)
+        if ring is not None and export.write_via(ring, req.offset, payload, done):
             self._started(req)
             return
         self._submit(req, export.write, (req.offset, payload), NbdProtocol._written)
-
-    def _ring_written(self, req: Request, result: Any, exc: BaseException | None) -> None:
-        self._completed(req, NbdProtocol._written, result, exc)
 
     def _zero(self, req: Request) -> None:
         export = cast(Export, self.export)
@@ -705,8 +702,9 @@ class NbdServer:
         self.infos = {name: export.info for name, export in self.exports.items()}
         self.default = next(iter(self.exports)) if len(self.exports) == 1 else None
         self.pool = IoPool(asyncio.get_running_loop(), workers)
-        # READs that miss the page cache go to an io_uring when asked (--aio=io_uring), never
-        # silently to the pool instead: a ring that cannot be set up stops the start.
+        # READs that miss the page cache, and WRITEs into clusters the top holds, go to an io_uring
+        # when asked (--aio=io_uring), never silently to the pool instead: a ring that cannot be
+        # set up stops the start.
         self.ring: UringIO | None = None
         if aio == "io_uring":
             try:
@@ -896,7 +894,7 @@ class NbdServer:
         self.pool.shutdown()
         if ring is not None:
             log.info("io_uring: %d reads for %d READs, %d writes for %d WRITEs",
-                     ring.reads, ring.requests, ring.writes, ring.write_requests)
+                     ring.reads, ring.read_requests, ring.writes, ring.write_requests)
             ring.close()
 
 

@@ -244,9 +244,9 @@ class _Op:
         self.write = write
         self.done = 0
         # Holds the buffer exported, so it stays where it is until the completion (the kernel
-        # reads from it or writes into it). A read-only buffer (bytes) is copied: the kernel
-        # only reads it, but ctypes gives addresses of writable buffers alone.
-        if view.readonly:
+        # reads from it or writes into it). A write's read-only buffer (bytes) is copied: the
+        # kernel only reads it, but ctypes gives addresses of writable buffers alone.
+        if write and view.readonly:
             self.anchor = (ctypes.c_char * len(view)).from_buffer_copy(view)
         else:
             self.anchor = (ctypes.c_char * len(view)).from_buffer(view)
@@ -290,7 +290,7 @@ class UringIO:
         self._submit_pending = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closed = False
-        self.requests = 0  # read_all() calls
+        self.read_requests = 0  # read_all() calls
         self.reads = 0  # read SQEs queued, resubmissions of short reads included
         self.write_requests = 0  # write_all() calls
         self.writes = 0  # write SQEs queued, resubmissions of short writes included
@@ -322,7 +322,7 @@ class UringIO:
         if write:
             self.write_requests += 1
         else:
-            self.requests += 1
+            self.read_requests += 1
         group = _Group(len(ios), callback)
         if not ios:
             self._loop.call_soon(callback, None)

@@ -97,7 +97,7 @@ def test_reads_at_many_offsets_and_lengths_beyond_the_depth(data_file: tuple[int
                 assert bytes(buf) == inside + b"\xa5" * (len(buf) - len(inside)), (off, len(buf))
 
     reader = run(body)
-    assert reader.requests == 300
+    assert reader.read_requests == 300
     # Reads that crossed the end were short and went on (and then met the end).
     assert reader.reads > sum(1 + i % 3 for i in range(300))
 
