@@ -642,10 +642,12 @@ def test_a_flush_syncs_only_when_a_write_ended_since_the_last_one_began(tmp_path
     syncs: list[str] = []
     fail = False
     gate: asyncio.Event | None = None
+    entered = asyncio.Event()
 
     async def run(fn: object, *args: object) -> None:
         assert callable(fn)
         syncs.append("sync")
+        entered.set()
         if gate is not None:
             await gate.wait()
         if fail:
@@ -678,8 +680,9 @@ def test_a_flush_syncs_only_when_a_write_ended_since_the_last_one_began(tmp_path
         # queued flush must sync again for it; the second then has nothing left to cover.
         gate = asyncio.Event()
         write(cs)
+        entered.clear()
         first = asyncio.ensure_future(exp.flush(run))
-        await asyncio.sleep(0)  # the first flush is now in its sync, holding the flush lock
+        await entered.wait()  # the first flush is now in its sync, holding the flush lock
         assert len(syncs) == 5
         second = asyncio.ensure_future(exp.flush(run))
         third = asyncio.ensure_future(exp.flush(run))
