@@ -662,6 +662,7 @@ class Disk:
 
         None when it is mapped, or after waiting for the write that was filling it.
         """
+        top.make_room()
         with self._lock:
             if top.host_offset(cluster):
                 return None
@@ -690,7 +691,7 @@ class Disk:
     ) -> None:
         """Fill a claimed cluster (PIECE at WITHIN, the rest from below), then map it and wake who waits for it."""
         try:
-            self._fill_new_cluster(top, cluster, within, piece, new_host, fresh)
+            zeros_under = self._fill_new_cluster(top, cluster, within, piece, new_host, fresh)
         except BaseException:
             with self._lock:
                 top.unallocate(new_host)
@@ -699,7 +700,7 @@ class Disk:
             raise
         # Mapped only now, after the data is in the file; the entry itself is written at flush.
         with self._lock:
-            top.map_cluster(cluster, new_host)
+            top.map_cluster(cluster, new_host, zeros_under=zeros_under)
             del self._allocating[cluster]
         pending.set()
 
@@ -728,21 +729,26 @@ class Disk:
 
     def _fill_new_cluster(
         self, top: ParallelsImage, cluster: int, within: int, piece: memoryview, new_host: int, fresh: bool
-    ) -> None:
-        """Write a new cluster: PIECE at WITHIN, the rest copied from the layers below (or zeros)."""
+    ) -> bool:
+        """Write a new cluster: PIECE at WITHIN, the rest copied from the layers below (or zeros).
+
+        Returns whether the cluster came FRESH (never held data) with nothing below: then
+        where its data did not land it reads as zeros, as before (ParallelsImage.map_cluster).
+        """
         cs = top.cluster_size
         start = cluster * cs
         below = [r for r in self._below(start, cs) if not r.zero]
-        if not fresh and not below and len(piece) < cs:
-            fresh = top.clear_cluster(new_host)  # a reused cluster: punched, it reads as zeros
-        if fresh and not below:
+        zeros = fresh
+        if not zeros and not below and len(piece) < cs:
+            zeros = top.clear_cluster(new_host)  # a reused cluster: punched, it reads as zeros
+        if zeros and not below:
             # The new cluster reads as zeros already: write only the request's bytes.
-            if len(piece) < cs:
+            if len(piece) < cs and not top.reserved(new_host):
                 # Reserve the whole cluster now: later small writes into it then find one
                 # extent instead of building the file system's map up block by block.
                 os.posix_fallocate(top.fd, new_host, cs)
             self._pwrite_all(top.fd, piece, new_host + within)
-            return
+            return fresh
         buf = self._buffer(cs)
         view = memoryview(buf)
         if below and (within or len(piece) < cs):
@@ -752,6 +758,7 @@ class Disk:
                     self._pread_into(run.layer.fd, view[at : at + run.length], run.host)
         view[within : within + len(piece)] = piece
         self._pwrite_all(top.fd, view, new_host)
+        return fresh and not below
 
     def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False, fast: bool = False) -> None:
         """Make [offset, offset+length) read as zeros (WRITE_ZEROES), or discard it (TRIM).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import ctypes
 import errno
 import itertools
@@ -40,6 +39,23 @@ _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 _no_punch_lock = threading.Lock()  # so that a refusal is logged once, whichever worker sees it first
+
+# How far the file grows ahead of the clusters handed out (QEMU's parallels prealloc-size): one
+# fallocate per 128 MiB of new data instead of a size change and an extent per cluster, and the
+# size is durable after the next sync, so later fresh clusters need no sync of their own before
+# their BAT entry (flush_io). The unused tail is cut off at a clean stop.
+PREALLOC = 128 << 20
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate [offset, offset+length) of FD, growing the file: it reads as zeros.
+
+    Raises OSError (EOPNOTSUPP where the file system cannot; no emulation by
+    writing zeros, as posix_fallocate() would do). ctypes drops the GIL for the call.
+    """
+    if _fallocate(fd, 0, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -513,6 +529,8 @@ class ParallelsImage:
         self._writer = _WriteState(
             data_end=self._align_host(used_end),
             closed_in_use=self.header.in_use,
+            zero_from=self.file_size,
+            durable_end=self.file_size,
         )
         # Clusters no BAT entry or extension references (freed by an earlier writer, or left by a
         # crash) are reusable now, lowest first.
@@ -594,21 +612,54 @@ class ParallelsImage:
         """Reserve a host cluster for new data: (host offset, whether it is known to read as zeros).
 
         Clusters freed by an earlier, already durable release are reused first;
-        otherwise the cluster is appended at the end of the data area, where the
-        file is extended sparsely so unwritten parts read as zeros.
+        otherwise the cluster is appended at the end of the data area, from
+        space the file was grown by ahead (_grow): it has never held data.
         """
         w = self._state()
         if w.free:
             return w.free.pop(), False
         host = w.data_end
-        fresh = host >= self.file_size
         end = host + self.cluster_size
         if end > self.file_size:
             # Grow the file first: if that fails, nothing has been reserved.
-            os.ftruncate(self.fd, end)
-            self.file_size = end
+            self._grow(end)
         w.data_end = end
-        return host, fresh
+        return host, host >= w.zero_from
+
+    def make_room(self) -> None:
+        """Grow the file now if the next appended cluster would need it (safe in a worker thread).
+
+        For callers that hold a lock allocate() is called under: growing here,
+        outside it, keeps a slow fallocate (tmpfs zeroes the pages) from holding it.
+        """
+        w = self._state()
+        if not w.free and w.data_end + self.cluster_size > self.file_size:
+            self._grow(w.data_end + self.cluster_size)
+
+    def _grow(self, end: int) -> None:
+        """Grow the file to at least END, by PREALLOC where there is room for it (see there)."""
+        w = self._state()
+        cs = self.cluster_size
+        with w.grow_lock:
+            if end <= self.file_size:
+                return  # another thread grew it meanwhile
+            # Never past the space the whole disk's clusters could take.
+            full = self._align_host(self.data_off) + len(self.bat) * cs
+            target = max(end, min(self.file_size + PREALLOC, full))
+            try:
+                reserve(self.fd, self.file_size, target - self.file_size)
+            except OSError:
+                # No fallocate here, or no room for the whole step (a full disk, a quota, a file
+                # size limit): grow sparsely by what is needed, as the file always could.
+                target = max(end, os.fstat(self.fd).st_size)
+                os.ftruncate(self.fd, target)
+            else:
+                w.reserved_end = target
+            self.file_size = target
+
+    def reserved(self, host: int) -> bool:
+        """Whether the file system has allocated the cluster at HOST ahead (_grow), zeros and all."""
+        return host + self.cluster_size <= self._state().reserved_end
 
     def clear_cluster(self, host: int) -> bool:
         """Make a cluster from allocate() read as zeros by punching it; False where that cannot be done.
@@ -628,18 +679,21 @@ class ParallelsImage:
         return True
 
     def unallocate(self, host: int) -> None:
-        """Give back a cluster from allocate() whose data could not be written."""
-        w = self._state()
-        if host + self.cluster_size == w.data_end:
-            w.data_end = host
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, host)
-                self.file_size = host
-        else:
-            w.free.append(host)
+        """Give back a cluster from allocate() whose data could not be written.
 
-    def map_cluster(self, cluster: int, host: int) -> None:
-        """Point guest CLUSTER at HOST; the BAT entry reaches the file at the next flush."""
+        It may hold part of that data now, so it is reused like a released one,
+        never handed out again as fresh.
+        """
+        self._state().free.append(host)
+
+    def map_cluster(self, cluster: int, host: int, *, zeros_under: bool = False) -> None:
+        """Point guest CLUSTER at HOST; the BAT entry reaches the file at the next flush.
+
+        ZEROS_UNDER: HOST came fresh from allocate() and nothing below the image shows
+        through the cluster, so where its data did not land it reads as zeros, which is
+        what the guest saw there before: its entry may reach the disk in the same sync as
+        its data. Otherwise the data is synced first (flush_io).
+        """
         if not 0 <= cluster < len(self.bat):
             raise ImageError(f"{self.path}: cluster {cluster} is beyond the BAT's {len(self.bat)} entries")
         w = self._state()
@@ -650,6 +704,8 @@ class ParallelsImage:
         if not was:
             bisect.insort(self.allocated, cluster)
         w.dirty.add(cluster)
+        if not (zeros_under and host >= w.zero_from):
+            w.ordered.add(cluster)
 
     def release_cluster(self, cluster: int) -> int:
         """Unmap guest CLUSTER; its host cluster is reused once the unmapping is durable.
@@ -707,40 +763,57 @@ class ParallelsImage:
         """Take the BAT changes a flush must make durable (call from the owning thread)."""
         w = self._state()
         unit = fmt.SECTOR if self.header.is_v1 else self.cluster_size
+        cs = self.cluster_size
         entries = sorted((c, int(self.bat[c]) // unit) for c in w.dirty)
-        token = FlushToken(entries, w.pending_free)
+        # An entry may share its data's sync only where the cluster reads as zeros after a crash
+        # whatever landed: fresh space (map_cluster) whose size an earlier sync made durable.
+        ordered = bool(w.ordered) or any(
+            int(self.bat[c]) + cs > w.durable_end for c in w.dirty if self.bat[c]
+        )
+        token = FlushToken(entries, w.pending_free, ordered=ordered, size=self.file_size)
         w.dirty = set()
+        w.ordered = set()
         w.pending_free = []
         return token
 
     def flush_io(self, token: FlushToken) -> None:
-        """Make data durable, then the BAT entries that map it, then those too (safe in a worker thread).
+        """Make the data and the BAT entries that map it durable (safe in a worker thread).
 
-        The data is synced before any new BAT entry is written, so a crash at
-        any moment never leaves an entry pointing at a cluster of garbage.
+        Where an entry maps a cluster that held other bytes, or copies of the layers
+        below, the data is synced before the entry is written, so a crash never
+        leaves an entry pointing at a cluster of garbage; entries of fresh clusters
+        alone go out with their data in one sync (map_cluster).
         """
+        if token.entries:
+            if token.ordered:
+                os.fdatasync(self.fd)
+            self._write_entries(token.entries)
         os.fdatasync(self.fd)
-        if not token.entries:
-            return
-        run_start = token.entries[0][0]
+
+    def _write_entries(self, entries: list[tuple[int, int]]) -> None:
+        """Write BAT ENTRIES (sorted by cluster), one pwrite per run of consecutive clusters."""
+        run_start = entries[0][0]
         values: list[int] = []
         prev = run_start - 1
-        for cluster, value in [*token.entries, (-2, 0)]:
+        for cluster, value in [*entries, (-2, 0)]:
             if cluster != prev + 1 and values:
                 os.pwrite(self.fd, struct.pack(f"<{len(values)}I", *values), fmt.HEADER_SIZE + 4 * run_start)
                 values = []
                 run_start = cluster
             values.append(value)
             prev = cluster
-        os.fdatasync(self.fd)
 
     def end_flush(self, token: FlushToken, ok: bool) -> None:
         """Record the flush's outcome (call from the owning thread)."""
         w = self._state()
         if ok:
             w.free.extend(token.pending_free)
+            # Its last sync made the file's size at begin_flush() durable.
+            w.durable_end = max(w.durable_end, token.size)
         else:
             w.dirty.update(c for c, _ in token.entries)
+            if token.ordered:
+                w.ordered.update(c for c, _ in token.entries)
             w.pending_free.extend(token.pending_free)
 
     def flush(self) -> None:
@@ -809,7 +882,12 @@ class _WriteState:
 
     data_end: int  # where the next appended cluster goes
     closed_in_use: int  # the in_use value to restore on a clean stop
+    zero_from: int  # the file's size at the open: clusters appended past it never held data
+    durable_end: int  # how much of the file's size a sync has made durable
+    reserved_end: int = 0  # space allocated ahead by _grow() ends here
+    grow_lock: threading.Lock = field(default_factory=threading.Lock)  # one _grow() at a time
     dirty: set[int] = field(default_factory=set)  # guest clusters whose BAT entry is not yet on disk
+    ordered: set[int] = field(default_factory=set)  # dirty entries whose data must be synced before them
     pending_free: list[int] = field(default_factory=list)  # released, not yet durable: not reusable
     free: list[int] = field(default_factory=list)  # released and durable: reusable
     no_punch: bool = False  # the file system refused PUNCH_HOLE: stop trying
@@ -817,10 +895,16 @@ class _WriteState:
 
 @dataclass
 class FlushToken:
-    """What one flush writes: BAT entries (cluster, on-disk value) and clusters it frees."""
+    """What one flush writes: BAT entries (cluster, on-disk value) and clusters it frees.
+
+    ORDERED: an entry needs its data synced before it; SIZE: the file's size when
+    the flush began, durable once it succeeds.
+    """
 
     entries: list[tuple[int, int]]
     pending_free: list[int]
+    ordered: bool = True
+    size: int = 0
 
     @property
     def empty(self) -> bool:

@@ -262,3 +262,129 @@ def test_layers_taken_out_are_closed_only_after_io_that_may_use_them(tmp_path: P
     assert old.fd == -1
     assert bytes(d.read(0, 4)[0]) == b"bbbb"
     d.close()
+
+
+def record_syncs(monkeypatch: pytest.MonkeyPatch, img: ParallelsImage) -> list[str]:
+    """From now on, list IMG's fdatasyncs ("sync") and BAT writes ("bat") in the order they happen."""
+    import os
+
+    calls: list[str] = []
+    real_sync, real_pwrite = os.fdatasync, os.pwrite
+
+    def sync(fd: int) -> None:
+        if fd == img.fd:
+            calls.append("sync")
+        real_sync(fd)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if fd == img.fd and offset < img.data_off:
+            calls.append("bat")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fdatasync", sync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return calls
+
+
+def flushed(disk: Disk, calls: list[str]) -> list[str]:
+    """What one flush of DISK did, from record_syncs()'s list (BAT writes of one flush as one "bat")."""
+    calls.clear()
+    flush(disk)
+    return [c for i, c in enumerate(calls) if c != "bat" or calls[i - 1 : i] != ["bat"]]
+
+
+def test_the_file_grows_ahead_and_fresh_clusters_map_in_one_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New clusters come from space grown ahead; once its size is durable, a flush that maps fresh
+    clusters syncs once, entries written before the sync; reused clusters still sync data first."""
+    import os
+
+    from prlnbd.image import parallels
+
+    monkeypatch.setattr(parallels, "PREALLOC", 8 * CS)
+    path = tmp_path / "g.hds"
+    write_image(path, SIZE, cluster_size=CS)
+    disk = open_disk(path, writable=True)
+    img = top(disk)
+    base = img._align_host(img.data_off)
+    calls = record_syncs(monkeypatch, img)
+
+    disk.write(0, b"a" * 4096)
+    assert os.fstat(img.fd).st_size == base + 8 * CS  # one step ahead, not one cluster
+    # The grown size is not durable yet: data first, then the entry.
+    assert flushed(disk, calls) == ["sync", "bat", "sync"]
+    disk.write(5 * CS, b"b" * 4096)
+    disk.write(9 * CS + 7, b"c" * 100)
+    assert flushed(disk, calls) == ["bat", "sync"]
+    assert flushed(disk, calls) == ["sync"]  # nothing to map: data only
+    disk.write(100, b"d" * 10)  # into a held cluster
+    assert flushed(disk, calls) == ["sync"]
+
+    # Past the first step: the next one is grown, and its size is durable only after a sync.
+    for c in range(20, 27):
+        disk.write(c * CS, b"e")
+    assert os.fstat(img.fd).st_size == base + 16 * CS
+    assert flushed(disk, calls) == ["sync", "bat", "sync"]
+
+    # A released cluster, reused: it held the guest's old bytes, so its data is synced first.
+    disk.zero(5 * CS, CS, trim=True)
+    assert flushed(disk, calls) == ["bat", "sync"]
+    disk.write(40 * CS + 10, b"f" * 10)
+    assert img.host_offset(40) == base + CS  # the released one
+    assert flushed(disk, calls) == ["sync", "bat", "sync"]
+
+    assert read(disk, 0, 4096) == b"a" * 100 + b"d" * 10 + b"a" * 3986
+    assert read(disk, 9 * CS, 200) == bytes(7) + b"c" * 100 + bytes(93)
+    assert read(disk, 40 * CS, 30) == bytes(10) + b"f" * 10 + bytes(10)
+    end = img._state().data_end
+    disk.close()
+    assert os.stat(path).st_size == end  # the unused tail is cut off at a clean stop
+    again = open_disk(path, writable=False)
+    assert read(again, 9 * CS, 200) == bytes(7) + b"c" * 100 + bytes(93)
+    again.close()
+
+
+def test_a_cluster_copied_from_below_syncs_its_data_before_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fresh space under a snapshot: where the layer below shows through, the copy must land first."""
+    from tests.unit.test_chain import chain_descriptor
+
+    desc = chain_descriptor(tmp_path, 2, files=True)
+    base = open_disk(tmp_path / "d.hdd.0.hds", writable=True)
+    base.write(0, b"p" * (64 << 10))
+    base.close()
+    disk = open_disk(desc, writable=True)
+    img = top(disk)
+    calls = record_syncs(monkeypatch, img)
+    disk.write(200 << 10, b"x")  # a cluster nothing is below: fresh
+    flush(disk)  # the grown size is durable now
+    disk.write(300 << 10, b"y")
+    assert flushed(disk, calls) == ["bat", "sync"]
+    disk.write(10, b"q")  # copy-on-write from the layer below
+    assert flushed(disk, calls) == ["sync", "bat", "sync"]
+    assert read(disk, 0, 12) == b"p" * 10 + b"q" + b"p"
+    disk.close()
+
+
+def test_without_fallocate_the_file_grows_by_the_cluster(
+    disk: Disk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses fallocate: the file grows sparsely by what each cluster needs."""
+    import errno
+    import os
+
+    from prlnbd.image import parallels
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(parallels, "reserve", refuse)
+    img = top(disk)
+    disk.write(3 * CS + 5, b"z" * 5)
+    assert os.fstat(img.fd).st_size == img._align_host(img.data_off) + CS
+    calls = record_syncs(monkeypatch, img)
+    assert flushed(disk, calls) == ["sync", "bat", "sync"]
+    assert read(disk, 3 * CS, 12) == bytes(5) + b"z" * 5 + bytes(2)
+    disk.close()
