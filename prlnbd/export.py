@@ -570,23 +570,24 @@ class Export:
 
         RUN(fn, *args) runs the blocking part in a worker thread. Flushes run
         one at a time: a flush that finished early must not claim durability
-        for BAT entries another flush is still writing. A flush that finds no
-        write ended since the last successful flush began, and no BAT entry to
-        write, has nothing to make durable and syncs nothing (as QEMU's block
-        layer does): clients that flush after every few writes, several
-        connections at once, then wait for one sync instead of a queue of them.
-        With cache mode "unsafe" nothing is done.
+        for BAT entries another flush is still writing. A flush must cover the
+        writes that ended before it arrived; when a successful flush began after
+        all of them had ended (it maps their clusters too), this one has nothing
+        to make durable and syncs nothing, as QEMU's block layer does: flushes
+        that queue behind a running sync, from one client flushing every few
+        writes or from several connections, are covered by the next sync that
+        starts, not each by a sync of its own. With cache mode "unsafe" nothing is done.
         """
         if self.read_only or self.cache == "unsafe":
             return
+        arrived = self._write_gen
         async with self._flush_lock:
             if self.failed is not None:
                 raise RequestError(Errno.EIO, f"FLUSH failed: {self.failed}")
+            if arrived <= self._flushed_gen:
+                return
             gen = self._write_gen
             token = self.disk.begin_flush()
-            if gen == self._flushed_gen and (token is None or token.empty):
-                self.disk.end_flush(token, True)
-                return
             try:
                 await run(self.disk.flush_io, token)
             except OSError as e:

@@ -632,9 +632,9 @@ def test_status_of_a_raw_top(tmp_path: Path) -> None:
         exp.close()
 
 
-def test_a_flush_syncs_only_when_a_write_ended_since_the_last_one_began(tmp_path: Path) -> None:
-    """FLUSH covers every write that ended before it: one with nothing new to cover syncs nothing, one
-    after a write (an overwrite too, which maps no cluster) or after a failed flush syncs."""
+def test_a_flush_syncs_only_for_writes_no_flush_begun_after_them_covered(tmp_path: Path) -> None:
+    """FLUSH covers every write that ended before it arrived: one with nothing new to cover syncs nothing,
+    one after a write (an overwrite too, which maps no cluster) or after a failed flush syncs."""
     import asyncio
 
     cs = 1 << 20
@@ -676,8 +676,9 @@ def test_a_flush_syncs_only_when_a_write_ended_since_the_last_one_began(tmp_path
         fail = False
         await exp.flush(run)  # the failed flush covered nothing
         assert len(syncs) == 4
-        # Two flushes queue behind a running one, and a write ends while it syncs: the first
-        # queued flush must sync again for it; the second then has nothing left to cover.
+        # Two flushes arrive while a running one syncs, which began after the last write they
+        # must cover ended: both are covered by it. A write that ends after they arrived is
+        # not theirs to cover: they sync nothing for it; the next flush does.
         gate = asyncio.Event()
         write(cs)
         entered.clear()
@@ -686,9 +687,16 @@ def test_a_flush_syncs_only_when_a_write_ended_since_the_last_one_began(tmp_path
         assert len(syncs) == 5
         second = asyncio.ensure_future(exp.flush(run))
         third = asyncio.ensure_future(exp.flush(run))
-        write(cs + 8192)
+        # Callbacks run in order: the tasks' first steps (they arrive, then wait for the lock),
+        # then this write.
+        ended = asyncio.Event()
+        asyncio.get_running_loop().call_soon(lambda: (write(cs + 8192), ended.set()))
+        await ended.wait()
         gate.set()
         await asyncio.gather(first, second, third)
+        assert len(syncs) == 5
+        gate = None
+        await exp.flush(run)
         assert len(syncs) == 6
 
     try:
