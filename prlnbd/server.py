@@ -893,8 +893,9 @@ class NbdServer:
             export.close()
         self.pool.shutdown()
         if ring is not None:
-            log.info("io_uring: %d reads for %d READs, %d writes for %d WRITEs",
-                     ring.reads, ring.read_requests, ring.writes, ring.write_requests)
+            log.info("io_uring: %d reads for %d READs, %d writes for %d WRITEs%s",
+                     ring.reads, ring.read_requests, ring.writes, ring.write_requests,
+                     f"; completions fetched from the overflow list {ring.overflows} times" if ring.overflows else "")
             ring.close()
 
 

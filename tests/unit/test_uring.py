@@ -408,3 +408,61 @@ def test_split_disk_write_begin_across_pieces(tmp_path: Path) -> None:
         assert not any(p._active for p in disk.pieces)
     finally:
         disk.close()
+
+
+def test_a_ring_moves_completions_out_of_the_kernels_overflow_list(data_file: tuple[int, bytes]) -> None:
+    """More completions than the CQ holds: the rest wait in the kernel's list, the ring says so, and a
+    flush brings them in (a real overflow, 16 reads through a CQ of 8)."""
+    import ctypes
+
+    fd, data = data_file
+    ring = uring.Ring(4)
+    bufs = [ctypes.create_string_buffer(512) for _ in range(16)]
+    try:
+        assert ring.cq_entries == 8
+        for i, buf in enumerate(bufs):
+            ring.queue_read(fd, ctypes.addressof(buf), 512, 512 * i, i)
+            if ring.space() == 0 or i == len(bufs) - 1:
+                ring.submit(wait=ring.unsubmitted)
+        assert ring.overflowed
+        got = ring.reap()
+        assert len(got) == 8
+        ring.flush_overflow()
+        got += ring.reap()
+        assert not ring.overflowed
+        assert sorted(got) == [(i, 512) for i in range(16)]
+        assert all(buf.raw == data[512 * i : 512 * (i + 1)] for i, buf in enumerate(bufs))
+    finally:
+        ring.close()
+
+
+def test_completions_that_come_without_a_signal_are_reaped(
+    data_file: tuple[int, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No eventfd signal (as for completions the kernel put in its overflow list): the look the
+    ring takes while I/O is in flight reaps them, and brings in what waits in the overflow list."""
+    fd, data = data_file
+
+    async def body(reader: uring.UringIO) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(reader._efd)  # the signal is never seen
+        bufs = [bytearray(4096) for _ in range(12)]
+        futs = [read(reader, [(fd, fd, memoryview(buf), 4096 * i)]) for i, buf in enumerate(bufs)]
+        assert [await fut for fut in futs] == [None] * 12
+        assert all(bytes(buf) == data[4096 * i : 4096 * (i + 1)] for i, buf in enumerate(bufs))
+        # Now a real overflow behind the loop's back: 12 reads into a CQ of 8, none reaped.
+        ring = reader.ring
+        reader._limit = 64  # past the CQ's 8, which the ring never allows itself
+        bufs = [bytearray(512) for _ in range(12)]
+        futs = [read(reader, [(fd, fd, memoryview(buf), 512 * i)]) for i, buf in enumerate(bufs)]
+        while reader._waiting or ring.unsubmitted:
+            reader._fill()
+            ring.submit(wait=ring.unsubmitted)
+        assert ring.overflowed
+        assert [await fut for fut in futs] == [None] * 12
+        assert all(bytes(buf) == data[512 * i : 512 * (i + 1)] for i, buf in enumerate(bufs))
+        loop.add_reader(reader._efd, reader._complete)  # for close()
+
+    reader = run(body)
+    assert reader.overflows >= 1
+    assert "overflow list" in caplog.text
