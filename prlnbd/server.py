@@ -40,6 +40,12 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Replies queued beyond this are written out before more requests are taken, so that
 # pause_writing() can stop a client that does not read its replies.
 FLUSH_BYTES = 1 << 20
+# With --aio=io_uring, READs longer than this that miss the cache still go to the pool: the
+# kernel copies a ring read's pages on the event loop's thread as they arrive, a worker copies on
+# the other core. 4 KiB reads gain from the ring, 1 MiB reads lose (tests/bench row
+# cold-read-seq/prlnbd-aio-io_uring:threads went from 0.57-0.84 to 1.04 (0.85-1.21) with this
+# limit); the lengths between were not measured.
+RING_READ_MAX = 64 << 10
 # The transport's write buffer limits and a Unix socket's send buffer: deep enough to keep a
 # queue of large READ replies streaming, shallow enough that one write to a socket (the
 # loop copies all that fits) stays short while other clients wait: a backup pulling the disk
@@ -506,12 +512,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
         got = export.read_nowait(req.offset, req.length)
         if got is not None:
             self._send_read(req, got)
-        elif self.server.ring is not None:
+        elif self.server.ring is not None and req.length <= RING_READ_MAX:
             # --aio=io_uring: the runs are read by the ring, reaped on this loop, with no thread
             # hand-off per request. Earned on tests/bench rows cold-read-rand/prlnbd-aio-io_uring:threads
             # and vm-backup-{copy,write}-cold/aio-io_uring:threads; opt-in, since cold-read-rand-qd1
-            # and cold-read-seq did not gain. (The completion comes on a later turn: counting the
-            # request after queueing it is in time, and nothing is counted if queueing fails.)
+            # did not gain. (The completion comes on a later turn: counting the request after
+            # queueing it is in time, and nothing is counted if queueing fails.)
             export.read_via(self.server.ring, req.offset, req.length,
                             partial(self._completed, req, NbdProtocol._send_read))
             self._started(req)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from prlnbd import uring
+from prlnbd.server import RING_READ_MAX
 from tests import support
 from tests.integration.test_read_chain import CHAINS, SIZE, assert_bytes, build, reference
 
@@ -98,9 +99,12 @@ def test_cold_chain_through_the_ring_matches_qemu(tmp_path: Path, name: str, cac
         evict(chain.paths)
         # The premise: nothing of the chain is in the page cache now.
         assert resident(chain.paths) == 0
-        got = support.nbd_pread(prl.uri(), chunk=256 << 10)
+        got = support.nbd_pread(prl.uri(), chunk=RING_READ_MAX)
         assert_bytes(got, want, f"prlnbd --aio=io_uring --cache={cache}")
         assert_bytes(support.nbd_pread(ref.uri()), want, "qemu-nbd")
+        evict(chain.paths)
+        # Longer reads go to the pool: the same bytes.
+        assert_bytes(support.nbd_pread(prl.uri(), chunk=1 << 20), want, f"1 MiB reads, --cache={cache}")
         evict(chain.paths)
         random_reads(prl.uri(), want, seed=len(name))
         evict(chain.paths)
@@ -108,9 +112,18 @@ def test_cold_chain_through_the_ring_matches_qemu(tmp_path: Path, name: str, cac
         assert res.returncode == 0, res.stdout + res.stderr
     assert prl.stop() == 0
     assert "Traceback" not in prl.log_text()
-    # The reads above went through the ring, not the thread pool: with --cache=none every read of
-    # data does (the whole disk in 256 KiB chunks, 300 random reads, qemu-img compare's).
-    assert ring_reads(prl) > (SIZE // (256 << 10) + 300 if cache == "none" else 0)
+    # The reads of up to RING_READ_MAX went through the ring, not the thread pool: with --cache=none
+    # every such read of data does (the whole disk in RING_READ_MAX chunks, most of the 300 random
+    # reads, qemu-img compare's); the 1 MiB ones did not.
+    if cache == "none":
+        assert ring_reads(prl) >= ring_read_requests(prl) > SIZE // RING_READ_MAX + 100
+
+
+def ring_read_requests(server: support.Server) -> int:
+    """How many READ requests the stopped server's ring served (its closing line)."""
+    found = re.search(r"io_uring: \d+ reads for (\d+) READs", server.log_text())
+    assert found, server.log_text()[-2000:]
+    return int(found.group(1))
 
 
 def ring_writes(server: support.Server) -> tuple[int, int]:
@@ -217,3 +230,25 @@ def test_no_silent_fallback(tmp_path: Path) -> None:
         assert_bytes(support.nbd_pread(prl.uri()), chain.expected_bytes(), "threads")
     assert prl.stop() == 0
     assert "io_uring" not in prl.log_text()
+
+
+def test_reads_longer_than_the_ring_limit_go_to_the_pool(tmp_path: Path) -> None:
+    """With --cache=none no read is answered from the cache: 16 reads of RING_READ_MAX take the ring,
+    8 of 1 MiB the pool, and all read the image's bytes."""
+    size = 16 << 20
+    data = random.Random(3).randbytes(size)
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(data)
+    img = tmp_path / "d.hds"
+    support.run("qemu-img", "convert", "-f", "raw", "-O", "parallels", raw, img)
+    prl = support.start_prlnbd(tmp_path, [str(img)], "--read-only", "--aio=io_uring", "--cache=none")
+    with support.running(prl):
+        for offset in range(0, size, 1 << 20):
+            assert_bytes(support.nbd_pread(prl.uri(), offset, 1 << 20, chunk=1 << 20),
+                         data[offset : offset + (1 << 20)], f"1 MiB at {offset}")
+        for i in range(16):
+            offset = i * 997 * 1024
+            assert_bytes(support.nbd_pread(prl.uri(), offset, RING_READ_MAX, chunk=RING_READ_MAX),
+                         data[offset : offset + RING_READ_MAX], f"{RING_READ_MAX} at {offset}")
+    assert prl.stop() == 0
+    assert ring_read_requests(prl) == 16
