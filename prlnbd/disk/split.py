@@ -37,11 +37,6 @@ class SplitFlushToken(FlushToken):
 
     parts: list[FlushToken | None] = field(default_factory=list)
 
-    @property
-    def empty(self) -> bool:
-        """Whether no piece has a BAT entry to write or a cluster to free."""
-        return all(part is None or part.empty for part in self.parts)
-
 
 class SplitDisk(Disk):
     """A disk made of PIECES, one Disk each, the k-th starting at byte OFFSETS[k].

@@ -905,8 +905,3 @@ class FlushToken:
     pending_free: list[int]
     ordered: bool = True
     size: int = 0
-
-    @property
-    def empty(self) -> bool:
-        """Whether the flush has no BAT entry to write and no cluster to free."""
-        return not self.entries and not self.pending_free
