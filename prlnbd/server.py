@@ -43,8 +43,7 @@ FLUSH_BYTES = 1 << 20
 # With --aio=io_uring, READs longer than this that miss the cache still go to the pool: the
 # kernel copies a ring read's pages on the event loop's thread as they arrive, a worker copies on
 # the other core. 4 KiB reads gain from the ring, 1 MiB reads lose (tests/bench row
-# cold-read-seq/prlnbd-aio-io_uring:threads went from 0.57-0.84 to 1.04 (0.85-1.21) with this
-# limit); the lengths between were not measured.
+# cold-read-seq/prlnbd-aio-io_uring:threads); the lengths between were not measured.
 RING_READ_MAX = 64 << 10
 # The transport's write buffer limits and a Unix socket's send buffer: deep enough to keep a
 # queue of large READ replies streaming, shallow enough that one write to a socket (the
