@@ -187,15 +187,17 @@ class Ring:
         """Hand the queued SQEs to the kernel (and wait for WAIT completions); how many it took."""
         if not self._unsubmitted and not wait:
             return 0
-        n = self._unsubmitted
-        flags = _ENTER_GETEVENTS if wait else 0
-        while True:
-            ret = _syscall(_SYS_ENTER, self.fd, n, wait, flags, None, 0)
-            if ret >= 0 or ctypes.get_errno() != errno.EINTR:
-                break
-        took = _check(int(ret), "io_uring_enter")
+        took = self._enter(self._unsubmitted, wait, _ENTER_GETEVENTS if wait else 0)
         self._unsubmitted -= took
         return took
+
+    def _enter(self, to_submit: int, min_complete: int, flags: int) -> int:
+        """io_uring_enter, again after EINTR; what it returned, or OSError."""
+        while True:
+            ret = _syscall(_SYS_ENTER, self.fd, to_submit, min_complete, flags, None, 0)
+            if ret >= 0 or ctypes.get_errno() != errno.EINTR:
+                break
+        return _check(int(ret), "io_uring_enter")
 
     def reap(self) -> list[tuple[int, int]]:
         """The completions posted so far, as (user_data, result) pairs; they leave the queue."""
@@ -221,11 +223,7 @@ class Ring:
 
     def flush_overflow(self) -> None:
         """Have the kernel move the completions of its overflow list into the CQ, as far as they fit."""
-        while True:
-            ret = _syscall(_SYS_ENTER, self.fd, 0, 0, _ENTER_GETEVENTS, None, 0)
-            if ret >= 0 or ctypes.get_errno() != errno.EINTR:
-                break
-        _check(int(ret), "io_uring_enter")
+        self._enter(0, 0, _ENTER_GETEVENTS)
 
     def register_eventfd(self, efd: int) -> None:
         """Have the kernel signal EFD whenever it posts a completion."""
