@@ -738,6 +738,7 @@ class Disk:
         cs = top.cluster_size
         start = cluster * cs
         below = [r for r in self._below(start, cs) if not r.zero]
+        zeros_under = fresh and not below
         zeros = fresh
         if not zeros and not below and len(piece) < cs:
             zeros = top.clear_cluster(new_host)  # a reused cluster: punched, it reads as zeros
@@ -748,7 +749,7 @@ class Disk:
                 # extent instead of building the file system's map up block by block.
                 os.posix_fallocate(top.fd, new_host, cs)
             self._pwrite_all(top.fd, piece, new_host + within)
-            return fresh
+            return zeros_under
         buf = self._buffer(cs)
         view = memoryview(buf)
         if below and (within or len(piece) < cs):
@@ -758,7 +759,7 @@ class Disk:
                     self._pread_into(run.layer.fd, view[at : at + run.length], run.host)
         view[within : within + len(piece)] = piece
         self._pwrite_all(top.fd, view, new_host)
-        return fresh and not below
+        return zeros_under
 
     def zero(self, offset: int, length: int, *, trim: bool = False, no_hole: bool = False, fast: bool = False) -> None:
         """Make [offset, offset+length) read as zeros (WRITE_ZEROES), or discard it (TRIM).
