@@ -155,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--aio",
-        choices=("threads", "io_uring"),
-        default="threads",
-        help="how disk I/O leaves the event loop: threads, a pool of worker threads (default); io_uring:"
-        " READs that miss the page cache, and WRITEs into clusters the top image holds, go through an io_uring"
-        " reaped on the event loop; the rest goes to the pool",
+        choices=("auto", "threads", "io_uring"),
+        default="auto",
+        help="how disk I/O leaves the event loop: io_uring: READs that miss the page cache, and WRITEs into"
+        " clusters the top image holds, go through an io_uring reaped on the event loop, the rest to a pool of"
+        " worker threads; threads: everything to the pool; auto: io_uring where this system allows one,"
+        " else threads, saying why (default)",
     )
     serve.add_argument(
         "--max-connections",
@@ -419,10 +420,11 @@ async def _serve(server: NbdServer, args: argparse.Namespace, announce: Callable
             # New connections get the new certificates; those already up keep theirs.
             loop.add_signal_handler(signal.SIGHUP, tls.reload)
         log.info(
-            "serving %s on %s (%s loop%s)%s",
+            "serving %s on %s (%s loop, aio %s%s)%s",
             ", ".join(repr(n) for n in server.exports),
             ", ".join(server.addresses()),
             type(loop).__module__.split(".")[0],
+            "io_uring" if server.ring is not None else "threads",
             f", TLS {server.tls_mode.value}" if tls is not None else "",
             f", control socket {args.control}" if control is not None else "",
         )
@@ -515,7 +517,7 @@ async def _make_server(exports: dict[str, Export], args: argparse.Namespace, tls
         max_connections=getattr(args, "max_connections", DEFAULT_MAX_CONNECTIONS),
         max_per_address=getattr(args, "max_connections_per_address", DEFAULT_MAX_PER_ADDRESS),
         allow_outside_bundle=getattr(args, "allow_outside_bundle", False),
-        aio=getattr(args, "aio", "threads"),
+        aio=getattr(args, "aio", "auto"),
     )
 
 

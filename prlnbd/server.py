@@ -40,10 +40,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Replies queued beyond this are written out before more requests are taken, so that
 # pause_writing() can stop a client that does not read its replies.
 FLUSH_BYTES = 1 << 20
-# With --aio=io_uring, READs longer than this that miss the cache still go to the pool: the
-# kernel copies a ring read's pages on the event loop's thread as they arrive, a worker copies on
-# the other core. 4 KiB reads gain from the ring, 1 MiB reads lose (tests/bench row
-# cold-read-seq/prlnbd-aio-io_uring:threads); the lengths between were not measured.
+# With a ring (--aio=io_uring or auto), READs longer than this that miss the cache still go to
+# the pool: the kernel copies a ring read's pages on the event loop's thread as they arrive, a
+# worker copies on the other core. 4 KiB reads gain from the ring, 1 MiB reads lose (tests/bench
+# row cold-read-seq, with --aio threads beside the ring); the lengths between were not measured.
 RING_READ_MAX = 64 << 10
 # The transport's write buffer limits and a Unix socket's send buffer: deep enough to keep a
 # queue of large READ replies streaming, shallow enough that one write to a socket (the
@@ -512,11 +512,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if got is not None:
             self._send_read(req, got)
         elif self.server.ring is not None and req.length <= RING_READ_MAX:
-            # --aio=io_uring: the runs are read by the ring, reaped on this loop, with no thread
-            # hand-off per request. Earned on tests/bench rows cold-read-rand/prlnbd-aio-io_uring:threads
-            # and vm-backup-{copy,write}-cold/aio-io_uring:threads; opt-in, since cold-read-rand-qd1
-            # did not gain. (The completion comes on a later turn: counting the request after
-            # queueing it is in time, and nothing is counted if queueing fails.)
+            # With a ring (--aio=io_uring or auto): the runs are read by the ring, reaped on this
+            # loop, with no thread hand-off per request. Earned on tests/bench rows cold-read-rand
+            # and vm-backup-{copy,write}-cold against --aio threads. (The completion comes on a later
+            # turn: counting the request after queueing it is in time, and nothing is counted if
+            # queueing fails.)
             export.read_via(self.server.ring, req.offset, req.length,
                             partial(self._completed, req, NbdProtocol._send_read))
             self._started(req)
@@ -535,10 +535,10 @@ class NbdProtocol(asyncio.BufferedProtocol):
         export = cast(Export, self.export)
         payload = cast(memoryview, req.payload)
         ring = self.server.ring
-        # --aio=io_uring: a write into clusters the top layer holds goes to the ring, as reads do
-        # (earned on tests/bench rows write-rand/aio-io_uring:threads and
-        # vm-backup-write-cold/aio-io_uring:threads). One that allocates stays in the pool:
-        # copy-on-write and the cluster's claim block.
+        # With a ring: a write into clusters the top layer holds goes to the ring, as reads do
+        # (earned on tests/bench rows write-rand, durable-write and vm-backup-write-cold against
+        # --aio threads). One that allocates stays in the pool: copy-on-write and the cluster's
+        # claim block.
         done = partial(self._completed, req, NbdProtocol._written)
         if ring is not None and export.write_via(ring, req.offset, payload, done):
             self._started(req)
@@ -699,7 +699,7 @@ class NbdServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         allow_outside_bundle: bool = False,
-        aio: str = "threads",
+        aio: str = "auto",
     ) -> None:
         self.exports = dict(exports)
         self.tls = tls
@@ -708,14 +708,16 @@ class NbdServer:
         self.default = next(iter(self.exports)) if len(self.exports) == 1 else None
         self.pool = IoPool(asyncio.get_running_loop(), workers)
         # READs that miss the page cache, and WRITEs into clusters the top holds, go to an io_uring
-        # when asked (--aio=io_uring), never silently to the pool instead: a ring that cannot be
-        # set up stops the start.
+        # (--aio=io_uring, or auto where the system allows one). Asked for by name, a ring that
+        # cannot be set up stops the start; auto says why and goes on with the pool alone.
         self.ring: UringIO | None = None
-        if aio == "io_uring":
+        if aio in ("auto", "io_uring"):
             try:
                 self.ring = UringIO(asyncio.get_running_loop())
             except OSError as e:
-                raise PrlNbdError(f"--aio=io_uring: cannot set up an io_uring: {why_unavailable(e)}") from None
+                if aio == "io_uring":
+                    raise PrlNbdError(f"--aio=io_uring: cannot set up an io_uring: {why_unavailable(e)}") from None
+                log.info("no io_uring (%s): disk I/O goes to the thread pool (--aio=threads)", why_unavailable(e))
         elif aio != "threads":
             raise PrlNbdError(f"unknown --aio mode {aio!r}")
         self.handshake_timeout = handshake_timeout

@@ -1041,7 +1041,7 @@ class Bench:
             row.notes.append(str(exc))
             log(f"  {name}: ERROR: {exc}")
         for m in modes:
-            for suffix, other in (("", "q"), (":threads", "s")):
+            for suffix, other in (("", "q"), (":default", "s")):
                 variant = self.new_row(f"{name}/aio-{m}{suffix}", unit, labels[other])
                 variant.target = self.args.targets.get(name, TARGETS.get(name)) if other == "q" else None
                 variant.prlnbd, variant.ref = figures[f"s-{m}"], figures[other]
@@ -1230,7 +1230,7 @@ class Bench:
 
     def aio_modes(self) -> list[str]:
         """The --aio modes to measure beside prlnbd's default (none with --self-test)."""
-        return [] if self.self_test else [m for m in self.args.aio if m != "threads"]
+        return [] if self.self_test else [m for m in self.args.aio if m != "auto"]
 
     def direct_engine(self, image: Path) -> str:
         """The fio engine for O_DIRECT reads of a file: io_uring when it works here, else libaio."""
@@ -1341,11 +1341,11 @@ class Bench:
                         vs_qemu = self.new_row(f"{name}/prlnbd{label}-aio-{mode}", unit, qemu_label[best])
                         vs_qemu.target = self.args.targets.get(base.name, TARGETS.get(base.name))
                         vs_qemu.prlnbd, vs_qemu.ref = figures[f"{key}-{mode}"], figures[best]
-                        vs_threads = self.new_row(f"{name}/prlnbd{label}-aio-{mode}:threads", unit,
+                        vs_default = self.new_row(f"{name}/prlnbd{label}-aio-{mode}:default", unit,
                                                   f"{self.subject}{label.replace('-cache-none', ' --cache=none')}"
-                                                  " --aio=threads")
-                        vs_threads.prlnbd, vs_threads.ref = figures[f"{key}-{mode}"], figures[key]
-                        rows += [vs_qemu, vs_threads]
+                                                  " (default --aio)")
+                        vs_default.prlnbd, vs_default.ref = figures[f"{key}-{mode}"], figures[key]
+                        rows += [vs_qemu, vs_default]
                 if runtime is None:
                     row.notes.append(f"each run reads {size // GiB} GiB once, from the start")
                 if error is not None:
@@ -1433,7 +1433,7 @@ class Bench:
             row.prlnbd, row.ref = figs["s"][part], figs["q"][part]
         for m in modes:
             for suffix, part, other, higher in (("", "p99", "q", False), ("/B", "B", "q", True),
-                                                (":threads", "p99", "s", False)):
+                                                (":default", "p99", "s", False)):
                 variant = self.new_row(f"{name}/aio-{m}{suffix}", "MiB/s" if part == "B" else "µs",
                                        labels[other], higher=higher)
                 base = f"{name}{suffix}" if other == "q" else None

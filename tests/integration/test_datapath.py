@@ -79,7 +79,9 @@ class InProcess:
         self.server: NbdServer = self.call(self._start(exports))
 
     async def _start(self, exports: dict[str, Export]) -> NbdServer:
-        server = NbdServer(exports)
+        # These tests hold the pool's calls (disk.read, disk.write, ...) at a gate: every request
+        # takes the pool. The ring's paths have their tests in test_read_uring and test_uring.
+        server = NbdServer(exports, aio="threads")
         await server.listen_unix(str(self.sock))
         return server
 

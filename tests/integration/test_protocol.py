@@ -1046,8 +1046,8 @@ def test_the_event_loop_asked_for_is_used(image, tmp_path):
     srv = start_server(tmp_path, image.path)
     with support.running(srv):
         # The server may log its first line just after it starts listening.
-        log = srv.wait_for_log("loop)")
-        assert f"({want} loop)" in log, log
+        log = srv.wait_for_log(" loop, aio ")
+        assert f"({want} loop, aio " in log, log
 
 
 @prlnbd_only

@@ -232,6 +232,21 @@ def test_no_silent_fallback(tmp_path: Path) -> None:
     assert "io_uring" not in prl.log_text()
 
 
+def test_the_default_runs_the_ring_where_it_can(tmp_path: Path) -> None:
+    """Without --aio the server runs io_uring here (the default is auto): its first line says so and
+    cold reads go through the ring."""
+    bundle = tmp_path / "vm.hdd"
+    chain = build(bundle, CHAINS["2-parallels"])
+    support.write_descriptor(bundle, chain.paths, SIZE)
+    prl = support.start_prlnbd(tmp_path, [str(bundle)], "--read-only")
+    with support.running(prl):
+        evict(chain.paths)
+        assert_bytes(support.nbd_pread(prl.uri(), chunk=RING_READ_MAX), chain.expected_bytes(), "default --aio")
+    assert prl.stop() == 0
+    assert "aio io_uring" in prl.log_text()
+    assert ring_reads(prl) > 0
+
+
 def test_reads_longer_than_the_ring_limit_go_to_the_pool(tmp_path: Path) -> None:
     """With --cache=none no read is answered from the cache: 16 reads of RING_READ_MAX take the ring,
     8 of 1 MiB the pool, and all read the image's bytes."""

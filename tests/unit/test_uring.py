@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import random
 from collections.abc import Callable, Coroutine, Iterator
@@ -213,6 +214,46 @@ def test_server_refuses_to_start_without_io_uring(monkeypatch: pytest.MonkeyPatc
         asyncio.run(main())
     message = str(info.value)
     assert "--aio=io_uring" in message and "Operation not permitted" in message and "\n" not in message
+
+
+def test_auto_goes_on_with_the_pool_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--aio=auto (the default) where no ring can be set up: the server starts, runs no ring, and
+    one log line names the reason and what it does instead."""
+    import prlnbd.server as server_mod
+
+    def refuse(*_: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(server_mod, "UringIO", refuse)
+
+    async def main() -> server_mod.NbdServer:
+        server = server_mod.NbdServer({})
+        server.pool.shutdown()
+        return server
+
+    with caplog.at_level(logging.INFO, logger="prlnbd.server"):
+        server = asyncio.run(main())
+    assert server.ring is None
+    lines = [r.getMessage() for r in caplog.records if "io_uring" in r.getMessage()]
+    assert len(lines) == 1 and "Operation not permitted" in lines[0] and "thread pool" in lines[0], lines
+
+
+def test_auto_runs_a_ring_where_one_can_be_set_up() -> None:
+    """The default --aio sets up the ring when the system allows it."""
+    import prlnbd.server as server_mod
+
+    async def main() -> bool:
+        server = server_mod.NbdServer({})
+        try:
+            return server.ring is not None
+        finally:
+            server.pool.shutdown()
+            if server.ring is not None:
+                server.ring.close()
+
+    assert asyncio.run(main())
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["writeback", "none"])
