@@ -183,6 +183,15 @@ class Ring:
         _U32.pack_into(self._sq, self._sq_tail, self._tail)
         self._unsubmitted += 1
 
+    def unqueue(self) -> int:
+        """Take back the SQEs queued since the last submission (the kernel has not seen their tail
+        move through an io_uring_enter); how many. The newest queued are the ones taken back."""
+        n = self._unsubmitted
+        self._tail = (self._tail - n) & 0xFFFFFFFF
+        _U32.pack_into(self._sq, self._sq_tail, self._tail)
+        self._unsubmitted = 0
+        return n
+
     def submit(self, wait: int = 0) -> int:
         """Hand the queued SQEs to the kernel (and wait for WAIT completions); how many it took."""
         if not self._unsubmitted and not wait:
@@ -389,13 +398,20 @@ class UringIO:
         try:
             self.ring.submit()
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EBUSY):
-                raise
-            # The kernel is short of resources for now: completions make room, and with none
-            # in flight to bring one, a retry after a moment must.
-            if len(self._ops) <= self.ring.unsubmitted:
-                self._submit_pending = True
-                self._loop.call_later(RETRY_DELAY, self._submit)
+            if e.errno in (errno.EAGAIN, errno.EBUSY, errno.ENOMEM):
+                # The kernel is short of resources for now: completions make room, and with none
+                # in flight to bring one, a retry after a moment must.
+                if len(self._ops) <= self.ring.unsubmitted:
+                    self._submit_pending = True
+                    self._loop.call_later(RETRY_DELAY, self._submit)
+                return
+            # Anything else will not pass on a retry: the reads and writes it refused end with
+            # the error (their requests are answered EIO) rather than wait for ever.
+            log.error("io_uring: submitting %d reads and writes failed: %s", self.ring.unsubmitted, e)
+            newest = self._next
+            for key in range(newest - self.ring.unqueue(), newest):
+                self._ended(self._ops.pop(key), -(e.errno or errno.EIO))
+            self._fill()
 
     def _complete(self) -> None:
         """The eventfd fired: run the callbacks of the I/O that ended; resubmit what is left of short ones."""

@@ -129,6 +129,39 @@ def test_error_completion_is_an_oserror(data_file: tuple[int, bytes]) -> None:
     run(body)
 
 
+def test_a_submission_the_kernel_refuses_ends_its_reads_with_the_error(
+    data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """io_uring_enter failing with an error a retry will not mend: the reads queued for it end with
+    that error (no request waits for ever), those already in flight end as they do, and the ring
+    goes on serving; ENOMEM, like EAGAIN, is retried."""
+    fd, data = data_file
+
+    async def body(reader: uring.UringIO) -> None:
+        real = reader.ring._enter
+        refusals = [errno.ENOMEM, errno.EINVAL]
+
+        def enter(to_submit: int, min_complete: int, flags: int) -> int:
+            if to_submit and refusals:
+                raise OSError(refusals[0], os.strerror(refusals.pop(0)))
+            return real(to_submit, min_complete, flags)
+
+        first = bytearray(100)
+        done_first = read(reader, [(fd, fd, memoryview(first), 0)])
+        await asyncio.sleep(0)  # the turn that submits it, through the real io_uring_enter
+        monkeypatch.setattr(reader.ring, "_enter", enter)
+        assert await done_first is None and bytes(first) == data[:100]
+        bufs = [bytearray(10) for _ in range(3)]
+        futs = [read(reader, [(fd, fd, memoryview(b), 10 * i)]) for i, b in enumerate(bufs)]
+        errs = await asyncio.gather(*futs)
+        assert all(isinstance(e, OSError) and e.errno == errno.EINVAL for e in errs), errs
+        assert reader.ring.unsubmitted == 0 and not refusals
+        after = bytearray(10)
+        assert await read(reader, [(fd, fd, memoryview(after), 50)]) is None and bytes(after) == data[50:60]
+
+    run(body)
+
+
 def test_direct_reads_and_an_unaligned_rest(tmp_path: Path) -> None:
     """An O_DIRECT read that meets the end of a file not a multiple of 4 KiB goes on through the buffered fd."""
     import mmap
