@@ -71,6 +71,8 @@ TURN_REQUESTS = 16
 TURN_BYTES = 256 << 10
 # No client gets fewer workers of the I/O pool than this, however many share it.
 MIN_POOL_SHARE = 4
+# No client gets fewer requests in the io_uring than this, however many share it.
+MIN_RING_SHARE = 8
 # How long a stop waits for connections to finish what they have in flight before it
 # aborts them (SIGTERM): a client that does not read its replies cannot hold a stop up.
 STOP_TIMEOUT = 30.0
@@ -122,6 +124,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._deferred = False  # requests are left for the next turn (_process)
         self._jobs = 0  # jobs of this connection in the I/O pool
         self._backlog: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], Callback]] = collections.deque()
+        self._ringed = 0  # requests of this connection in the io_uring
+        self._ring_waiting: collections.deque[Request] = collections.deque()  # past its share of the ring
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set once forgotten
 
     # ---- asyncio callbacks
@@ -368,6 +372,10 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _dispatch(self, req: Request) -> None:
         self.requests += 1
+        self._go(req)
+
+    def _go(self, req: Request) -> None:
+        """Handle REQ, or hold it if it writes while the export's chain changes."""
         export = self.export
         if export is not None and export.held is not None and COMMANDS[req.cmd].writes:
             # The export's chain is changing (an online snapshot): the write waits for the new top.
@@ -440,6 +448,34 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.server.pool.submit(fn, args, partial(self._job_done, then))
         if not self._jobs:
             self.server.pool_users.discard(self)
+
+    def _ring_turn(self, req: Request) -> bool:
+        """Whether REQ may go to the io_uring now: this connection has fewer requests there than its
+        share. If not, REQ waits (counted in flight) and is handled again once one of them ends.
+
+        The ring's room is shared out as the pool's workers are: a client with hundreds of cold
+        reads queued fills no more of it than its share, and a VM's read never waits behind them.
+        """
+        if self._ringed < self.server.ring_share(self):
+            return True
+        self.inflight += 1
+        self._ring_waiting.append(req)
+        return False
+
+    def _ring_started(self) -> None:
+        self._ringed += 1
+        self.server.ring_users.add(self)
+
+    def _ring_done(self, req: Request, then: Done, result: Any, exc: BaseException | None) -> None:
+        """A request's I/O through the ring ended: answer it, then start what waited for its share."""
+        self._ringed -= 1
+        self._completed(req, then, result, exc)
+        waiting = self._ring_waiting
+        while waiting and self._ringed < self.server.ring_share(self):
+            self.inflight -= 1
+            self._go(waiting.popleft())
+        if not self._ringed and not waiting:
+            self.server.ring_users.discard(self)
 
     def _completed(self, req: Request, then: Done, result: Any, exc: BaseException | None) -> None:
         """A request's pool job ended: bookkeeping, then THEN's reply or the error boundary's."""
@@ -517,9 +553,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
             # and vm-backup-{copy,write}-cold against --aio threads. (The completion comes on a later
             # turn: counting the request after queueing it is in time, and nothing is counted if
             # queueing fails.)
+            if not self._ring_turn(req):
+                return
             export.read_via(self.server.ring, req.offset, req.length,
-                            partial(self._completed, req, NbdProtocol._send_read))
+                            partial(self._ring_done, req, NbdProtocol._send_read))
             self._started(req)
+            self._ring_started()
         else:
             self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_read)
 
@@ -539,10 +578,13 @@ class NbdProtocol(asyncio.BufferedProtocol):
         # (earned on tests/bench rows write-rand, durable-write and vm-backup-write-cold against
         # --aio threads). One that allocates stays in the pool: copy-on-write and the cluster's
         # claim block.
-        done = partial(self._completed, req, NbdProtocol._written)
-        if ring is not None and export.write_via(ring, req.offset, payload, done):
-            self._started(req)
-            return
+        if ring is not None:
+            if not self._ring_turn(req):
+                return
+            if export.write_via(ring, req.offset, payload, partial(self._ring_done, req, NbdProtocol._written)):
+                self._started(req)
+                self._ring_started()
+                return
         self._submit(req, export.write, (req.offset, payload), NbdProtocol._written)
 
     def _zero(self, req: Request) -> None:
@@ -731,6 +773,7 @@ class NbdServer:
         self._waiting_for_budget: set[NbdProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # flushes in flight, of every connection
         self.pool_users: set[NbdProtocol] = set()  # connections with jobs in the I/O pool
+        self.ring_users: set[NbdProtocol] = set()  # connections with requests in the io_uring
         self.changing: dict[str, Any] = {}  # export name -> the change in progress on it (prlnbd.online)
         self.allow_outside_bundle = allow_outside_bundle  # for exports opened while serving
         self.stopping = False
@@ -782,6 +825,11 @@ class NbdServer:
         users = self.pool_users
         users.add(conn)
         return max(MIN_POOL_SHARE, self.pool.workers // len(users))
+
+    def ring_share(self, conn: NbdProtocol) -> int:
+        """How many requests CONN may have in the io_uring: its room shared out between its users."""
+        users = len(self.ring_users) + (conn not in self.ring_users)
+        return max(MIN_RING_SHARE, cast(UringIO, self.ring).capacity // users)
 
     def admit(self, conn: NbdProtocol, address: str | None) -> str | None:
         """Count a new connection from ADDRESS (None: a Unix socket); why it is refused, if it is."""

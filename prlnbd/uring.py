@@ -330,6 +330,11 @@ class UringIO:
         self.writes = 0  # write SQEs queued, resubmissions of short writes included
 
     @property
+    def capacity(self) -> int:
+        """How many reads and writes the ring runs at once; more wait, first come, first served."""
+        return self._limit
+
+    @property
     def busy(self) -> int:
         """How many reads and writes are in flight or waiting for room in the ring."""
         return len(self._ops) + len(self._waiting)

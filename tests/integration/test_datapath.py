@@ -9,6 +9,7 @@ order, never of time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -80,7 +81,8 @@ class InProcess:
 
     async def _start(self, exports: dict[str, Export]) -> NbdServer:
         # These tests hold the pool's calls (disk.read, disk.write, ...) at a gate: every request
-        # takes the pool. The ring's paths have their tests in test_read_uring and test_uring.
+        # takes the pool. The ring's paths have their tests in test_read_uring and test_uring;
+        # one here puts a stand-in ring (StandInRing) in server.ring.
         server = NbdServer(exports, aio="threads")
         await server.listen_unix(str(self.sock))
         return server
@@ -201,6 +203,109 @@ class LogEvent(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.regex.search(record.getMessage()):
             self.event.set()
+
+
+class StandInRing:
+    """An io_uring stand-in whose reads end when the test says: CAPACITY run at once, the rest wait
+    first come, first served, as in UringIO. Called on the server's loop."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.running: list[tuple[list[Any], Callable[[BaseException | None], None]]] = []
+        self.waiting: collections.deque[tuple[list[Any], Callable[[BaseException | None], None]]] = (
+            collections.deque())
+        self.reads = self.read_requests = self.writes = self.write_requests = self.overflows = 0
+        self.auto = False  # end every read at once from now on
+
+    @property
+    def busy(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def read_all(self, ios: list[Any], callback: Callable[[BaseException | None], None]) -> None:
+        self.read_requests += 1
+        self.waiting.append((ios, callback))
+        self._fill()
+
+    def hosts(self, which: str) -> list[int]:
+        """The file offsets of the requests running or waiting, in order."""
+        return [ios[0][3] for ios, _ in getattr(self, which)]
+
+    def end(self, n: int) -> None:
+        """End the N oldest running reads (the data is read now), then start waiting ones."""
+        for _ in range(n):
+            ios, callback = self.running.pop(0)
+            for fd, _fallback, buf, offset in ios:
+                os.preadv(fd, [buf], offset)
+            callback(None)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.waiting and len(self.running) < self.capacity:
+            self.running.append(self.waiting.popleft())
+        if self.auto and self.running:
+            asyncio.get_running_loop().call_soon(self.end, len(self.running))
+
+    async def idle(self) -> None:
+        assert not self.busy
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_client_gets_its_share_of_the_ring_however_much_another_queued(tmp_path: Path, image: Path) -> None:
+    """A client with 40 cold reads queued fills the ring (16 here) only while it is alone; another
+    client's read then runs as soon as one of the first's ends, not after all 40."""
+    disk = open_disk(image, writable=True)
+    disk.read_nowait = lambda offset, length: None  # type: ignore[method-assign]  # nothing is cached
+    top = disk.layers[0]
+    assert isinstance(top, ParallelsImage)
+    exp = Export("d", disk, read_only=False)
+    ring = StandInRing(16)
+    with in_process(tmp_path, {"d": exp}) as srv:
+        srv.server.ring = ring  # type: ignore[assignment]
+
+        async def until(check: Callable[[], bool]) -> None:
+            # The loop's state is looked at between its turns, as the requests arrive.
+            for _ in range(100_000):
+                if check():
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError("the server never got there")
+
+        def waiting() -> int:
+            return sum(len(c._ring_waiting) for c in srv.server.connections)
+
+        a = handle(srv.uri())
+        offsets = [M1 + i * 8192 for i in range(40)]
+        bufs = [nbd.Buffer(4096) for _ in offsets]
+        cookies = [a.aio_pread(buf, off) for buf, off in zip(bufs, offsets, strict=True)]
+        srv.call(until(lambda: len(ring.running) == 16 and waiting() == 24))
+        assert not ring.waiting  # the other 24 wait in the connection, not in the ring
+
+        b = handle(srv.uri())
+        b_buf = nbd.Buffer(4096)
+        b_cookie = b.aio_pread(b_buf, 9 * M1)
+        b_host = top.host_offset(9)
+        srv.call(until(lambda: ring.hosts("waiting") == [b_host]))
+        # One of A's reads ends: B's runs next; A, now past its share (8 of 16), starts none.
+        srv.loop.call_soon_threadsafe(ring.end, 1)
+        srv.call(until(lambda: b_host in ring.hosts("running")))
+        assert len(ring.running) == 16 and waiting() == 24
+
+        def finish() -> None:
+            ring.auto = True
+            ring.end(len(ring.running))
+
+        srv.loop.call_soon_threadsafe(finish)
+        wait_done(b, b_cookie)
+        for cookie in cookies:
+            wait_done(a, cookie)
+        assert b_buf.to_bytearray() == pattern(9 * M1, 4096)
+        for buf, off in zip(bufs, offsets, strict=True):
+            assert buf.to_bytearray() == pattern(off, 4096), off
+        assert ring.read_requests == 41
+        a.shutdown()
+        b.shutdown()
 
 
 def test_stop_never_closes_an_image_under_io_still_running(tmp_path: Path, image: Path) -> None:
