@@ -216,15 +216,18 @@ class StandInRing:
             collections.deque())
         self.reads = self.read_requests = self.writes = self.write_requests = self.overflows = 0
         self.auto = False  # end every read at once from now on
+        self.arrived = threading.Condition()  # notified on each read_all(), for the test's thread
 
     @property
     def busy(self) -> int:
         return len(self.running) + len(self.waiting)
 
     def read_all(self, ios: list[Any], callback: Callable[[BaseException | None], None]) -> None:
-        self.read_requests += 1
         self.waiting.append((ios, callback))
         self._fill()
+        with self.arrived:
+            self.read_requests += 1
+            self.arrived.notify_all()
 
     def hosts(self, which: str) -> list[int]:
         """The file offsets of the requests running or waiting, in order."""
@@ -263,34 +266,48 @@ def test_a_client_gets_its_share_of_the_ring_however_much_another_queued(tmp_pat
     ring = StandInRing(16)
     with in_process(tmp_path, {"d": exp}) as srv:
         srv.server.ring = ring  # type: ignore[assignment]
+        # Every READ asks for its share once as it is dispatched (none ends before the test says).
+        asked = threading.Condition()
+        shares: list[int] = []
+        real_share = srv.server.ring_share
 
-        async def until(check: Callable[[], bool]) -> None:
-            # The loop's state is looked at between its turns, as the requests arrive.
-            for _ in range(100_000):
-                if check():
-                    return
-                await asyncio.sleep(0.001)
-            raise AssertionError("the server never got there")
+        def ring_share(conn: Any) -> int:
+            share = real_share(conn)
+            with asked:
+                shares.append(share)
+                asked.notify_all()
+            return share
 
-        def waiting() -> int:
-            return sum(len(c._ring_waiting) for c in srv.server.connections)
+        srv.server.ring_share = ring_share  # type: ignore[method-assign]
+
+        async def state(end: int = 0) -> tuple[int, int, list[int], list[int]]:
+            """On the loop: end the END oldest running reads, then (running, parked in connections,
+            file offsets running, file offsets waiting in the ring)."""
+            if end:
+                ring.end(end)
+            parked = sum(len(c._ring_waiting) for c in srv.server.connections)
+            return len(ring.running), parked, ring.hosts("running"), ring.hosts("waiting")
 
         a = handle(srv.uri())
         offsets = [M1 + i * 8192 for i in range(40)]
         bufs = [nbd.Buffer(4096) for _ in offsets]
         cookies = [a.aio_pread(buf, off) for buf, off in zip(bufs, offsets, strict=True)]
-        srv.call(until(lambda: len(ring.running) == 16 and waiting() == 24))
-        assert not ring.waiting  # the other 24 wait in the connection, not in the ring
+        with asked:
+            assert asked.wait_for(lambda: len(shares) == 40, 60)
+        running, parked, _, in_ring_queue = srv.call(state())
+        # 16 in the ring, the other 24 wait in the connection, not in the ring's queue.
+        assert (running, parked, in_ring_queue) == (16, 24, [])
 
         b = handle(srv.uri())
         b_buf = nbd.Buffer(4096)
         b_cookie = b.aio_pread(b_buf, 9 * M1)
         b_host = top.host_offset(9)
-        srv.call(until(lambda: ring.hosts("waiting") == [b_host]))
+        with ring.arrived:
+            assert ring.arrived.wait_for(lambda: ring.read_requests == 17, 60)
+        assert srv.call(state())[3] == [b_host]
         # One of A's reads ends: B's runs next; A, now past its share (8 of 16), starts none.
-        srv.loop.call_soon_threadsafe(ring.end, 1)
-        srv.call(until(lambda: b_host in ring.hosts("running")))
-        assert len(ring.running) == 16 and waiting() == 24
+        running, parked, hosts, in_ring_queue = srv.call(state(end=1))
+        assert b_host in hosts and (running, parked, in_ring_queue) == (16, 24, [])
 
         def finish() -> None:
             ring.auto = True
