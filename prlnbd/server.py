@@ -577,7 +577,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
         # With a ring: a write into clusters the top layer holds goes to the ring, as reads do
         # (earned on tests/bench rows write-rand, durable-write and vm-backup-write-cold against
         # --aio threads). One that allocates stays in the pool: copy-on-write and the cluster's
-        # claim block.
+        # claim block. Past its share of the ring a write waits even if it will turn out to
+        # allocate: only write_via() can tell, and it queues the write at once when it can.
         if ring is not None:
             if not self._ring_turn(req):
                 return
