@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from prlnbd.disk.descriptor import Descriptor, ImageEntry, Piece, descriptor_path, parse_descriptor
+from prlnbd.disk.pagecache import Residency
 from prlnbd.errors import DescriptorError, ImageError
 from prlnbd.image import format as fmt
 from prlnbd.image.extension import DirtyBitmap
@@ -161,6 +162,9 @@ class Disk:
         for dfd in self._direct.values():
             os.close(dfd)
         self._direct.clear()
+        for residency in self._residency.values():
+            residency.close()
+        self._residency.clear()
         close_all(self.layers)
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
@@ -289,6 +293,7 @@ class Disk:
         self._epoch_ended = threading.Condition(self._lock)  # notified when the last I/O of an epoch ends
         self._direct: dict[int, int] = {}  # layer fd -> its O_DIRECT twin (cache=none)
         self._no_nowait: set[int] = set()  # fds whose file system refuses RWF_NOWAIT reads
+        self._residency: dict[int, Residency] = {}  # layer fd -> its page cache residency (file_run())
         self._misses = 0  # read_nowait() calls in a row that found their data not cached
         self._skipped = 0
 
@@ -341,6 +346,9 @@ class Disk:
             dfd = self._direct.pop(layer.fd, None)
             if dfd is not None:
                 os.close(dfd)
+            residency = self._residency.pop(layer.fd, None)
+            if residency is not None:
+                residency.close()
         close_all(layers)
 
     # ---- changing the chain while it is served (online snapshot and merge), from the event loop.
@@ -487,6 +495,35 @@ class Disk:
                 return None
         self._misses = 0
         return (buf if buf is not None else bytearray(length)), runs
+
+    def file_run(self, offset: int, length: int) -> tuple[int, int, bool] | None:
+        """(fd, host offset, whether every page of it is in the page cache) when the disk is read-only
+        and the range is one data run of one layer: bytes that may be lent to a socket by reference
+        (sendfile) once cached. Else None.
+
+        For the event loop, like read_nowait(); asking does not read (mincore). The
+        descriptor is the layer's file opened for the loop's reads (Residency.fd).
+        Linux hands page-cache pages to a socket by reference and the client copies
+        them only when it reads, maybe much later: the bytes must not change
+        meanwhile. On a read-only disk nothing this server does changes them: no
+        layer of it is written through it, no cluster is released or reused, and an
+        online merge through another export only writes clusters no read of this disk
+        can return (new clusters of a frozen child, or clusters of a frozen layer that
+        its frozen child hides; a frozen layer never changes, so it hid them already
+        when the read was made). A writable top may be written, and its clusters
+        released and reused, while the reply waits in the socket: its reads are copied.
+        """
+        if self.writable or self._direct:
+            return None
+        found = self._one_run(offset, length)
+        if found is None:
+            return None
+        fd = found[0].fd
+        residency = self._residency.get(fd)
+        if residency is None:
+            residency = self._residency[fd] = Residency(fd)
+        host = found[2]
+        return residency.fd, host, residency.cached(host, length)
 
     def _runs(self, offset: int, length: int) -> list[Run]:
         """map() as a list, with the commonest case, one data run, found without the general walk."""

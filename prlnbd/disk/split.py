@@ -232,6 +232,14 @@ class SplitDisk(Disk):
             all_runs += self._shift(got[1], base)
         return out, all_runs
 
+    def file_run(self, offset: int, length: int) -> tuple[int, int, bool] | None:
+        """Disk.file_run() of the one piece holding the whole range; None when it spans pieces."""
+        parts = list(self._parts(offset, length))
+        if len(parts) != 1:
+            return None
+        piece, _base, at, n = parts[0]
+        return piece.file_run(at, n)
+
     def write_begin(self, offset: int, data: memoryview) -> WritePlan | None:
         """Disk.write_begin() piece by piece: one plan, or None when any piece must allocate."""
         out = WritePlan([])

@@ -1,0 +1,60 @@
+"""Residency: which pages of a file are in the page cache, asked without reading them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prlnbd.disk.pagecache import MAX_QUERY, PAGE, Residency
+
+SIZE = 64 * PAGE
+
+
+def made(path: Path) -> int:
+    path.write_bytes(os.urandom(SIZE))
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd
+
+
+def test_only_pages_read_count_as_cached(tmp_path: Path) -> None:
+    fd = made(tmp_path / "f")
+    r = Residency(fd)
+    try:
+        assert not r.cached(0, SIZE)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
+        os.pread(fd, 8 * PAGE, 4 * PAGE)
+        assert r.cached(4 * PAGE, 8 * PAGE)
+        assert r.cached(4 * PAGE + 100, 8 * PAGE - 200)  # unaligned, inside
+        assert not r.cached(3 * PAGE, 2 * PAGE)  # its first page was not read
+        assert not r.cached(11 * PAGE, PAGE + 1)  # its last page was not read
+    finally:
+        r.close()
+        os.close(fd)
+
+
+def test_ranges_it_cannot_answer_are_not_cached(tmp_path: Path) -> None:
+    fd = made(tmp_path / "f")
+    empty = os.open(tmp_path / "empty", os.O_RDWR | os.O_CREAT)
+    r = Residency(fd)
+    e = Residency(empty)
+    try:
+        os.pread(fd, SIZE, 0)
+        assert r.cached(0, SIZE)
+        assert not r.cached(0, SIZE + 1)  # past the end of the file as it was mapped
+        assert not r.cached(-PAGE, PAGE)
+        assert not r.cached(0, 0)
+        assert not e.cached(0, 1)
+        big = os.open(tmp_path / "big", os.O_RDWR | os.O_CREAT)
+        os.ftruncate(big, 2 * MAX_QUERY)
+        b = Residency(big)
+        assert not b.cached(0, MAX_QUERY + PAGE)  # longer than one question covers
+        b.close()
+        os.close(big)
+    finally:
+        r.close()
+        e.close()
+        os.close(fd)
+        os.close(empty)
+    assert not r.cached(0, PAGE)  # closed: unmapped
