@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any, cast
 
 from prlnbd.errors import PrlNbdError, ProtocolError, RequestError
-from prlnbd.export import Export
+from prlnbd.export import Buffer, Export
 from prlnbd.iopool import DEFAULT_WORKERS, Callback, IoPool
 from prlnbd.nbd.connection import Disconnect, ExportSelected, Request, ServerConnection, StartTLS, State, TlsMode
 from prlnbd.nbd.constants import Cmd, CmdFlag, Errno
@@ -45,6 +45,14 @@ FLUSH_BYTES = 1 << 20
 # worker copies on the other core. 4 KiB reads gain from the ring, 1 MiB reads lose (tests/bench
 # row cold-read-seq, with --aio threads beside the ring); the lengths between were not measured.
 RING_READ_MAX = 64 << 10
+# READs at least this long are answered by sendfile when they may be (NbdProtocol._sendfile):
+# the page-cache pages go to the socket by reference, where a copy to a buffer and again to
+# the socket costs the loop about 8 times the CPU at 256 KiB. Below this the copies cost about
+# as little as the residency check and the extra system calls.
+SENDFILE_MIN = 64 << 10
+# When the socket takes only part of a reply going by sendfile, this much more of it is copied
+# into the transport, which then waits for the socket and says when it is empty.
+LEND_PAGE = 4096
 # The transport's write buffer limits and a Unix socket's send buffer: deep enough to keep a
 # queue of large READ replies streaming, shallow enough that one write to a socket (the
 # loop copies all that fits) stays short while other clients wait: a backup pulling the disk
@@ -107,6 +115,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.started = time.monotonic()
         self.requests = 0
         self.bytes_read = 0
+        self.bytes_by_reference = 0  # of bytes_read, those sent by sendfile
+        self._sock = -1  # the socket's descriptor, for sendfile
+        self._lending = False  # READ replies may go by sendfile (_selected)
+        self._lent: collections.deque[Lent] = collections.deque()  # replies waiting to go by sendfile
+        self._gap = False  # the first of them is partly sent: nothing else may be sent
         self.reason = "client closed"
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False  # no more requests are taken; the socket closes once nothing is in flight
@@ -135,11 +148,13 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         with contextlib.suppress(Exception):
             self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            self._sock = sock.fileno()
         if self.unix:
             self.peer = "unix socket"  # a Unix socket's peer has no name
             # The default (~200 KiB) splits every large READ reply over several wake-ups; the
             # kernel caps this at net.core.wmem_max. TCP tunes its own buffer.
-            sock = self.transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
@@ -203,6 +218,10 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.reason = f"connection lost: {exc}"
         if self.tls is not None and not self.tls.established and not self.reason.startswith("TLS"):
             self.reason = f"TLS handshake not finished: {self.reason}"
+        # Replies waiting to go by sendfile go nowhere now.
+        self.inflight -= len(self._lent)
+        self._lent.clear()
+        self._gap = False
         # Requests still in the pool finish (their replies go nowhere); the server counts the
         # connection as gone only then, so a stop never closes a disk under them.
         self._maybe_gone()
@@ -217,7 +236,12 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._paused = False
         # Not from inside this callback: the transport is in the middle of its write path, and
         # closing it from here makes plain asyncio report the connection lost twice.
-        asyncio.get_running_loop().call_soon(self._process)
+        asyncio.get_running_loop().call_soon(self._drained)
+
+    def _drained(self) -> None:
+        if self._lent:
+            self._lend()
+        self._process()
 
     # ---- taking requests
 
@@ -330,6 +354,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
             transport.write(data)
 
     def _throttled(self) -> bool:
+        if self._gap:
+            return True  # nothing is answered until the READ whose data is being read is sent
         if self.inflight >= MAX_INFLIGHT or self._inflight_bytes >= MAX_INFLIGHT_BYTES:
             return True  # resumed as its own requests complete
         if self.server.over_write_budget():
@@ -366,6 +392,15 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self._close()
             return
         self.export = export
+        if self._sock >= 0 and self.tls is None and not export.disk.writable and self.transport is not None:
+            # Replies may go by sendfile (_lend), which needs the transport empty: a full socket is
+            # waited for (pause_writing until every byte queued is sent) instead of copying more
+            # replies into the transport's buffer.
+            try:
+                self.transport.set_write_buffer_limits(0, 0)
+                self._lending = True
+            except Exception:  # a transport without limits: replies are copied
+                self._lending = False
         log.debug("%s: transmission on export %r", self.peer, self.export.name)
 
     # ---- one request: dispatch, handlers, completion, one error boundary
@@ -544,10 +579,26 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _read(self, req: Request) -> None:
         export = cast(Export, self.export)
+        if self._lending and req.length >= SENDFILE_MIN:
+            run = export.file_run(req.offset, req.length)
+            if run is not None:
+                if run[2]:
+                    self._lend_reply(req, None)
+                else:
+                    # Known to miss: a preadv(RWF_NOWAIT) would only start the disk read here, and
+                    # submitting that (readahead of megabytes) can wait for the device's queue.
+                    self._read_stored(req)
+                return
         got = export.read_nowait(req.offset, req.length)
         if got is not None:
             self._send_read(req, got)
-        elif self.server.ring is not None and req.length <= RING_READ_MAX:
+        else:
+            self._read_stored(req)
+
+    def _read_stored(self, req: Request) -> None:
+        """A READ whose data is not all in the page cache: through the ring, or in the pool."""
+        export = cast(Export, self.export)
+        if self.server.ring is not None and req.length <= RING_READ_MAX:
             # With a ring (--aio=io_uring or auto): the runs are read by the ring, reaped on this
             # loop, with no thread hand-off per request. Earned on tests/bench rows cold-read-rand
             # and vm-backup-{copy,write}-cold against --aio threads. (The completion comes on a later
@@ -556,11 +607,21 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if not self._ring_turn(req):
                 return
             export.read_via(self.server.ring, req.offset, req.length,
-                            partial(self._ring_done, req, NbdProtocol._send_read))
+                            partial(self._ring_done, req, NbdProtocol._send_stored))
             self._started(req)
             self._ring_started()
         else:
-            self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_read)
+            self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_stored)
+
+    def _send_stored(self, req: Request, got: tuple[Any, list[tuple[int, int]]]) -> None:
+        """Answer a READ read from storage: by sendfile when it may be (the read left its pages in
+        the cache), which spares the loop copying the buffer into the socket; else the buffer."""
+        if self._lending and req.length >= SENDFILE_MIN:
+            run = cast(Export, self.export).file_run(req.offset, req.length)
+            if run is not None and run[2]:
+                self._lend_reply(req, got[0])
+                return
+        self._send_read(req, got)
 
     def _send_read(self, req: Request, got: tuple[Any, list[tuple[int, int]]]) -> None:
         buf, holes = got
@@ -569,6 +630,113 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._queued += req.length
         if self._queued >= FLUSH_BYTES:
             self._flush()
+
+    # ---- READ replies by sendfile
+
+    def _lend_reply(self, req: Request, data: Buffer | None) -> None:
+        """Answer REQ, whose data is one cached run of a read-only disk, by sendfile (_lend()).
+
+        DATA: the bytes, when a read from storage has them already (for the case the
+        pages leave the cache before they are sent). Counted in flight until sent.
+        """
+        self.bytes_read += req.length
+        self.inflight += 1
+        self._lent.append(Lent(req, data))
+        self._lend()
+
+    def _lend(self) -> None:
+        """Send the queued replies of _lend_reply() while the socket takes them: the header, then the
+        data by sendfile(), which hands the page-cache pages to the socket by reference.
+
+        A reply starts only while the transport holds nothing, and nothing else is sent
+        until its last byte is out (_gap), so nothing comes between a header and its data.
+        When the socket is full, the rest waits for resume_writing(): the transport's limits
+        are 0, 0 on a lending connection (_selected), so it calls that once every byte it
+        holds is sent. Replies wait in the page cache meanwhile instead of being copied.
+        """
+        lent = self._lent
+        transport = self.transport
+        export = cast(Export, self.export)
+        while lent:
+            if transport is None or self._closed or transport.is_closing():
+                return  # connection_lost() drops them
+            if not self._gap:
+                self._flush()  # whole replies may go first: they never split one
+            if transport.get_write_buffer_size():
+                return  # resume_writing() goes on
+            item = lent[0]
+            req = item.req
+            if not self._gap:
+                self._gap = True
+                transport.write(self.conn.read_header(req.cookie, req.offset, req.length))
+                continue
+            offset, length = req.offset + item.sent, req.length - item.sent
+            run = export.file_run(offset, length)
+            if run is None or not run[2]:
+                # The pages left the cache while the reply waited: never read them here.
+                if item.data is None:
+                    self._read_rest(req, item.sent)
+                    return
+                transport.write(memoryview(item.data)[item.sent :])
+                self._lent_done()
+                continue
+            fd, host, _ = run
+            try:
+                n = os.sendfile(self._sock, fd, host, length)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self.abort(f"sendfile failed: {e.strerror}")
+                return
+            item.sent += n
+            self.bytes_by_reference += n
+            if item.sent == req.length:
+                self._lent_done()
+                continue
+            # The socket is full. A page of the rest goes into the transport, which waits for the
+            # socket and calls resume_writing() once that is sent.
+            size = min(LEND_PAGE, req.length - item.sent)
+            if item.data is not None:
+                piece: Buffer = memoryview(item.data)[item.sent : item.sent + size]
+            else:
+                piece = bytearray(size)
+                try:
+                    cached = os.preadv(fd, [piece], host + n, os.RWF_NOWAIT) == size
+                except OSError:
+                    cached = False  # it left the cache just now, or the file system cannot say
+                if not cached:
+                    self._read_rest(req, item.sent)
+                    return
+            transport.write(piece)
+            item.sent += size
+
+    def _read_rest(self, req: Request, sent: int) -> None:
+        """Read the rest of a lent reply after SENT bytes in the pool (its pages left the cache);
+        nothing else is sent meanwhile."""
+        export = cast(Export, self.export)
+        args = (export, req.offset + sent, req.length - sent)
+        self._submit(req, _read_or_error, args, NbdProtocol._rest_read)
+
+    def _lent_done(self) -> None:
+        self._lent.popleft()
+        self._gap = False
+        self.inflight -= 1
+        self._resume()
+
+    def _rest_read(self, req: Request, got: Buffer | RequestError) -> None:
+        """The rest of a lent reply, read in the pool: send it, then go on with the others."""
+        lent = self._lent
+        transport = self.transport
+        if not lent or lent[0].req is not req or transport is None or self._closed or transport.is_closing():
+            return  # the connection is gone
+        if isinstance(got, RequestError):
+            # Its header is out: no error reply can follow it any more.
+            log.warning("%s: READ failed after its reply began: %s", self.peer, got)
+            self.abort(f"READ failed after its reply began: {got}")
+            return
+        transport.write(got)
+        self._lent_done()
+        self._lend()
 
     def _write(self, req: Request) -> None:
         export = cast(Export, self.export)
@@ -630,6 +798,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
     # ---- helpers
 
     def _flush(self) -> None:
+        if self._gap:
+            return  # a READ reply is partly sent: nothing may go out before its last byte
         self._queued = 0
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self._closed and not self.transport.is_closing():
@@ -655,9 +825,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             transport.close()
 
-    def abort(self) -> None:
-        """Drop the connection now, replies unsent (a stop whose timeout ran out)."""
-        self.reason = "aborted: did not finish within the stop timeout"
+    def abort(self, reason: str = "aborted: did not finish within the stop timeout") -> None:
+        """Drop the connection now, replies unsent (a stop whose timeout ran out, or REASON)."""
+        self.reason = reason
         self._closing = True
         if self.transport is not None and not self._closed:
             self._closed = True
@@ -680,13 +850,15 @@ class NbdProtocol(asyncio.BufferedProtocol):
         how = ""
         if tls is not None:
             how = f" ({tls.obj.version() or 'TLS'}{', ' + tls.subject if tls.subject else ''})"
+        by_reference = f" ({self.bytes_by_reference} by sendfile)" if self.bytes_by_reference else ""
         log.info(
-            "connection %s%s export %r: %d requests, %d bytes read, %.1fs, %s",
+            "connection %s%s export %r: %d requests, %d bytes read%s, %.1fs, %s",
             self.peer,
             how,
             self.export.name if self.export else None,
             self.requests,
             self.bytes_read,
+            by_reference,
             time.monotonic() - self.started,
             self.reason,
         )
@@ -702,6 +874,27 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """Stop taking requests; close once what is in flight is answered."""
         self.reason = reason
         self._close()
+
+
+def _read_or_error(export: Export, offset: int, length: int) -> Buffer | RequestError:
+    """Export.read()'s data, or its error as a value: for a READ whose reply has begun, which can no
+    longer be answered by the error boundary's error reply."""
+    try:
+        return export.read(offset, length)[0]
+    except RequestError as e:
+        return e
+    except Exception as e:
+        log.error("READ of %d bytes at %d crashed", length, offset, exc_info=e)
+        return RequestError(Errno.EIO, f"read of {length} bytes at {offset}: internal error")
+
+
+@dataclass
+class Lent:
+    """A READ reply going by sendfile (NbdProtocol._lend): its data bytes sent so far."""
+
+    req: Request
+    data: Buffer | None  # the bytes, when a read from storage has them already
+    sent: int = 0
 
 
 # What the server does for each command: the protocol core has already checked its flags,

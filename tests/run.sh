@@ -42,10 +42,11 @@ run_step "mypy" "$PY" -m mypy
 run_step "pytest tests${*:+ $*}" "$PY" -m pytest tests "$@"
 if (($# == 0)); then
     # The server runs on uvloop when it is installed; these run it on plain asyncio too
-    # (its transports call get_buffer/buffer_updated differently), wire protocol, bitmaps, TLS.
-    run_step "pytest on the asyncio loop (protocol, bitmaps, TLS)" env PRLNBD_LOOP=asyncio \
+    # (its transports call get_buffer/buffer_updated and pause/resume writing differently), wire
+    # protocol, bitmaps, TLS, replies by sendfile.
+    run_step "pytest on the asyncio loop (protocol, bitmaps, TLS, sendfile)" env PRLNBD_LOOP=asyncio \
         "$PY" -m pytest tests/integration/test_protocol.py tests/integration/test_bitmaps.py \
-        tests/integration/test_tls.py
+        tests/integration/test_tls.py tests/integration/test_sendfile.py
 fi
 
 banner "summary"

@@ -1,0 +1,212 @@
+"""READ replies sent by sendfile: only from a read-only disk, only data in the page cache, byte-exact.
+
+sendfile hands page-cache pages to the socket by reference, so the loop
+copies nothing; the client copies the pages when it reads them. Which
+replies went that way is in each connection's closing log line
+("N bytes read (M by sendfile)").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from prlnbd.disk.chain import open_disk
+from prlnbd.export import Export
+from tests import support
+from tests.integration.test_datapath import M1, SIZE, in_process, pattern
+from tests.nbdraw import Client, Closed, Cmd, assemble_read
+
+pytestmark = pytest.mark.skipif(
+    not all(support.have(t) for t in ("qemu-img", "qemu-io")), reason="qemu-utils is needed"
+)
+
+# The in-process tests run the loop PRLNBD_LOOP names (tests/run.sh runs this file on both).
+LOOP = os.environ.get("PRLNBD_LOOP", "uvloop")
+# (offset, length): one cluster, several, unaligned, the whole disk.
+READS = [(0, 64 << 10), (M1 - 4096, 128 << 10), (3 * M1 + 512, M1), (0, SIZE)]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    writes = [(0x40 + i, i * M1, M1) for i in range(SIZE // M1)]
+    path = support.make_parallels(tmp_path / "disk.hds", SIZE, writes=writes)
+    path.read_bytes()  # in the page cache
+    return path
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def closing_lines(srv: support.Server, count: int) -> list[str]:
+    """The closing lines of the first COUNT connections, once the last of them is logged."""
+    deadline = time.monotonic() + 60
+    while (text := srv.log_text()).count("client disconnected") < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    lines = re.findall(r"connection .*client disconnected", text)
+    assert len(lines) >= count, text
+    return lines[:count]
+
+
+def read_all(client: Client, reads: list[tuple[int, int]]) -> None:
+    """Send READS at once, then check every reply."""
+    cookies = []
+    for offset, length in reads:
+        cookies.append(client.request(Cmd.READ, offset, length))
+    results = client.collect(cookies)
+    for cookie, (offset, length) in zip(cookies, reads, strict=True):
+        assert assemble_read(results[cookie], offset, length) == pattern(offset, length), (offset, length)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_cached_reads_of_a_read_only_disk_go_by_sendfile(
+    tmp_path: Path, image: Path, structured: bool, transport: str
+) -> None:
+    extra = ["--read-only"] + (["--port", "0"] if transport == "tcp" else [])
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"], *extra)
+    with support.running(srv):
+        if transport == "tcp":
+            m = re.search(r"serving .* on .*\('127\.0\.0\.1', (\d+)\)", srv.wait_for_log("serving"))
+            assert m is not None, srv.log_text()
+            client = Client(socket.create_connection(("127.0.0.1", int(m.group(1)))))
+        else:
+            client = Client.unix(srv.sock)
+        with client:
+            client.connect("d", structured=structured)
+            for offset, length in READS:  # one at a time: each finds the socket empty
+                assert client.read(offset, length) == pattern(offset, length)
+            read_all(client, READS * 3)  # pipelined: some find replies queued before them
+            client.disc()
+        (line,) = closing_lines(srv, 1)
+    m = re.search(r"(\d+) bytes read \((\d+) by sendfile\)", line)
+    assert m is not None, line
+    assert int(m.group(1)) == 4 * sum(length for _, length in READS)
+    assert int(m.group(2)) >= sum(length for _, length in READS[:3])
+
+
+def test_reads_of_a_writable_disk_are_copied(tmp_path: Path, image: Path) -> None:
+    """The top layer may change while a reply waits in the socket: its pages are never lent."""
+    srv = support.start_prlnbd(tmp_path, [f"d={image}"])
+    with support.running(srv):
+        with Client.unix(srv.sock) as client:
+            client.connect("d")
+            for offset, length in READS:
+                assert client.read(offset, length) == pattern(offset, length)
+            client.disc()
+        (line,) = closing_lines(srv, 1)
+    assert re.search(rf"{sum(n for _, n in READS)} bytes read, ", line), line
+
+
+def test_data_not_in_the_page_cache_is_read_in_the_pool_then_lent(
+    tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sendfile of pages not in the cache would read them on the event loop: they are read in the
+    pool, and the reply then lends the pages that read left in the cache."""
+    disk = open_disk(image, writable=False)
+    reads = Reads(disk.read)
+    disk.read = reads  # type: ignore[method-assign]
+    sent = SendfileCalls(monkeypatch)
+    evict(image)
+    if disk.file_run(5 * M1, M1) != (mock.ANY, mock.ANY, False):
+        pytest.skip(f"{image.parent} keeps files in memory: nothing to evict")
+    with in_process(tmp_path, {"d": Export("d", disk, read_only=True)}, LOOP) as srv, Client.unix(srv.sock) as client:
+        client.connect("d")
+        assert client.read(5 * M1, M1) == pattern(5 * M1, M1)
+        assert reads.calls == [(5 * M1, M1)]
+        assert sum(sent.sizes) == M1
+        assert client.read(5 * M1, M1) == pattern(5 * M1, M1)
+        assert reads.calls == [(5 * M1, M1)]  # cached now: no read at all
+        assert sum(sent.sizes) == 2 * M1
+
+
+class Reads:
+    """Wraps Disk.read: records each call; with FAIL, the first fails."""
+
+    def __init__(self, real: Any, fail: bool = False) -> None:
+        self.real = real
+        self.fail = fail
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, offset: int, length: int) -> Any:
+        self.calls.append((offset, length))
+        if self.fail and len(self.calls) == 1:
+            raise OSError(5, "Input/output error")
+        return self.real(offset, length)
+
+
+class SendfileCalls:
+    """os.sendfile, counted: the bytes each call sent; `partial` is set once one sends less than asked."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        self.partial = threading.Event()
+        real = os.sendfile
+
+        def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+            n = real(out_fd, in_fd, offset, count)
+            self.sizes.append(n)
+            if n < count:
+                self.partial.set()
+            return n
+
+        monkeypatch.setattr(os, "sendfile", sendfile)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_what_the_socket_did_not_take_follows_even_when_it_left_the_cache(
+    tmp_path: Path, image: Path, fail: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client not reading: sendfile sends what fits, the rest of the data follows, nothing between.
+
+    The rest is made to miss the cache (as if evicted while the reply waited):
+    it is read in the pool while the connection sends nothing else. If that read
+    fails, the reply cannot become an error any more: the connection is dropped.
+    """
+    big = (M1, 8 * M1)  # far more than a socket holds for a peer that does not read
+    disk = open_disk(image, writable=False)
+    real_file_run = disk.file_run
+
+    def file_run(offset: int, length: int) -> tuple[int, int, bool] | None:
+        run = real_file_run(offset, length)
+        if run is not None and big[0] < offset < big[0] + big[1]:
+            return run[0], run[1], False  # the rest of the big READ: out of the cache
+        return run
+
+    disk.file_run = file_run  # type: ignore[method-assign]
+    reads = Reads(disk.read, fail)
+    disk.read = reads  # type: ignore[method-assign]
+    sent = SendfileCalls(monkeypatch)
+    with in_process(tmp_path, {"d": Export("d", disk, read_only=True)}, LOOP) as srv:
+        with Client.unix(srv.sock) as client:
+            client.connect("d")
+            cookies = [client.request(Cmd.READ, *big), client.request(Cmd.READ, 0, 4096)]
+            assert sent.partial.wait(60)  # before the client reads a byte
+            if fail:
+                with pytest.raises(Closed):
+                    client.collect(cookies)
+            else:
+                results = client.collect(cookies)
+                assert assemble_read(results[cookies[0]], *big) == pattern(*big)
+                assert assemble_read(results[cookies[1]], 0, 4096) == pattern(0, 4096)
+                assert client.read(2 * M1, M1) == pattern(2 * M1, M1)
+        offset, length = reads.calls[0]
+        assert big[0] + sent.sizes[0] <= offset and offset + length == big[0] + big[1], reads.calls
+        # Another client is served either way.
+        with Client.unix(srv.sock) as other:
+            other.connect("d")
+            assert other.read(M1, M1) == pattern(M1, M1)
