@@ -45,10 +45,11 @@ FLUSH_BYTES = 1 << 20
 # worker copies on the other core. 4 KiB reads gain from the ring, 1 MiB reads lose (tests/bench
 # row cold-read-seq, with --aio threads beside the ring); the lengths between were not measured.
 RING_READ_MAX = 64 << 10
-# READs at least this long are answered by sendfile when they may be (NbdProtocol._sendfile):
-# the page-cache pages go to the socket by reference, where a copy to a buffer and again to
-# the socket costs the loop about 8 times the CPU at 256 KiB. Below this the copies cost about
-# as little as the residency check and the extra system calls.
+# READs at least this long are answered by sendfile when they may be (NbdProtocol._lend): the
+# page-cache pages go to the socket by reference. At 256 KiB, copying them into a buffer and
+# again into the socket took the loop's thread 75-95 us, sendfile 9-11 us; the residency check
+# (mincore) is about 3 us at 64 KiB. Much below this, the two copies cost no more than the check
+# and the extra system calls.
 SENDFILE_MIN = 64 << 10
 # When the socket takes only part of a reply going by sendfile, this much more of it is copied
 # into the transport, which then waits for the socket and says when it is empty.
@@ -239,6 +240,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_soon(self._drained)
 
     def _drained(self) -> None:
+        """The transport sent what it held: replies waiting to go by sendfile go on, then requests."""
         if self._lent:
             self._lend()
         self._process()
@@ -355,7 +357,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     def _throttled(self) -> bool:
         if self._gap:
-            return True  # nothing is answered until the READ whose data is being read is sent
+            return True  # a READ reply is partly sent: no more requests until it is out
         if self.inflight >= MAX_INFLIGHT or self._inflight_bytes >= MAX_INFLIGHT_BYTES:
             return True  # resumed as its own requests complete
         if self.server.over_write_budget():
