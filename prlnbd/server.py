@@ -585,7 +585,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             run = export.file_run(req.offset, req.length)
             if run is not None:
                 if run[2]:
-                    self._lend_reply(req, None)
+                    self._lend_reply(req, None, run)
                 else:
                     # Known to miss: a preadv(RWF_NOWAIT) would only start the disk read here, and
                     # submitting that (readahead of megabytes) can wait for the device's queue.
@@ -621,7 +621,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         if self._lending and req.length >= SENDFILE_MIN:
             run = cast(Export, self.export).file_run(req.offset, req.length)
             if run is not None and run[2]:
-                self._lend_reply(req, got[0])
+                self._lend_reply(req, got[0], run)
                 return
         self._send_read(req, got)
 
@@ -635,18 +635,19 @@ class NbdProtocol(asyncio.BufferedProtocol):
 
     # ---- READ replies by sendfile
 
-    def _lend_reply(self, req: Request, data: Buffer | None) -> None:
-        """Answer REQ, whose data is one cached run of a read-only disk, by sendfile (_lend()).
+    def _lend_reply(self, req: Request, data: Buffer | None, run: tuple[int, int, bool]) -> None:
+        """Answer REQ, whose data is RUN (Export.file_run(), found cached just now), by sendfile (_lend()).
 
         DATA: the bytes, when a read from storage has them already (for the case the
         pages leave the cache before they are sent). Counted in flight until sent.
         """
         self.bytes_read += req.length
         self.inflight += 1
-        self._lent.append(Lent(req, data))
-        self._lend()
+        item = Lent(req, data)
+        self._lent.append(item)
+        self._lend(item, run)
 
-    def _lend(self) -> None:
+    def _lend(self, fresh: Lent | None = None, fresh_run: tuple[int, int, bool] | None = None) -> None:
         """Send the queued replies of _lend_reply() while the socket takes them: the header, then the
         data by sendfile(), which hands the page-cache pages to the socket by reference.
 
@@ -655,6 +656,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         When the socket is full, the rest waits for resume_writing(): the transport's limits
         are 0, 0 on a lending connection (_selected), so it calls that once every byte it
         holds is sent. Replies wait in the page cache meanwhile instead of being copied.
+        FRESH, FRESH_RUN: a reply just queued and its file_run(), asked a moment ago.
         """
         lent = self._lent
         transport = self.transport
@@ -673,7 +675,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 transport.write(self.conn.read_header(req.cookie, req.offset, req.length))
                 continue
             offset, length = req.offset + item.sent, req.length - item.sent
-            run = export.file_run(offset, length)
+            # Not asked twice in a row (mincore looks up every page).
+            if item is fresh:
+                run, fresh = fresh_run, None
+            else:
+                run = export.file_run(offset, length)
             if run is None or not run[2]:
                 # The pages left the cache while the reply waited: never read them here.
                 if item.data is None:
