@@ -522,6 +522,8 @@ class Disk:
         residency = self._residency.get(fd)
         if residency is None:
             residency = self._residency[fd] = Residency(fd)
+        if not residency.available:
+            return None  # it cannot say: the usual read path (RWF_NOWAIT) decides
         host = found[2]
         return residency.fd, host, residency.cached(host, length)
 

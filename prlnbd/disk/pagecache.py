@@ -30,27 +30,38 @@ MAX_QUERY = 64 << 20
 
 
 class Residency:
-    """Which pages of one open file are cached and up to date.
+    """Which pages of one open file are cached and up to date, and a descriptor to send them from.
 
     Not thread-safe: one buffer serves every question (the event loop's).
-    A file that cannot be mapped (empty, or a file system without mmap)
-    answers False to every question.
+    A file that cannot be mapped (empty, or a file system without mmap) or
+    opened again is not `available`, and answers False to every question.
     """
 
     def __init__(self, fd: int) -> None:
         self._addr = 0
-        self._size = os.fstat(fd).st_size
+        self._size = 0
         # The descriptor to send from: the same file, marked for random access, so that a read
         # from the loop never starts the kernel's readahead there (submitting that I/O can wait
         # for the device's queue); reads that miss the cache, in the pool, still start it.
-        self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.fd = -1
+        try:
+            self._size = os.fstat(fd).st_size
+            self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            self.close()
+            return
         if self._size:
             addr = _mmap(None, self._size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
             if addr is not None and addr != _MAP_FAILED:
                 self._addr = addr
         self._vec = bytearray(MAX_QUERY // PAGE)
         self._cvec = (ctypes.c_char * len(self._vec)).from_buffer(self._vec)
+
+    @property
+    def available(self) -> bool:
+        """Whether questions get real answers (the file is mapped and opened again)."""
+        return bool(self._addr) and self.fd >= 0
 
     def cached(self, offset: int, length: int) -> bool:
         """Whether every page of [OFFSET, OFFSET+LENGTH) is in the page cache with its data read."""
@@ -66,7 +77,7 @@ class Residency:
         return self._vec.count(0, 0, pages) == 0
 
     def close(self) -> None:
-        """Unmap the file (the caller still owns its descriptor)."""
+        """Unmap the file and close the second descriptor (the caller still owns FD)."""
         if self._addr:
             _munmap(self._addr, self._size)
             self._addr = 0

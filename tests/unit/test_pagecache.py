@@ -58,3 +58,17 @@ def test_ranges_it_cannot_answer_are_not_cached(tmp_path: Path) -> None:
         os.close(fd)
         os.close(empty)
     assert not r.cached(0, PAGE)  # closed: unmapped
+
+
+def test_a_file_it_cannot_map_is_not_available(tmp_path: Path) -> None:
+    empty = os.open(tmp_path / "empty", os.O_RDWR | os.O_CREAT)
+    r = Residency(empty)
+    try:
+        assert not r.available
+        assert not r.cached(0, PAGE)
+    finally:
+        r.close()
+        os.close(empty)
+    gone = Residency(1 << 20)  # a descriptor that is not open: nothing to ask
+    assert not gone.available
+    gone.close()
