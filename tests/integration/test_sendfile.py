@@ -23,6 +23,7 @@ from prlnbd.disk.chain import open_disk
 from prlnbd.export import Export
 from tests import support
 from tests.integration.test_datapath import M1, SIZE, in_process, pattern
+from tests.integration.test_read_uring import evict
 from tests.nbdraw import Client, Closed, Cmd, assemble_read
 
 pytestmark = pytest.mark.skipif(
@@ -41,15 +42,6 @@ def image(tmp_path: Path) -> Path:
     path = support.make_parallels(tmp_path / "disk.hds", SIZE, writes=writes)
     path.read_bytes()  # in the page cache
     return path
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def closing_lines(srv: support.Server, count: int) -> list[str]:
@@ -121,7 +113,7 @@ def test_data_not_in_the_page_cache_is_read_in_the_pool_then_lent(
     reads = Reads(disk.read)
     disk.read = reads  # type: ignore[method-assign]
     sent = SendfileCalls(monkeypatch)
-    evict(image)
+    evict([image])
     if disk.file_run(5 * M1, M1) != (mock.ANY, mock.ANY, False):
         pytest.skip(f"{image.parent} keeps files in memory: nothing to evict")
     with in_process(tmp_path, {"d": Export("d", disk, read_only=True)}, LOOP) as srv, Client.unix(srv.sock) as client:
