@@ -140,7 +140,9 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._backlog: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], Callback]] = collections.deque()
         self._ringed = 0  # requests of this connection in the io_uring
         self._ring_waiting: collections.deque[Request] = collections.deque()  # past its share of the ring
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set once forgotten
+        # The loop, looked up once: asyncio.get_running_loop() makes a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
+        self.gone: asyncio.Future[None] = self._loop.create_future()  # set once forgotten
 
     # ---- asyncio callbacks
 
@@ -170,8 +172,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self.server.refused(self.peer, why)
             self.abort()
             return
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
+        self._timer = self._loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
         log.debug("%s: connected", self.peer)
         self._flush()
         if self.server.stopping:
@@ -237,7 +238,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self._paused = False
         # Not from inside this callback: the transport is in the middle of its write path, and
         # closing it from here makes plain asyncio report the connection lost twice.
-        asyncio.get_running_loop().call_soon(self._drained)
+        self._loop.call_soon(self._drained)
 
     def _drained(self) -> None:
         """The transport sent what it held: replies waiting to go by sendfile go on, then requests."""
@@ -261,7 +262,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             while not self._paused and not self._closing and not self._throttled():
                 if taken >= TURN_REQUESTS or self.bytes_read - start >= TURN_BYTES:
                     self._deferred = True
-                    asyncio.get_running_loop().call_soon(self._process)
+                    self._loop.call_soon(self._process)
                     break
                 ev = conn.next_event()
                 if ev is None:
@@ -539,7 +540,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def _spawn(self, req: Request, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request that awaits (a flush) while others go on; its reply comes out of order."""
         self.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._guarded(req, coro))
+        task = self._loop.create_task(self._guarded(req, coro))
         self.tasks.add(task)
         self.server.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -563,7 +564,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         """After completions: once this turn of the loop is over, send their replies together."""
         if not self._resume_pending:
             self._resume_pending = True
-            asyncio.get_running_loop().call_soon(self._resume_now)
+            self._loop.call_soon(self._resume_now)
 
     def _resume_now(self) -> None:
         """Send what is ready, take more requests, or finish closing."""
@@ -848,7 +849,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         self.server.forget(self)
         # The transport closes the socket when connection_lost returns, and a client that sent
         # DISC waits for that: log afterwards.
-        asyncio.get_running_loop().call_soon(self._log_closed)
+        self._loop.call_soon(self._log_closed)
 
     def _log_closed(self) -> None:
         if self._quiet:
