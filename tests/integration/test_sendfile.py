@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
@@ -104,26 +103,32 @@ def test_reads_of_a_writable_disk_are_copied(tmp_path: Path, image: Path) -> Non
     assert re.search(rf"{sum(n for _, n in READS)} bytes read, ", line), line
 
 
-def test_data_not_in_the_page_cache_is_read_in_the_pool_then_lent(
+def test_data_not_in_the_page_cache_is_read_in_the_pool_and_lent_once_cached(
     tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A sendfile of pages not in the cache would read them on the event loop: they are read in the
-    pool, and the reply then lends the pages that read left in the cache."""
+    pool. Once they are cached, the same READ goes by sendfile and reads nothing."""
     disk = open_disk(image, writable=False)
     reads = Reads(disk.read)
     disk.read = reads  # type: ignore[method-assign]
     sent = SendfileCalls(monkeypatch)
     evict([image])
-    if disk.file_run(5 * M1, M1) != (mock.ANY, mock.ANY, False):
+    run = disk.file_run(5 * M1, M1)
+    assert run is not None
+    if run[2]:
         pytest.skip(f"{image.parent} keeps files in memory: nothing to evict")
     with in_process(tmp_path, {"d": Export("d", disk, read_only=True)}, LOOP) as srv, Client.unix(srv.sock) as client:
         client.connect("d")
         assert client.read(5 * M1, M1) == pattern(5 * M1, M1)
         assert reads.calls == [(5 * M1, M1)]
-        assert sum(sent.sizes) == M1
+        # Its reply went by sendfile too if the pool's read left every page counted as cached (not
+        # always: the kernel may still hold part of it in a folio it is reading ahead). Now surely:
+        fd, host, _ = run
+        os.pread(fd, M1, host)
+        before = sent.after_reply(client)
         assert client.read(5 * M1, M1) == pattern(5 * M1, M1)
-        assert reads.calls == [(5 * M1, M1)]  # cached now: no read at all
-        assert sum(sent.sizes) == 2 * M1
+        assert [c for c in reads.calls if c[0] == 5 * M1] == [(5 * M1, M1)]  # nothing read again
+        assert sent.after_reply(client) - before == M1
 
 
 class Reads:
@@ -157,6 +162,12 @@ class SendfileCalls:
             return n
 
         monkeypatch.setattr(os, "sendfile", sendfile)
+
+    def after_reply(self, client: Client) -> int:
+        """The bytes sent so far, once the server answered one more request of CLIENT: the count is
+        kept after each sendfile returns, and the client can have its data before that."""
+        assert client.read(0, 4096) == pattern(0, 4096)
+        return sum(self.sizes)
 
 
 @pytest.mark.parametrize("fail", [False, True])
