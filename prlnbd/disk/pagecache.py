@@ -25,8 +25,31 @@ _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 PAGE = mmap.PAGESIZE
+CAP_FOWNER = 3
 # The longest range one question may cover: NBD's largest request (32 MiB) and then some.
 MAX_QUERY = 64 << 20
+
+
+def mincore_tells(owner: int, euid: int, capabilities: int, may_write: bool) -> bool:
+    """Whether mincore() tells this process the page cache state of a file it maps.
+
+    Linux tells only the file's owner, a process with CAP_FOWNER, or one that
+    could open the file for writing; to any other it says every page is
+    resident (mm/mincore.c, can_do_mincore), which would send reads of
+    uncached data to sendfile on the event loop.
+    """
+    return owner == euid or bool(capabilities >> CAP_FOWNER & 1) or may_write
+
+
+def _effective_capabilities() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class Residency:
@@ -34,7 +57,9 @@ class Residency:
 
     Not thread-safe: one buffer serves every question (the event loop's).
     A file that cannot be mapped (empty, or a file system without mmap) or
-    opened again is not `available`, and answers False to every question.
+    opened again, or whose page cache state mincore() does not tell this
+    process (mincore_tells), is not `available`, and answers False to every
+    question.
     """
 
     def __init__(self, fd: int) -> None:
@@ -45,8 +70,13 @@ class Residency:
         # for the device's queue); reads that miss the cache, in the pool, still start it.
         self.fd = -1
         try:
-            self._size = os.fstat(fd).st_size
-            self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            self._size = st.st_size
+            path = f"/proc/self/fd/{fd}"
+            if not mincore_tells(st.st_uid, os.geteuid(), _effective_capabilities(),
+                                 os.access(path, os.W_OK, effective_ids=True)):
+                return
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         except OSError:
             self.close()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from prlnbd.disk.pagecache import MAX_QUERY, PAGE, Residency
+import pytest
+
+from prlnbd.disk.pagecache import CAP_FOWNER, MAX_QUERY, PAGE, Residency, mincore_tells
 
 SIZE = 64 * PAGE
 
@@ -72,3 +75,40 @@ def test_a_file_it_cannot_map_is_not_available(tmp_path: Path) -> None:
     gone = Residency(1 << 20)  # a descriptor that is not open: nothing to ask
     assert not gone.available
     gone.close()
+
+
+def test_mincore_tells_only_owners_writers_and_cap_fowner() -> None:
+    assert mincore_tells(1000, 1000, 0, False)  # the owner
+    assert mincore_tells(0, 1000, 1 << CAP_FOWNER, False)
+    assert mincore_tells(0, 1000, 0, True)  # could open it for writing
+    assert not mincore_tells(0, 1000, ~(1 << CAP_FOWNER), False)
+
+
+def as_user(uid: int, check: Callable[[], bool]) -> bool:
+    """CHECK() in a child process that runs as UID (without capabilities)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            code = 0 if check() else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 1), f"the child failed ({code})"
+    return code == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_a_process_mincore_would_lie_to_gets_no_answers(tmp_path: Path) -> None:
+    """To a reader that neither owns nor may write the file, Linux says every page is resident: that
+    reader's Residency is not available, and the owner's is."""
+    fd = made(tmp_path / "f")  # root's, mode 0644, evicted
+    try:
+        assert not as_user(65534, lambda: Residency(fd).available)
+        os.fchown(fd, 65534, 65534)
+        assert as_user(65534, lambda: Residency(fd).available)
+    finally:
+        os.close(fd)
