@@ -213,3 +213,28 @@ def test_what_the_socket_did_not_take_follows_even_when_it_left_the_cache(
         with Client.unix(srv.sock) as other:
             other.connect("d")
             assert other.read(M1, M1) == pattern(M1, M1)
+
+
+def test_a_split_disk_lends_reads_inside_one_piece(tmp_path: Path) -> None:
+    """A split bundle served read-only: reads inside one piece may go by sendfile, reads across
+    pieces are copied, and every byte is the pieces' own."""
+    from tests.integration.test_split import STARTS, build
+
+    bundle = tmp_path / "vm.hdd"
+    chains, _ = build(bundle, 2)
+    for chain in chains:
+        for path in chain.paths:
+            path.read_bytes()  # in the page cache
+    want = b"".join(chain.expected_bytes() for chain in chains)
+    reads = [(0, M1), (M1, M1), (2 * M1 + 4096, M1), (STARTS[1] + M1, M1), (STARTS[1] - M1 // 2, M1)]
+    srv = support.start_prlnbd(tmp_path, [str(bundle)], "--read-only")
+    with support.running(srv):
+        with Client.unix(srv.sock) as client:
+            client.connect("")
+            for offset, length in reads:
+                assert client.read(offset, length) == want[offset : offset + length], offset
+            client.disc()
+        (line,) = closing_lines(srv, 1)
+    m = re.search(r"(\d+) bytes read \((\d+) by sendfile\)", line)
+    assert m is not None, line
+    assert int(m.group(1)) == len(reads) * M1 and int(m.group(2)) >= M1, line
