@@ -433,10 +433,7 @@ class Export:
         """(fd, host offset, all cached) of bytes that may be lent to a socket by reference (sendfile)
         once cached, for the event loop: one run of one file of a read-only disk (Disk.file_run()).
         Else None."""
-        try:
-            return self.disk.file_run(offset, length)
-        except OSError:
-            return None  # the file cannot be asked (mapped): the usual read says what is wrong, if anything
+        return self.disk.file_run(offset, length)
 
     def read(self, offset: int, length: int) -> tuple[Buffer, list[tuple[int, int]]]:
         """Read guest bytes; also return the (offset, length) stretches that are holes."""

@@ -689,9 +689,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 transport.write(memoryview(item.data)[item.sent :])
                 self._lent_done()
                 continue
-            fd, host, _ = run
             try:
-                n = os.sendfile(self._sock, fd, host, length)
+                n = os.sendfile(self._sock, run[0], run[1], length)
             except BlockingIOError:
                 n = 0
             except OSError as e:
@@ -708,14 +707,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if item.data is not None:
                 piece: Buffer = memoryview(item.data)[item.sent : item.sent + size]
             else:
-                piece = bytearray(size)
-                try:
-                    cached = os.preadv(fd, [piece], host + n, os.RWF_NOWAIT) == size
-                except OSError:
-                    cached = False  # it left the cache just now, or the file system cannot say
-                if not cached:
+                got = export.read_nowait(req.offset + item.sent, size)
+                if got is None:  # it left the cache just now
                     self._read_rest(req, item.sent)
                     return
+                piece = got[0]
             transport.write(piece)
             item.sent += size
 
