@@ -431,7 +431,7 @@ class Export:
 
     def file_run(self, offset: int, length: int) -> tuple[int, int, bool] | None:
         """(fd, host offset, all cached) of bytes that may be lent to a socket by reference (sendfile)
-        once cached, for the event loop: one run of one file of a read-only disk (Disk.file_run()).
+        once cached, for the event loop: one run of one frozen layer's file (Disk.file_run()).
         Else None."""
         return self.disk.file_run(offset, length)
 

@@ -395,7 +395,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             self._close()
             return
         self.export = export
-        if self._sock >= 0 and self.tls is None and not export.disk.writable and self.transport is not None:
+        if self._sock >= 0 and self.tls is None and self.transport is not None:
             # Replies may go by sendfile (_lend), which needs the transport empty: a full socket is
             # waited for (pause_writing until every byte queued is sent) instead of copying more
             # replies into the transport's buffer.

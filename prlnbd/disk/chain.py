@@ -497,35 +497,38 @@ class Disk:
         return (buf if buf is not None else bytearray(length)), runs
 
     def file_run(self, offset: int, length: int) -> tuple[int, int, bool] | None:
-        """(fd, host offset, whether every page of it is in the page cache) when the disk is read-only
-        and the range is one data run of one layer: bytes that may be lent to a socket by reference
+        """(fd, host offset, whether every page of it is in the page cache) when the range is one data
+        run of one frozen layer (not a writable top): bytes that may be lent to a socket by reference
         (sendfile) once cached. Else None.
 
         For the event loop, like read_nowait(); asking does not read (mincore). The
         descriptor is the layer's file opened for the loop's reads (Residency.fd).
-        Linux hands page-cache pages to a socket by reference and the client copies
-        them only when it reads, maybe much later: the bytes must not change
-        meanwhile. On a read-only disk nothing this server does changes them: no
-        layer of it is written through it, no cluster is released or reused, and an
-        online merge through another export only writes clusters no read of this disk
-        can return (new clusters of a frozen child, or clusters of a frozen layer that
-        its frozen child hides; a frozen layer never changes, so it hid them already
-        when the read was made). A writable top may be written, and its clusters
-        released and reused, while the reply waits in the socket: its reads are copied.
         """
-        if self.writable or self._direct:
+        # Linux hands page-cache pages to a socket by reference and the client copies them only
+        # when it reads, maybe much later. Until then the client's READ is in flight, so the bytes
+        # may become anything the disk held at that offset since the read was made, but never
+        # bytes of another offset. A writable top breaks that: its clusters are released and
+        # reused for other offsets. A frozen layer keeps it: nothing releases or reuses its
+        # clusters, and the one thing that writes it while it is served, an online merge "up" of
+        # its child into it, writes only clusters the child hides, with the child's bytes for the
+        # same offsets; the child got them after the read was made (else the read would have come
+        # from the child), so they are what the disk held there since. The merged snapshot's own
+        # export, whose state never held them, is refused during such a merge (online.merge).
+        if self._direct or (self.writable and len(self.layers) == 1):
             return None
-        found = self._one_run(offset, length)
-        if found is None:
+        runs = self._runs(offset, length)
+        if len(runs) != 1:
             return None
-        fd = found[0].fd
+        (run,) = runs
+        if run.zero or run.layer is None or (self.writable and run.depth == 1):
+            return None
+        fd = run.layer.fd
         residency = self._residency.get(fd)
         if residency is None:
             residency = self._residency[fd] = Residency(fd)
         if not residency.available:
             return None  # it cannot say: the usual read path (RWF_NOWAIT) decides
-        host = found[2]
-        return residency.fd, host, residency.cached(host, length)
+        return residency.fd, run.host, residency.cached(run.host, length)
 
     def _runs(self, offset: int, length: int) -> list[Run]:
         """map() as a list, with the commonest case, one data run, found without the general walk."""

@@ -1,4 +1,4 @@
-"""READ replies sent by sendfile: only from a read-only disk, only data in the page cache, byte-exact.
+"""READ replies sent by sendfile: only from frozen layers (never a writable top), only cached data, byte-exact.
 
 sendfile hands page-cache pages to the socket by reference, so the loop
 copies nothing; the client copies the pages when it reads them. Which
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from prlnbd import online
 from prlnbd.disk.chain import open_disk
 from prlnbd.export import Export
 from tests import support
@@ -90,7 +93,7 @@ def test_cached_reads_of_a_read_only_disk_go_by_sendfile(
     assert int(m.group(2)) >= sum(length for _, length in READS[:3])
 
 
-def test_reads_of_a_writable_disk_are_copied(tmp_path: Path, image: Path) -> None:
+def test_reads_of_a_writable_top_are_copied(tmp_path: Path, image: Path) -> None:
     """The top layer may change while a reply waits in the socket: its pages are never lent."""
     srv = support.start_prlnbd(tmp_path, [f"d={image}"])
     with support.running(srv):
@@ -101,6 +104,81 @@ def test_reads_of_a_writable_disk_are_copied(tmp_path: Path, image: Path) -> Non
             client.disc()
         (line,) = closing_lines(srv, 1)
     assert re.search(rf"{sum(n for _, n in READS)} bytes read, ", line), line
+
+
+def writable_bundle(tmp_path: Path) -> tuple[Path, Export]:
+    """A bundle whose first top was filled with pattern(), opened writable (not yet served)."""
+    bundle = tmp_path / "vm.hdd"
+    res = subprocess.run([sys.executable, "-m", "prlnbd", "create", str(bundle), "--size", str(SIZE)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    disk = open_disk(bundle, writable=True)
+    disk.write(0, pattern(0, SIZE))
+    return bundle, Export("d", disk, read_only=False)
+
+
+def cache_bundle(bundle: Path) -> None:
+    for path in bundle.iterdir():
+        if path.suffix == ".hds":
+            path.read_bytes()
+
+
+def test_reads_of_frozen_layers_under_a_writable_top_are_lent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM's disk after a snapshot: reads that come from the frozen layer go by sendfile, reads of
+    what the writable top holds, or of a range across both, are copied."""
+    bundle, export = writable_bundle(tmp_path)
+    sent = SendfileCalls(monkeypatch)
+    with in_process(tmp_path, {"d": export}, LOOP) as srv, Client.unix(srv.sock) as client:
+        client.connect("d")
+        srv.call(online.snapshot(srv.server, export))
+        new = bytes([0xEE]) * (2 * M1)
+        assert client.call(Cmd.WRITE, 4 * M1, len(new), payload=new).error == 0  # into the new top
+        cache_bundle(bundle)
+        before = sent.after_reply(client)
+        assert client.read(M1, M1) == pattern(M1, M1)  # the frozen layer's
+        lent = sent.after_reply(client)
+        assert lent - before == M1
+        assert client.read(4 * M1, M1) == new[:M1]  # the top's
+        assert client.read(3 * M1 + 4096, M1) == pattern(3 * M1 + 4096, M1 - 4096) + new[:4096]  # both
+        assert sent.after_reply(client) == lent
+
+
+def test_a_lent_reply_waiting_across_a_write_a_snapshot_and_a_merge_up_holds_only_that_offsets_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one change to a frozen layer while it is served: an online merge "up" of its child into
+    it rewrites, in place, clusters a reply lent earlier may still have in a socket nobody reads.
+
+    A client asks for 8 MiB of the frozen layer and does not read; another writes
+    4 MiB of that range into the top; a snapshot freezes it; the merge writes those
+    4 MiB into the first layer in place. Each block of the reply is then either the
+    first layer's old bytes or the newer bytes written at that offset (both were
+    the disk's while the READ was in flight), never anything else.
+    """
+    bundle, export = writable_bundle(tmp_path)
+    sent = SendfileCalls(monkeypatch)
+    big = (M1, 8 * M1)
+    with in_process(tmp_path, {"d": export}, LOOP) as srv:
+        first = srv.call(online.snapshot(srv.server, export))["frozen"]
+        cache_bundle(bundle)
+        with Client.unix(srv.sock, rcvbuf=4096) as reader, Client.unix(srv.sock) as writer:
+            reader.connect("d")
+            writer.connect("d")
+            cookie = reader.request(Cmd.READ, *big)
+            assert sent.partial.wait(60)  # part of the reply is in the socket, by reference
+            new = bytes([0xEE]) * (4 * M1)
+            assert writer.call(Cmd.WRITE, M1, len(new), payload=new).error == 0
+            srv.call(online.snapshot(srv.server, export))
+            merged = srv.call(online.merge(srv.server, export, first))
+            assert merged["direction"] == "up", merged
+            got = assemble_read(reader.collect([cookie])[cookie], *big)
+            assert writer.read(*big) == new + pattern(5 * M1, 4 * M1)
+    old = pattern(*big)
+    want_new = new + old[len(new) :]
+    for at in range(0, big[1], 4096):
+        block = got[at : at + 4096]
+        assert block in (old[at : at + 4096], want_new[at : at + 4096]), big[0] + at
+    assert sum(sent.sizes) > 0
 
 
 def test_data_not_in_the_page_cache_is_read_in_the_pool_and_lent_once_cached(
