@@ -81,6 +81,7 @@ TARGETS = {
     "map-1t": 1.0,
     "chain-read-seq": 0.9,
     "chain-read-rand": 0.9,
+    "base-read-seq": 2.0,
     "write-seq": 1.5,
     "write-rand": 2.0,
     "bitmap-1t": 1.0,
@@ -107,10 +108,10 @@ MANY = ("many-8x4", "many-32x1")
 SCENES = (*COLD_READS, *VM_BACKUPS, "newcomer", *MANY, "durable-write")
 TLS_ROWS = ("tls-read-seq", "tls-read-rand", "tls-write-seq")
 MERGES = ("merge-cold", "merge-hot")
-BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t", "write-seq", "write-rand",
+BENCHMARKS = ("read-seq", "read-rand", "map-1t", "chain-read", "base-read-seq", "bitmap-1t", "write-seq", "write-rand",
               *SCENES, *TLS_ROWS, "space-reuse", *MERGES)
 GROUPS = {
-    "reads": ("read-seq", "read-rand", "map-1t", "chain-read", "bitmap-1t"),
+    "reads": ("read-seq", "read-rand", "map-1t", "chain-read", "base-read-seq", "bitmap-1t"),
     "writes": ("write-seq", "write-rand"),
     "space": ("space-reuse",),
     "cold-read": COLD_READS,
@@ -585,6 +586,12 @@ class Bench:
             layers[rng.randrange(CHAIN_LAYERS)].append((c * CLUSTER, CLUSTER, pattern(c)))
         return build_chain(self.work / "chain4.hdd", READ_SIZE, layers)
 
+    def base_bundle(self) -> Path:
+        """A VM's disk after a snapshot: full_image()'s data in a frozen base, an empty writable top."""
+        log(f"building a 2-layer bundle: {READ_SIZE // GiB} GiB in the base, an empty top")
+        return build_chain(self.work / "base2.hdd", READ_SIZE,
+                           [[(c * CLUSTER, CLUSTER, pattern(c)) for c in range(READ_SIZE // CLUSTER)], []])
+
     def map_single(self) -> Path:
         """1 TiB, one layer, the first 4 KiB of MAP_CLUSTERS clusters (map_clusters()) written."""
         if self._map1 is None:
@@ -977,6 +984,26 @@ class Bench:
             rows = self.fio_rows(specs, c, s, f"{self.subject} 1 layer")
             if rows[0].status != "ERROR":
                 self.compare(rows[0], c, s)
+
+    def bench_base(self) -> None:
+        """base-read-seq: a VM reading its base image: prlnbd serving a 2-layer bundle writable (its
+        data in the frozen base) vs qemu-nbd on the same two files as a backing chain.
+
+        qemu-nbd gets the chain read-only (with force-share): the two servers may not
+        both hold the top for writing, and QEMU reads a chain the same way either way.
+        """
+        bundle = self.base_bundle()
+        base, top = image_files(bundle)
+        warm(bundle)
+        opts = (f"driver=parallels,file.filename={top},"
+                f"backing.driver=parallels,backing.file.filename={base}")
+        ref = start_qemu_nbd(self.socks, opts, "-r", "--image-opts", fmt=None)
+        self.servers.append(ref)
+        with self.pair(self.start_subject(bundle, False, stand_in=self.full_image()), ref) as (s, q):
+            rows = self.fio_rows([("base-read-seq", "read", "1M", 8, "MiB/s")], s, q,
+                                 "qemu-nbd -r, same chain")
+            if rows[0].status != "ERROR":
+                self.compare(rows[0], s, q)
 
     def bench_write(self, name: str) -> None:
         """write-seq / write-rand / durable-write: each measurement on a fresh image per server.
@@ -1823,6 +1850,8 @@ class Bench:
             steps.append(("map-1t", self.bench_map))
         if "chain-read" in wanted:
             steps.append(("chain-read", self.bench_chain))
+        if "base-read-seq" in wanted:
+            steps.append(("base-read-seq", self.bench_base))
         if "bitmap-1t" in wanted:
             steps.append(("bitmap-1t", self.bench_bitmap))
         for name in ("write-seq", "write-rand"):
