@@ -435,6 +435,14 @@ class Export:
         Else None."""
         return self.disk.file_run(offset, length)
 
+    def fill_cache(self, offset: int, length: int) -> bool:
+        """Bring bytes that file_run() would lend into the page cache, copying nothing out; False when
+        they are not one run of one file (read() them then). For a worker thread."""
+        try:
+            return self.disk.fill_cache(offset, length)
+        except OSError as e:
+            raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
+
     def read(self, offset: int, length: int) -> tuple[Buffer, list[tuple[int, int]]]:
         """Read guest bytes; also return the (offset, length) stretches that are holes."""
         try:

@@ -590,7 +590,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
                 else:
                     # Known to miss: a preadv(RWF_NOWAIT) would only start the disk read here, and
                     # submitting that (readahead of megabytes) can wait for the device's queue.
-                    self._read_stored(req)
+                    self._read_stored(req, lendable=True)
                 return
         got = export.read_nowait(req.offset, req.length)
         if got is not None:
@@ -598,8 +598,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
         else:
             self._read_stored(req)
 
-    def _read_stored(self, req: Request) -> None:
-        """A READ whose data is not all in the page cache: through the ring, or in the pool."""
+    def _read_stored(self, req: Request, lendable: bool = False) -> None:
+        """A READ whose data is not all in the page cache: through the ring, or in the pool.
+
+        LENDABLE: its reply may go by sendfile once the data is cached (Export.file_run()).
+        """
         export = cast(Export, self.export)
         if self.server.ring is not None and req.length <= RING_READ_MAX:
             # With a ring (--aio=io_uring or auto): the runs are read by the ring, reaped on this
@@ -613,6 +616,21 @@ class NbdProtocol(asyncio.BufferedProtocol):
                             partial(self._ring_done, req, NbdProtocol._send_stored))
             self._started(req)
             self._ring_started()
+        elif lendable:
+            # The pool only brings the data into the page cache (Export.fill_cache: no copy out of
+            # it, which costs the worker several times the CPU of the splice), and the reply goes
+            # by sendfile. Earned on tests/bench rows cold-read-seq and vm-backup-copy-cold.
+            self._submit(req, export.fill_cache, (req.offset, req.length), NbdProtocol._filled)
+        else:
+            self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_stored)
+
+    def _filled(self, req: Request, filled: bool) -> None:
+        """The data of a lendable READ was brought into the cache: lend it, or read it after all (it is
+        not one run of one file any more, or its pages left the cache already)."""
+        export = cast(Export, self.export)
+        run = export.file_run(req.offset, req.length) if filled else None
+        if run is not None and run[2]:
+            self._lend_reply(req, None, run)
         else:
             self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_stored)
 

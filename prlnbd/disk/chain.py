@@ -52,6 +52,20 @@ class Layer(Protocol):
     def close(self) -> None: ...
 
 
+_DEVNULL: list[int] = []
+
+
+def _devnull() -> int:
+    """A descriptor of /dev/null open for writing, opened once per process (fill_cache())."""
+    if not _DEVNULL:
+        fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        if _DEVNULL:  # another worker opened it meanwhile
+            os.close(fd)
+        else:
+            _DEVNULL.append(fd)
+    return _DEVNULL[0]
+
+
 def close_all(things: Iterable[Layer] | Iterable[Disk]) -> None:
     """Close each of THINGS, even when closing one fails; then raise the first failure."""
     error: BaseException | None = None
@@ -432,6 +446,35 @@ class Disk:
                     start = run.offset - offset
                     self._pread_into(run.layer.fd, view[start : start + run.length], run.host)
             return buf, runs
+        finally:
+            self._leave(epoch)
+
+    def fill_cache(self, offset: int, length: int) -> bool:
+        """Bring the guest bytes [offset, offset+length) into the page cache without copying them out,
+        when they are one data run of one file (as file_run() lends them); False otherwise.
+
+        May wait on storage: for a worker thread. The half of a READ whose reply then
+        goes by sendfile: the data goes from the file to /dev/null by splice, which
+        reads it into the cache (with the layer's own readahead) and copies nothing.
+        """
+        epoch = self._enter()
+        try:
+            runs = self._runs(offset, length)
+            if len(runs) != 1 or runs[0].zero or runs[0].layer is None:
+                return False
+            fd, host = runs[0].layer.fd, runs[0].host
+            done = 0
+            while done < length:
+                try:
+                    n = os.sendfile(_devnull(), fd, host + done, length - done)
+                except OSError as e:
+                    if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        return False  # a file system that cannot splice: read() it
+                    raise
+                if n <= 0:
+                    return False  # past the end of the file: read() knows what that reads as
+                done += n
+            return True
         finally:
             self._leave(epoch)
 

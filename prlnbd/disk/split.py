@@ -240,6 +240,14 @@ class SplitDisk(Disk):
         piece, _base, at, n = parts[0]
         return piece.file_run(at, n)
 
+    def fill_cache(self, offset: int, length: int) -> bool:
+        """Disk.fill_cache() of the one piece holding the whole range; False when it spans pieces."""
+        parts = list(self._parts(offset, length))
+        if len(parts) != 1:
+            return False
+        piece, _base, at, n = parts[0]
+        return piece.fill_cache(at, n)
+
     def write_begin(self, offset: int, data: memoryview) -> WritePlan | None:
         """Disk.write_begin() piece by piece: one plan, or None when any piece must allocate."""
         out = WritePlan([])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -175,14 +176,17 @@ def test_a_lent_reply_waiting_across_a_write_a_snapshot_and_a_merge_up_holds_onl
     assert sum(sent.sizes) > 0
 
 
-def test_data_not_in_the_page_cache_is_read_in_the_pool_and_lent_once_cached(
+def test_data_not_in_the_page_cache_is_brought_in_by_the_pool_and_lent(
     tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sendfile of pages not in the cache would read them on the event loop: they are read in the
-    pool. Once they are cached, the same READ goes by sendfile and reads nothing."""
+    """A sendfile of pages not in the cache would read them on the event loop: the pool brings them
+    into the cache (copying nothing out), then the reply goes by sendfile. Once they are cached,
+    the same READ goes by sendfile at once and reads nothing."""
     disk = open_disk(image, writable=False)
     reads = Reads(disk.read)
     disk.read = reads  # type: ignore[method-assign]
+    fills = Reads(disk.fill_cache)
+    disk.fill_cache = fills  # type: ignore[method-assign]
     sent = SendfileCalls(monkeypatch)
     evict([image])
     run = disk.file_run(5 * M1, M1)
@@ -192,19 +196,44 @@ def test_data_not_in_the_page_cache_is_read_in_the_pool_and_lent_once_cached(
     with in_process(tmp_path, {"d": Export("d", disk, read_only=True)}, LOOP) as srv, Client.unix(srv.sock) as client:
         client.connect("d")
         assert client.read(5 * M1, M1) == pattern(5 * M1, M1)
-        assert reads.calls == [(5 * M1, M1)]
-        # Its reply went by sendfile too if the pool's read left every page counted as cached (not
-        # always: the kernel may still hold part of it in a folio it is reading ahead). Now surely:
+        assert fills.calls == [(5 * M1, M1)]
+        # By sendfile, unless the kernel did not yet count every page as cached (a folio it is still
+        # reading ahead): then it was read in the pool, once.
+        mine = [c for c in reads.calls if c[0] == 5 * M1]
+        assert (sent.after_reply(client), mine) in ((M1, []), (0, [(5 * M1, M1)]))
         fd, host, _ = run
-        os.pread(fd, M1, host)
+        os.pread(fd, M1, host)  # now surely cached
         before = sent.after_reply(client)
         assert client.read(5 * M1, M1) == pattern(5 * M1, M1)
-        assert [c for c in reads.calls if c[0] == 5 * M1] == [(5 * M1, M1)]  # nothing read again
+        assert fills.calls == [(5 * M1, M1)]  # nothing brought in or read again
+        assert [c for c in reads.calls if c[0] == 5 * M1] == mine
         assert sent.after_reply(client) - before == M1
 
 
+def test_a_failed_fill_is_an_error_reply(tmp_path: Path, image: Path) -> None:
+    """Bringing the data into the cache fails (EIO from storage): the READ gets EIO, before any of its
+    reply is sent, and the connection goes on."""
+    disk = open_disk(image, writable=False)
+    evict([image])
+    run = disk.file_run(5 * M1, M1)
+    assert run is not None
+    if run[2]:
+        pytest.skip(f"{image.parent} keeps files in memory: nothing to evict")
+
+    def fill_cache(offset: int, length: int) -> bool:
+        raise OSError(5, "Input/output error")
+
+    disk.fill_cache = fill_cache  # type: ignore[method-assign]
+    with in_process(tmp_path, {"d": Export("d", disk, read_only=True)}, LOOP) as srv, Client.unix(srv.sock) as client:
+        client.connect("d")
+        with pytest.raises(OSError) as err:
+            client.read(5 * M1, M1)
+        assert err.value.errno == 5
+        assert client.read(0, 4096) == pattern(0, 4096)
+
+
 class Reads:
-    """Wraps Disk.read: records each call; with FAIL, the first fails."""
+    """Wraps Disk.read (or fill_cache): records each call; with FAIL, the first fails."""
 
     def __init__(self, real: Any, fail: bool = False) -> None:
         self.real = real
@@ -219,7 +248,8 @@ class Reads:
 
 
 class SendfileCalls:
-    """os.sendfile, counted: the bytes each call sent; `partial` is set once one sends less than asked."""
+    """os.sendfile to a socket, counted: the bytes each call sent; `partial` is set once one sends less
+    than asked."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sizes: list[int] = []
@@ -228,6 +258,8 @@ class SendfileCalls:
 
         def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
             n = real(out_fd, in_fd, offset, count)
+            if not stat.S_ISSOCK(os.fstat(out_fd).st_mode):
+                return n  # Disk.fill_cache() to /dev/null
             self.sizes.append(n)
             if n < count:
                 self.partial.set()
@@ -287,16 +319,21 @@ def test_what_the_socket_did_not_take_follows_even_when_it_left_the_cache(
             assert other.read(M1, M1) == pattern(M1, M1)
 
 
-def test_a_split_disk_lends_reads_inside_one_piece(tmp_path: Path) -> None:
-    """A split bundle served read-only: reads inside one piece may go by sendfile, reads across
-    pieces are copied, and every byte is the pieces' own."""
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_split_disk_lends_reads_inside_one_piece(tmp_path: Path, cached: bool) -> None:
+    """A split bundle served read-only: reads inside one piece may go by sendfile (once the pool
+    brought their data into the cache, if it was not), reads across pieces are copied, and every
+    byte is the pieces' own."""
     from tests.integration.test_split import STARTS, build
 
     bundle = tmp_path / "vm.hdd"
     chains, _ = build(bundle, 2)
     for chain in chains:
-        for path in chain.paths:
-            path.read_bytes()  # in the page cache
+        if cached:
+            for path in chain.paths:
+                path.read_bytes()
+        else:
+            evict(chain.paths)
     want = b"".join(chain.expected_bytes() for chain in chains)
     reads = [(0, M1), (M1, M1), (2 * M1 + 4096, M1), (STARTS[1] + M1, M1), (STARTS[1] - M1 // 2, M1)]
     srv = support.start_prlnbd(tmp_path, [str(bundle)], "--read-only")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -388,3 +389,27 @@ def test_without_fallocate_the_file_grows_by_the_cluster(
     assert flushed(disk, calls) == ["sync", "bat", "sync"]
     assert read(disk, 3 * CS, 12) == bytes(5) + b"z" * 5 + bytes(2)
     disk.close()
+
+
+def test_fill_cache_brings_one_run_into_the_page_cache_and_nothing_else(disk: Disk, tmp_path: Path) -> None:
+    """fill_cache(): the bytes of one data run end up cached, read by nobody; a range of a hole, or
+    across a hole and data, is left for read()."""
+    from prlnbd.disk.pagecache import Residency
+
+    disk.write(0, b"\x11" * (2 * CS))
+    flush(disk)
+    img = top(disk)
+    os.fsync(img.fd)
+    os.posix_fadvise(img.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    residency = Residency(img.fd)
+    try:
+        host = int(img.bat[1])
+        if residency.cached(host, CS):
+            pytest.skip(f"{tmp_path} keeps files in memory: nothing to evict")
+        assert disk.fill_cache(CS, CS)
+        assert residency.cached(host, CS)
+        assert not disk.fill_cache(4 * CS, CS)  # a hole: nothing to bring in
+        assert not disk.fill_cache(CS, 2 * CS)  # data, then a hole
+    finally:
+        residency.close()
+        disk.close()
