@@ -418,10 +418,15 @@ class Export:
     # ---- I/O: read(), write(), zero() and prefetch() may wait on storage and run in worker
     # threads; read_nowait() and changed() run on the event loop.
 
-    def read_nowait(self, offset: int, length: int) -> tuple[Buffer, list[tuple[int, int]]] | None:
-        """read(), if it can be done without waiting on storage (the data is cached); else None."""
+    def read_nowait(
+        self, offset: int, length: int, cached: bool = False
+    ) -> tuple[Buffer, list[tuple[int, int]]] | None:
+        """read(), if it can be done without waiting on storage (the data is cached); else None.
+
+        CACHED: the range was found cached a moment ago (file_run()): try even while reads keep
+        missing the cache (Disk.read_nowait())."""
         try:
-            got = self.disk.read_nowait(offset, length)
+            got = self.disk.read_nowait(offset, length, cached)
         except OSError as e:
             raise RequestError(Errno.EIO, f"read of {length} bytes at {offset} failed: {e.strerror}") from e
         if got is None:

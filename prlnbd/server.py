@@ -688,6 +688,8 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if transport.get_write_buffer_size():
                 return  # resume_writing() goes on
             item = lent[0]
+            if item.reading:
+                return  # its rest is being read in the pool (_read_rest): _rest_read() goes on
             req = item.req
             if not self._gap:
                 self._gap = True
@@ -702,7 +704,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if run is None or not run[2]:
                 # The pages left the cache while the reply waited: never read them here.
                 if item.data is None:
-                    self._read_rest(req, item.sent)
+                    self._read_rest(item)
                     return
                 transport.write(memoryview(item.data)[item.sent :])
                 self._lent_done()
@@ -725,19 +727,21 @@ class NbdProtocol(asyncio.BufferedProtocol):
             if item.data is not None:
                 piece: Buffer = memoryview(item.data)[item.sent : item.sent + size]
             else:
-                got = export.read_nowait(req.offset + item.sent, size)
+                got = export.read_nowait(req.offset + item.sent, size, cached=True)
                 if got is None:  # it left the cache just now
-                    self._read_rest(req, item.sent)
+                    self._read_rest(item)
                     return
                 piece = got[0]
             transport.write(piece)
             item.sent += size
 
-    def _read_rest(self, req: Request, sent: int) -> None:
-        """Read the rest of a lent reply after SENT bytes in the pool (its pages left the cache);
-        nothing else is sent meanwhile."""
+    def _read_rest(self, item: Lent) -> None:
+        """Read the rest of a lent reply, after what was sent, in the pool (its pages left the cache);
+        nothing else is sent meanwhile, and the reply waits for that read (_rest_read)."""
         export = cast(Export, self.export)
-        args = (export, req.offset + sent, req.length - sent)
+        req = item.req
+        item.reading = True
+        args = (export, req.offset + item.sent, req.length - item.sent)
         self._submit(req, _read_or_error, args, NbdProtocol._rest_read)
 
     def _lent_done(self) -> None:
@@ -918,6 +922,7 @@ class Lent:
     req: Request
     data: Buffer | None  # the bytes, when a read from storage has them already
     sent: int = 0
+    reading: bool = False  # the rest is being read in the pool (_read_rest)
 
 
 # What the server does for each command: the protocol core has already checked its flags,

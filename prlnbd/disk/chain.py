@@ -508,8 +508,13 @@ class Disk:
                 ios.append((use, fd, piece, run.host))
         return ios
 
-    def read_nowait(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
+    def read_nowait(
+        self, offset: int, length: int, cached: bool = False
+    ) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
         """read(), when every byte can be had without waiting on storage (cached, or a hole); else None.
+
+        CACHED: the caller found the range cached a moment ago: it is tried even while reads
+        keep missing the cache (which otherwise skips most attempts).
 
         For the event loop: a READ of cached data is answered at once, and only
         a read that would wait goes to a worker thread. It needs no epoch: a
@@ -525,7 +530,7 @@ class Disk:
             if fd in self._no_nowait or self._direct:
                 return None
             if buf is None:
-                if self._misses >= NOWAIT_GIVE_UP:
+                if self._misses >= NOWAIT_GIVE_UP and not cached:
                     # Reads keep missing the cache: an attempt only costs the loop time (and it
                     # starts the disk read there). Ask again now and then, to notice a warm cache.
                     self._skipped += 1

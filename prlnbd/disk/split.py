@@ -212,19 +212,22 @@ class SplitDisk(Disk):
             raise
         return out
 
-    def read_nowait(self, offset: int, length: int) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
-        """read(), when every piece can be read without waiting on storage; else None."""
+    def read_nowait(
+        self, offset: int, length: int, cached: bool = False
+    ) -> tuple[bytes | bytearray | memoryview, list[Run]] | None:
+        """read(), when every piece can be read without waiting on storage; else None (CACHED: as
+        Disk.read_nowait())."""
         parts = list(self._parts(offset, length))
         if len(parts) == 1:
             piece, base, at, n = parts[0]
-            got = piece.read_nowait(at, n)
+            got = piece.read_nowait(at, n, cached)
             if got is None:
                 return None
             return got[0], self._shift(got[1], base)
         out = bytearray(length)
         all_runs: list[Run] = []
         for piece, base, at, n in parts:
-            got = piece.read_nowait(at, n)
+            got = piece.read_nowait(at, n, cached)
             if got is None:
                 return None
             start = base + at - offset

@@ -149,7 +149,7 @@ def test_a_read_waiting_on_storage_holds_up_no_other_request(tmp_path: Path, ima
     disk = open_disk(image, writable=True)
     gate = Gate(disk.read)
     disk.read = gate  # type: ignore[method-assign]
-    disk.read_nowait = lambda offset, length: None  # type: ignore[method-assign]  # nothing is cached
+    disk.read_nowait = lambda offset, length, cached=False: None  # type: ignore[method-assign]  # nothing is cached
     exp = Export("d", disk, read_only=False)
     with in_process(tmp_path, {"d": exp}, loop) as srv:
         h1 = handle(srv.uri())
@@ -259,7 +259,7 @@ def test_a_client_gets_its_share_of_the_ring_however_much_another_queued(tmp_pat
     """A client with 40 cold reads queued fills the ring (16 here) only while it is alone; another
     client's read then runs as soon as one of the first's ends, not after all 40."""
     disk = open_disk(image, writable=True)
-    disk.read_nowait = lambda offset, length: None  # type: ignore[method-assign]  # nothing is cached
+    disk.read_nowait = lambda offset, length, cached=False: None  # type: ignore[method-assign]  # nothing is cached
     top = disk.layers[0]
     assert isinstance(top, ParallelsImage)
     exp = Export("d", disk, read_only=False)

@@ -319,6 +319,77 @@ def test_what_the_socket_did_not_take_follows_even_when_it_left_the_cache(
             assert other.read(M1, M1) == pattern(M1, M1)
 
 
+def test_a_reply_whose_rest_is_read_in_the_pool_gets_nothing_else_sent_meanwhile(
+    tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lent reply stopped by a full socket whose rest left the cache: the rest is read in the
+    pool. Another reply's data coming in meanwhile sends nothing of it (that would send bytes the
+    pool's read then sends again): the rest follows once, then the other reply."""
+    big, other = (M1, 8 * M1), (10 * M1, M1)
+    disk = open_disk(image, writable=False)
+    evict([image])
+    probe = disk.file_run(*other)
+    assert probe is not None
+    if probe[2]:
+        pytest.skip(f"{image.parent} keeps files in memory: nothing to evict")
+    run = disk.file_run(*big)
+    assert run is not None
+    os.pread(run[0], big[1], run[1])  # BIG cached, OTHER not
+
+    missing = threading.Event()  # while set, the rest of BIG reads as not cached
+    missing.set()
+    real_file_run, real_nowait, real_read, real_fill = disk.file_run, disk.read_nowait, disk.read, disk.fill_cache
+    rest_asked, rest_go, fill_asked, fill_go, other_filled = (threading.Event() for _ in range(5))
+
+    def file_run(offset: int, length: int) -> tuple[int, int, bool] | None:
+        run = real_file_run(offset, length)
+        if offset == other[0]:
+            if fill_go.is_set():
+                other_filled.set()  # _filled(): the other reply is lent next, on this same turn
+        elif run is not None and missing.is_set() and big[0] < offset < big[0] + big[1]:
+            return run[0], run[1], False
+        return run
+
+    def read_nowait(offset: int, length: int, cached: bool = False) -> Any:
+        if missing.is_set() and big[0] < offset < big[0] + big[1]:
+            return None
+        return real_nowait(offset, length, cached)
+
+    def read(offset: int, length: int) -> Any:
+        if big[0] < offset < big[0] + big[1]:
+            rest_asked.set()
+            assert rest_go.wait(60)
+        return real_read(offset, length)
+
+    def fill_cache(offset: int, length: int) -> bool:
+        if offset == other[0]:
+            fill_asked.set()
+            assert fill_go.wait(60)
+        return real_fill(offset, length)
+
+    monkeypatch.setattr(disk, "file_run", file_run)
+    monkeypatch.setattr(disk, "read_nowait", read_nowait)
+    monkeypatch.setattr(disk, "read", read)
+    monkeypatch.setattr(disk, "fill_cache", fill_cache)
+    sent = SendfileCalls(monkeypatch)
+    export = Export("d", disk, read_only=True)
+    with in_process(tmp_path, {"d": export}, LOOP) as srv, Client.unix(srv.sock, rcvbuf=4096) as client:
+        client.connect("d")
+        (conn,) = srv.server.connections
+        with socket.socket(fileno=os.dup(conn._sock)) as server_side:
+            server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # full at once
+        cookies = [client.request(Cmd.READ, *other), client.request(Cmd.READ, *big)]
+        assert fill_asked.wait(60) and rest_asked.wait(60) and sent.partial.is_set()
+        missing.clear()
+        fill_go.set()
+        assert other_filled.wait(60)
+        rest_go.set()
+        results = client.collect(cookies)
+        assert assemble_read(results[cookies[0]], *other) == pattern(*other)
+        assert assemble_read(results[cookies[1]], *big) == pattern(*big)
+        assert client.read(0, 4096) == pattern(0, 4096)
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_split_disk_lends_reads_inside_one_piece(tmp_path: Path, cached: bool) -> None:
     """A split bundle served read-only: reads inside one piece may go by sendfile (once the pool
