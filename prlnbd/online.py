@@ -75,6 +75,14 @@ def _changing(server: NbdServer, export: Export, what: str, guid: str = "") -> I
         del busy[export.name]
 
 
+def _refuse_merging(server: NbdServer, guid: str) -> None:
+    """Refuse to serve snapshot GUID while a merge removes it: merging up writes its child's bytes
+    into its file, which that state never held, and either way the snapshot is going."""
+    for name, busy in _busy(server).items():
+        if busy.what == "merge" and busy.guid.lower() == guid.lower():
+            raise PrlNbdError(f"snapshot {guid} is being merged away through export {name!r}: it cannot be served")
+
+
 def progress(server: NbdServer) -> list[dict[str, Any]]:
     """The changes in progress, for `query`."""
     return [
@@ -270,6 +278,7 @@ async def export_snapshot(
     if key.lower() not in guids:
         known = ", ".join(export.disk.guids[1:]) or "none"
         raise PrlNbdError(f"export {export.name!r} has no snapshot {key} (its snapshots: {known})")
+    _refuse_merging(server, key)
     name = name if name is not None else f"{export.name}@{key.strip('{}').lower()}"
     if not name or len(name.encode()) > 4096:
         raise PrlNbdError("an export name must be 1 to 4096 bytes")
@@ -279,6 +288,7 @@ async def export_snapshot(
         lambda: open_disk(dpath, writable=False, snapshot=key, allow_outside_bundle=allow_outside_bundle)
     )
     try:
+        _refuse_merging(server, key)  # again: a merge may have begun while the disk was opened
         new = Export(name, disk, read_only=True, cache=export.cache if export.cache != "unsafe" else "writeback")
         server.add_export(new)
     except BaseException:

@@ -560,8 +560,9 @@ class Disk:
         # clusters, and the one thing that writes it while it is served, an online merge "up" of
         # its child into it, writes only clusters the child hides, with the child's bytes for the
         # same offsets; the child got them after the read was made (else the read would have come
-        # from the child), so they are what the disk held there since. The merged snapshot's own
-        # export, whose state never held them, is refused during such a merge (online.merge).
+        # from the child), so they are what the disk held there since. The merged snapshot, whose
+        # state never held them, has no export of its own during a merge (online.merge,
+        # online.export_snapshot).
         if self._direct or (self.writable and len(self.layers) == 1):
             return None
         runs = self._runs(offset, length)

@@ -689,3 +689,51 @@ def test_query_shows_a_merge_in_progress(tmp_path: Path) -> None:
         merger.close()
         watcher.close()
     assert srv.proc.returncode == 0, srv.log_text()
+
+
+@pytest.mark.parametrize("size_first", [True, False])
+def test_a_snapshot_being_merged_away_gets_no_export_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size_first: bool
+) -> None:
+    """While a merge removes snapshot GUID, `export-snapshot GUID` is refused: merging up writes the
+    child's bytes into GUID's file, which that state never held, and either way GUID is going.
+
+    SIZE_FIRST: the merged snapshot holds more than its child (the merge goes up), else less (down).
+    """
+    import asyncio
+
+    from prlnbd import online
+    from prlnbd.disk import merge as merge_mod
+    from prlnbd.errors import PrlNbdError
+    from prlnbd.export import Export
+    from tests.integration.test_datapath import in_process
+
+    disk_path = tmp_path / "d.hdd"
+    assert prl("create", disk_path, "--size", str(SIZE)).returncode == 0
+    disk = open_disk(disk_path, writable=True)
+    first_bytes, second_bytes = (8 * M, M) if size_first else (M, 8 * M)
+    disk.write(0, b"\x01" * first_bytes)
+    export = Export("d", disk, read_only=False)
+    arrived, opened = threading.Event(), threading.Event()
+    real_step = merge_mod.MergeCopy.step
+
+    def step(self: merge_mod.MergeCopy, max_bytes: int = merge_mod.STEP_BYTES) -> int:
+        arrived.set()
+        assert opened.wait(60), "the test never let the merge go on"
+        return real_step(self, max_bytes)
+
+    monkeypatch.setattr(merge_mod.MergeCopy, "step", step)
+    with in_process(tmp_path, {"d": export}) as srv:
+        first = srv.call(online.snapshot(srv.server, export))["frozen"]
+        disk.write(0, b"\x02" * second_bytes)
+        srv.call(online.snapshot(srv.server, export))
+        merging = asyncio.run_coroutine_threadsafe(online.merge(srv.server, export, first), srv.loop)
+        try:
+            assert arrived.wait(60)
+            with pytest.raises(PrlNbdError, match="being merged"):
+                srv.call(online.export_snapshot(srv.server, export, first))
+        finally:
+            opened.set()
+        result = merging.result(60)
+        assert result["direction"] == ("up" if size_first else "down"), result
+        assert list(srv.server.exports) == ["d"]
