@@ -619,7 +619,7 @@ class NbdProtocol(asyncio.BufferedProtocol):
         elif lendable:
             # The pool only brings the data into the page cache (Export.fill_cache: no copy out of
             # it, which costs the worker several times the CPU of the splice), and the reply goes
-            # by sendfile. Earned on tests/bench rows cold-read-seq and vm-backup-copy-cold.
+            # by sendfile. Earned on tests/bench row vm-backup-copy-cold (the VM's p99, the backup's MiB/s).
             self._submit(req, export.fill_cache, (req.offset, req.length), NbdProtocol._filled)
         else:
             self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_stored)
