@@ -627,12 +627,11 @@ class NbdProtocol(asyncio.BufferedProtocol):
     def _filled(self, req: Request, filled: bool) -> None:
         """The data of a lendable READ was brought into the cache: lend it, or read it after all (it is
         not one run of one file any more, or its pages left the cache already)."""
-        export = cast(Export, self.export)
-        run = export.file_run(req.offset, req.length) if filled else None
+        run = cast(Export, self.export).file_run(req.offset, req.length) if filled else None
         if run is not None and run[2]:
             self._lend_reply(req, None, run)
         else:
-            self._submit(req, export.read, (req.offset, req.length), NbdProtocol._send_stored)
+            self._read_stored(req)
 
     def _send_stored(self, req: Request, got: tuple[Any, list[tuple[int, int]]]) -> None:
         """Answer a READ read from storage: by sendfile when it may be (the read left its pages in

@@ -459,10 +459,10 @@ class Disk:
         """
         epoch = self._enter()
         try:
-            runs = self._runs(offset, length)
-            if len(runs) != 1 or runs[0].zero or runs[0].layer is None:
+            found = self._data_run(offset, length)
+            if found is None:
                 return False
-            fd, host = runs[0].layer.fd, runs[0].host
+            fd, host = found[0].fd, found[1].host
             done = 0
             while done < length:
                 try:
@@ -565,19 +565,27 @@ class Disk:
         # online.export_snapshot).
         if self._direct or (self.writable and len(self.layers) == 1):
             return None
-        runs = self._runs(offset, length)
-        if len(runs) != 1:
+        found = self._data_run(offset, length)
+        if found is None:
             return None
-        (run,) = runs
-        if run.zero or run.layer is None or (self.writable and run.depth == 1):
+        layer, run = found
+        if self.writable and run.depth == 1:
             return None
-        fd = run.layer.fd
+        fd = layer.fd
         residency = self._residency.get(fd)
         if residency is None:
             residency = self._residency[fd] = Residency(fd)
         if not residency.available:
             return None  # it cannot say: the usual read path (RWF_NOWAIT) decides
         return residency.fd, run.host, residency.cached(run.host, length)
+
+    def _data_run(self, offset: int, length: int) -> tuple[Layer, Run] | None:
+        """(its layer, the run) when the range is one run of data in one layer's file (what
+        file_run() lends); else None."""
+        runs = self._runs(offset, length)
+        if len(runs) != 1 or runs[0].zero or runs[0].layer is None:
+            return None
+        return runs[0].layer, runs[0]
 
     def _runs(self, offset: int, length: int) -> list[Run]:
         """map() as a list, with the commonest case, one data run, found without the general walk."""

@@ -235,21 +235,23 @@ class SplitDisk(Disk):
             all_runs += self._shift(got[1], base)
         return out, all_runs
 
-    def file_run(self, offset: int, length: int) -> tuple[int, int, bool] | None:
-        """Disk.file_run() of the one piece holding the whole range; None when it spans pieces."""
+    def _one_piece(self, offset: int, length: int) -> tuple[Disk, int, int] | None:
+        """(piece, offset in it, length) when one piece holds the whole range; None when it spans pieces."""
         parts = list(self._parts(offset, length))
         if len(parts) != 1:
             return None
         piece, _base, at, n = parts[0]
-        return piece.file_run(at, n)
+        return piece, at, n
+
+    def file_run(self, offset: int, length: int) -> tuple[int, int, bool] | None:
+        """Disk.file_run() of the one piece holding the whole range; None when it spans pieces."""
+        one = self._one_piece(offset, length)
+        return one[0].file_run(one[1], one[2]) if one is not None else None
 
     def fill_cache(self, offset: int, length: int) -> bool:
         """Disk.fill_cache() of the one piece holding the whole range; False when it spans pieces."""
-        parts = list(self._parts(offset, length))
-        if len(parts) != 1:
-            return False
-        piece, _base, at, n = parts[0]
-        return piece.fill_cache(at, n)
+        one = self._one_piece(offset, length)
+        return one[0].fill_cache(one[1], one[2]) if one is not None else False
 
     def write_begin(self, offset: int, data: memoryview) -> WritePlan | None:
         """Disk.write_begin() piece by piece: one plan, or None when any piece must allocate."""
