@@ -12,8 +12,6 @@ import os
 import re
 import socket
 import stat
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from prlnbd.disk.chain import open_disk
 from prlnbd.export import Export
 from tests import support
 from tests.integration.test_datapath import M1, SIZE, in_process, pattern
+from tests.integration.test_online import prl
 from tests.integration.test_read_uring import evict
 from tests.nbdraw import Client, Closed, Cmd, assemble_read
 
@@ -104,8 +103,7 @@ def test_reads_of_a_writable_top_are_copied(tmp_path: Path, image: Path) -> None
 def writable_bundle(tmp_path: Path) -> tuple[Path, Export]:
     """A bundle whose first top was filled with pattern(), opened writable (not yet served)."""
     bundle = tmp_path / "vm.hdd"
-    res = subprocess.run([sys.executable, "-m", "prlnbd", "create", str(bundle), "--size", str(SIZE)],
-                         capture_output=True, text=True)
+    res = prl("create", bundle, "--size", str(SIZE))
     assert res.returncode == 0, res.stderr
     disk = open_disk(bundle, writable=True)
     disk.write(0, pattern(0, SIZE))
